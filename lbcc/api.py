@@ -1,0 +1,138 @@
+"""The Python API, the CLI's twin: :func:`compile` and :func:`build_pipeline`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import onnx_ir as ir
+
+from lbcc.calibration import Feed, NpzFeed, RandomFeed, TextFeed, load_tokenizer
+from lbcc.errors import BadInputError
+from lbcc.pipeline import DumpIR, Pass, Pipeline, PipelineContext, PipelineRun
+from lbcc.recipes import Recipe, load_recipe, preset
+from lbcc.report import Report, build_report
+from lbcc.target import check_recipe, get_target
+
+
+@dataclasses.dataclass
+class CompileResult:
+    model: ir.Model
+    report: Report
+    run: PipelineRun
+    target: Any
+
+    def save(self, path: str | os.PathLike, report_path: str | os.PathLike | None = None,
+             external_data: bool | None = None) -> list[Path]:
+        """Write the model (atomically) and, if asked, the JSON report; returns the paths."""
+        from lbcc.evaluate import model_size_bytes
+
+        path = Path(path)
+        written = self.target.emit(self.model, path, external_data=external_data)
+        self.report.data["output"] = {"path": str(path), "bytes": model_size_bytes(path),
+                                      "files": [str(p) for p in written]}
+        if report_path is not None:
+            self.report.write_json(report_path)
+        return written
+
+
+def make_feed(calibration: Any, tokenizer: Any = None, recipe: Recipe | None = None) -> Feed | None:
+    """A calibration feed from a Feed, a .txt (+ tokenizer), a .npz, or ``"random:VOCAB"``."""
+    if calibration is None or isinstance(calibration, Feed):
+        return calibration
+    spec = str(calibration)
+    if spec.startswith("random:"):
+        try:
+            vocab = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise BadInputError(f"--calib {spec!r}: expected random:VOCAB_SIZE.", "") from None
+        return RandomFeed(vocab_size=vocab, seq_len=min(64, recipe.calibration.seq_len
+                                                         if recipe else 64))
+    path = Path(spec)
+    if path.suffix == ".npz":
+        return NpzFeed(path)
+    if tokenizer is None:
+        raise BadInputError(f"calibration text {spec!r} needs a tokenizer.",
+                            "Add --tokenizer PATH (a tokenizer.json or the HF model directory).")
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    cal = recipe.calibration if recipe else None
+    return TextFeed(path, tok, seq_len=cal.seq_len if cal else 512,
+                    max_samples=cal.samples if cal else 16)
+
+
+def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None = None,
+                   calibrate: bool | None = None) -> Pipeline:
+    """The passes a recipe runs for a target, in order."""
+    from lbcc.passes import (Calibrate, CaptureNormalize, FuseORT, InsertQDQ, RoundWeightsRTN,
+                             SelectPrecision)
+    from lbcc.passes.calibrate import ACTIVATION_STATS, compute_activation_stats
+
+    context = context or PipelineContext()
+    context.analyses.providers[ACTIVATION_STATS] = compute_activation_stats
+    if calibrate is None:
+        calibrate = recipe.needs_calibration or context.calibration is not None
+    passes: list[Pass] = [CaptureNormalize(), FuseORT()]
+    if calibrate:
+        passes.append(Calibrate())
+    passes += [SelectPrecision(recipe), RoundWeightsRTN()]
+    if recipe.activations.mode in ("static", "dynamic") or any(
+            o.activations in ("static", "dynamic") for o in recipe.layers):
+        passes.append(InsertQDQ())
+    passes += target.passes(recipe)
+    return Pipeline(passes, context)
+
+
+def resolve_recipe(preset_name: str | None, recipe: str | os.PathLike | Recipe | None,
+                   group_size: int | None = None) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe is not None:
+        r = load_recipe(recipe, default_base=preset_name)
+        if group_size is not None:
+            r.weights.group_size = group_size
+        return r
+    return preset(preset_name or "w8a8", group_size=group_size)
+
+
+def compile(source: Any, target: str = "ort-int8", preset: str | None = None,
+            recipe: str | os.PathLike | Recipe | None = None, calibration: Any = None,
+            tokenizer: Any = None, *, group_size: int | None = None,
+            stop_after: str | None = None, dump_ir: str | os.PathLike | None = None,
+            example_inputs: tuple | None = None, progress: bool = True,
+            command: Sequence[str] | None = None) -> CompileResult:
+    """Compile ``source`` for ``target`` with a preset or a recipe; see the README."""
+    from lbcc.capture import capture
+
+    start = time.perf_counter()
+    rec = resolve_recipe(preset, recipe, group_size)
+    tgt = get_target(target)
+    check_recipe(rec, tgt)
+    model = capture(source, example_inputs)
+    feed = make_feed(calibration, tokenizer, rec)
+    if rec.needs_calibration and feed is None:
+        raise BadInputError(f"preset/recipe {rec.name!r} uses static activation ranges and "
+                            "needs calibration data.",
+                            "Pass --calib FILE.txt --tokenizer T (real text from the model's "
+                            "domain, not the evaluation set), or --calib FILE.npz; or use "
+                            "--preset w8a8-dynamic, which needs none.")
+    context = PipelineContext(calibration=feed, progress=progress)
+    pipeline = build_pipeline(rec, tgt, context)
+    if dump_ir is not None:
+        pipeline.instruments.append(DumpIR(dump_ir))
+    source_desc = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    input_bytes = _initializer_bytes(model)
+    run = pipeline.run(model, stop_after=stop_after)
+    report = build_report(run, rec, tgt.name, source=source_desc, input_bytes=input_bytes,
+                          seconds=time.perf_counter() - start,
+                          command=list(command) if command is not None else sys.argv)
+    return CompileResult(model=run.model, report=report, run=run, target=tgt)
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    from lbcc.irutils import initializer_bytes
+
+    return initializer_bytes(model)

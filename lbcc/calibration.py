@@ -1,0 +1,380 @@
+"""Calibration: feeds of real data, streaming observers, and the ONNX Runtime runner.
+
+Feeds yield model-input dicts: text + tokenizer (windows of ``seq_len`` tokens), an ``.npz`` of
+arrays named like the model inputs (leading axis = samples), or seeded random tokens for smoke
+tests. The runner adds the tensors to observe as graph outputs of a temporary copy, runs it one
+sample at a time and folds each output into an :class:`ActivationObserver`; nothing is kept per
+sample, so memory stays bounded however many samples there are.
+
+An observer keeps running min/max, sum and sum of squares, per-channel abs-max and mean square
+(last axis), and a streaming signed histogram over ``[-R, R]`` whose range doubles (merging bin
+pairs, exactly) when a larger value arrives. From the histogram it estimates, for an affine uint8
+range ``[lo, hi]`` with step d = (hi - lo) / 255, the quantization noise
+``N = sum_in n_i d^2/12 + sum_out n_i (c_i - clamp(c_i))^2`` over bins i, and chooses ranges by
+min/max, percentile, or minimum N (MSE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from lbcc.errors import BadInputError
+from lbcc.numerics import sqnr_db
+
+HIST_BINS = 2048
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def load_tokenizer(spec: str | Path) -> Any:
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file or a directory holding one."""
+    from tokenizers import Tokenizer
+
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise BadInputError(f"tokenizer {str(spec)!r} not found (looked for {path}).",
+                            "Pass a tokenizer.json file or the Hugging Face model directory that "
+                            "holds it.")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise BadInputError(f"{str(path)!r} is not a readable tokenizer.json ({str(exc)[:200]}).",
+                            "Save the tokenizer with tokenizer.save_pretrained(dir).") from None
+
+
+def model_vocab_size(model: ir.Model) -> int | None:
+    """Vocabulary size of a causal LM: the last dim of its logits, else its embedding rows."""
+    for out in model.graph.outputs:
+        if out.shape is not None and len(out.shape) >= 1 and isinstance(out.shape[-1], int):
+            return int(out.shape[-1])
+    return None
+
+
+def tokenize_text(path: str | Path, tokenizer: Any, what: str = "text") -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{what} file {str(path)!r} does not exist.", "Check the path.")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise BadInputError(f"{what} file {str(path)!r} is empty.",
+                            "Give a text file with at least a few thousand tokens of real text.")
+    ids = tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+    return np.asarray(ids, dtype=np.int64)
+
+
+def check_vocab(tokenizer: Any, model: ir.Model) -> None:
+    vocab = model_vocab_size(model)
+    tok_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if vocab is not None and tok_vocab > vocab:
+        raise BadInputError(
+            f"the tokenizer has {tok_vocab} tokens but the model's vocabulary has {vocab}: they "
+            "do not belong together.", "Pass the tokenizer saved with this model "
+            "(its tokenizer.json).")
+
+
+# ----------------------------------------------------------------------------- feeds
+
+class Feed:
+    """Yields ``{input_name: array}`` samples; ``len()`` is the number of samples."""
+
+    def samples(self, model: ir.Model) -> Iterator[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": type(self).__name__}
+
+
+def _single_token_input(model: ir.Model) -> str:
+    names = [v.name for v in model.graph.inputs]
+    if len(names) != 1:
+        raise BadInputError(f"token-id calibration needs a model with one input; this one has "
+                            f"{names}.", "Pass an .npz file with one array per model input.")
+    return names[0]
+
+
+@dataclasses.dataclass
+class TextFeed(Feed):
+    """``samples`` windows of ``seq_len`` tokens from the start of a text file (no BOS)."""
+
+    path: Path
+    tokenizer: Any
+    seq_len: int = 512
+    max_samples: int = 16
+    min_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self._ids = tokenize_text(self.path, self.tokenizer, "calibration text")
+        if len(self._ids) < self.min_tokens:
+            raise BadInputError(
+                f"calibration text {str(self.path)!r} has only {len(self._ids)} tokens; at least "
+                f"{self.min_tokens} are needed (16 x {self.seq_len} is a good amount).",
+                "Give a longer text file.")
+        self._n = max(1, min(self.max_samples, len(self._ids) // self.seq_len))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def samples(self, model: ir.Model) -> Iterator[dict[str, np.ndarray]]:
+        name = _single_token_input(model)
+        check_vocab(self.tokenizer, model)
+        for i in range(self._n):
+            window = self._ids[i * self.seq_len:(i + 1) * self.seq_len]
+            yield {name: window[None, :]}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "text", "path": str(self.path), "seq_len": self.seq_len,
+                "samples": self._n, "tokens": int(min(len(self._ids), self._n * self.seq_len))}
+
+
+@dataclasses.dataclass
+class NpzFeed(Feed):
+    """Arrays named like the model inputs, leading axis = samples."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if not self.path.is_file():
+            raise BadInputError(f"calibration file {str(self.path)!r} does not exist.",
+                                "Check the path.")
+        try:
+            with np.load(self.path) as data:
+                self._arrays = {k: data[k] for k in data.files}
+        except Exception as exc:
+            raise BadInputError(f"{str(self.path)!r} is not a readable .npz file ({exc}).",
+                                "Write it with numpy.savez(path, input_name=array).") from None
+        if not self._arrays:
+            raise BadInputError(f"calibration file {str(self.path)!r} holds no arrays.",
+                                "Write one array per model input, leading axis = samples.")
+        counts = {len(a) for a in self._arrays.values()}
+        if len(counts) != 1 or 0 in counts:
+            raise BadInputError(f"arrays in {str(self.path)!r} disagree on the number of samples "
+                                f"or are empty ({sorted(counts)}).",
+                                "Give every array the same, non-zero leading axis.")
+        self._n = counts.pop()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def samples(self, model: ir.Model) -> Iterator[dict[str, np.ndarray]]:
+        names = {v.name for v in model.graph.inputs}
+        missing = names - set(self._arrays)
+        if missing:
+            raise BadInputError(f"calibration file {str(self.path)!r} lacks arrays for model "
+                                f"inputs {sorted(missing)} (it has {sorted(self._arrays)}).",
+                                "Name each array after the model input it feeds.")
+        for i in range(self._n):
+            yield {k: self._arrays[k][i:i + 1] for k in names}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "npz", "path": str(self.path), "samples": self._n}
+
+
+@dataclasses.dataclass
+class RandomFeed(Feed):
+    """Seeded random token ids, for smoke tests only: ranges from random text are not real."""
+
+    vocab_size: int
+    seq_len: int = 64
+    n: int = 4
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def samples(self, model: ir.Model) -> Iterator[dict[str, np.ndarray]]:
+        name = _single_token_input(model)
+        rng = np.random.default_rng(self.seed)
+        for _ in range(self.n):
+            yield {name: rng.integers(0, self.vocab_size, (1, self.seq_len), dtype=np.int64)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "random", "vocab_size": self.vocab_size, "seq_len": self.seq_len,
+                "samples": self.n, "seed": self.seed}
+
+
+# ----------------------------------------------------------------------------- observers
+
+class ActivationObserver:
+    """Streaming statistics of one tensor over all calibration samples."""
+
+    def __init__(self, bins: int = HIST_BINS):
+        self.bins = bins
+        self.count = 0
+        self.sum = 0.0
+        self.sumsq = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+        self.channel_absmax: np.ndarray | None = None
+        self.channel_sumsq: np.ndarray | None = None
+        self.channel_count = 0
+        self.hist = np.zeros(bins, dtype=np.int64)
+        self.radius = 0.0  # histogram covers [-radius, radius]
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32)
+        if x.size == 0:
+            return
+        if not np.isfinite(x).all():
+            x = np.nan_to_num(x, nan=0.0, posinf=np.finfo(np.float32).max,
+                              neginf=-np.finfo(np.float32).max)
+        flat = x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
+        self.count += x.size
+        x64 = flat.astype(np.float64)
+        self.sum += float(x64.sum())
+        self.sumsq += float((x64 * x64).sum())
+        self.min = min(self.min, float(flat.min()))
+        self.max = max(self.max, float(flat.max()))
+        cmax = np.abs(flat).max(axis=0)
+        csq = (x64 * x64).sum(axis=0)
+        if self.channel_absmax is None or self.channel_absmax.shape != cmax.shape:
+            self.channel_absmax, self.channel_sumsq = cmax, csq
+        else:
+            self.channel_absmax = np.maximum(self.channel_absmax, cmax)
+            self.channel_sumsq = self.channel_sumsq + csq
+        self.channel_count += flat.shape[0]
+        self._hist_update(flat.reshape(-1))
+
+    def _hist_update(self, v: np.ndarray) -> None:
+        amax = float(np.abs(v).max())
+        if self.radius == 0.0:
+            self.radius = 2.0 ** math.ceil(math.log2(amax)) if amax > 0 else 1.0
+        while amax > self.radius:  # double the range: bin pairs merge into the centre half
+            merged = self.hist.reshape(-1, 2).sum(axis=1)
+            self.hist = np.zeros_like(self.hist)
+            q = self.bins // 4
+            self.hist[q:q + len(merged)] = merged
+            self.radius *= 2.0
+        idx = np.floor((v + self.radius) / (2 * self.radius) * self.bins).astype(np.int64)
+        self.hist += np.bincount(np.clip(idx, 0, self.bins - 1), minlength=self.bins)
+
+    # --- derived quantities
+    @property
+    def mean_square(self) -> float:
+        return self.sumsq / self.count if self.count else 0.0
+
+    def channel_mean_square(self) -> np.ndarray | None:
+        if self.channel_sumsq is None:
+            return None
+        return (self.channel_sumsq / max(1, self.channel_count)).astype(np.float32)
+
+    def bin_centers(self) -> np.ndarray:
+        edges = np.linspace(-self.radius, self.radius, self.bins + 1)
+        return (edges[:-1] + edges[1:]) / 2
+
+    def quant_noise(self, lo: float, hi: float, levels: int = 256) -> float:
+        """Estimated mean squared error of affine quantization to ``levels`` over [lo, hi]."""
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        if hi <= lo:
+            return self.mean_square
+        step = (hi - lo) / (levels - 1)
+        c = self.bin_centers()
+        inside = (c >= lo) & (c <= hi)
+        clipped = np.clip(c, lo, hi)
+        err = np.where(inside, step * step / 12.0, (c - clipped) ** 2)
+        return float((self.hist * err).sum() / max(1, self.hist.sum()))
+
+    def percentile_range(self, pct: float) -> tuple[float, float]:
+        """Range holding ``pct`` percent of the values, trimmed equally from both tails."""
+        cdf = np.cumsum(self.hist) / max(1, self.hist.sum())
+        tail = (100.0 - pct) / 200.0
+        c = self.bin_centers()
+        lo = c[min(np.searchsorted(cdf, tail), self.bins - 1)]
+        hi = c[min(np.searchsorted(cdf, 1.0 - tail), self.bins - 1)]
+        return max(float(lo), self.min), min(float(hi), self.max)
+
+    def mse_range(self, levels: int = 256) -> tuple[float, float]:
+        """The [lo, hi] minimizing :meth:`quant_noise`, searched over clip ratios of min and max."""
+        ratios = np.concatenate([np.linspace(1.0, 0.1, 46), [0.05, 0.02, 0.01]])
+        lo0, hi0 = min(self.min, 0.0), max(self.max, 0.0)
+        best = (math.inf, lo0, hi0)
+        for rl in ratios:
+            for rh in ratios:
+                noise = self.quant_noise(lo0 * rl, hi0 * rh, levels)
+                if noise < best[0]:
+                    best = (noise, lo0 * rl, hi0 * rh)
+        return best[1], best[2]
+
+    def choose_range(self, method: str, percentile: float = 99.99) -> tuple[float, float]:
+        if method == "minmax":
+            return min(self.min, 0.0), max(self.max, 0.0)
+        if method == "percentile":
+            lo, hi = self.percentile_range(percentile)
+            return min(lo, 0.0), max(hi, 0.0)
+        if method == "mse":
+            return self.mse_range()
+        raise BadInputError(f"unknown calibration method {method!r}.",
+                            "Use one of: minmax, percentile, mse.")
+
+    def sqnr_db(self, lo: float, hi: float, levels: int = 256) -> float:
+        """Estimated signal-to-quantization-noise ratio of per-tensor affine quantization."""
+        return sqnr_db(self.mean_square, self.quant_noise(lo, hi, levels))
+
+    def outlier_summary(self) -> dict[str, float]:
+        """abs-max over median channel abs-max, and the share of channels above 6 (LLM.int8())."""
+        if self.channel_absmax is None:
+            return {}
+        cmax = self.channel_absmax
+        med = float(np.median(cmax)) or 1e-12
+        return {"absmax": float(cmax.max()), "median_channel_absmax": med,
+                "max_over_median": float(cmax.max() / med),
+                "channels_over_6": int((cmax > 6.0).sum()), "channels": int(cmax.size)}
+
+
+# ----------------------------------------------------------------------------- runner
+
+def _session(model_path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+
+
+def collect_activation_stats(model: ir.Model, feed: Feed, tensor_names: Sequence[str],
+                             progress: bool = True) -> dict[str, ActivationObserver]:
+    """Run ``model`` in ONNX Runtime on every sample of ``feed``; observe ``tensor_names``."""
+    from lbcc.modelio import save_model
+    from lbcc.progress import track
+
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    missing = [n for n in tensor_names if n not in values]
+    if missing:
+        raise BadInputError(f"cannot observe tensors {missing[:5]}: no node produces them.",
+                            "Observe node outputs only.")
+    original_outputs = list(model.graph.outputs)
+    extra = [values[n] for n in tensor_names if values[n] not in original_outputs]
+    for v in extra:
+        if v.type is None:
+            v.type = ir.TensorType(ir.DataType.FLOAT)
+    observers = {n: ActivationObserver() for n in tensor_names}
+    with tempfile.TemporaryDirectory(prefix="lbcc-calib-") as tmp:
+        model.graph.outputs.extend(extra)
+        try:
+            path = save_model(model, Path(tmp) / "calib.onnx", external_data=True)
+        finally:
+            del model.graph.outputs[len(original_outputs):]
+        sess = _session(path)
+        out_names = [o.name for o in sess.get_outputs()]
+        wanted = [i for i, n in enumerate(out_names) if n in observers]
+        for sample in track(feed.samples(model), total=len(feed), description="calibrating",
+                            enabled=progress):
+            outs = sess.run([out_names[i] for i in wanted], sample)
+            for i, arr in zip(wanted, outs):
+                observers[out_names[i]].update(arr)
+    return observers

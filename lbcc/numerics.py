@@ -1,0 +1,132 @@
+"""Integer quantization numerics on numpy arrays (no IR here).
+
+Weights are handled out-major: ``w[N, K]`` with N output channels and K the reduction axis
+(a MatMul weight ``B[K, N]`` is passed as ``B.T``). Groups are blocks of ``block_size`` along K;
+per-channel is one block per row.
+
+Symmetric:   q = clamp(round(w / s), -2^(b-1), 2^(b-1)-1),  s = r * max|w_g| / (2^(b-1)-1)
+Asymmetric:  q = clamp(round(w / s) + z, 0, 2^b-1),  s = r * (max(w_g,0) - min(w_g,0)) / (2^b-1),
+             z = round(-r * min(w_g,0) / s)
+The clip ratio r is 1 for plain round-to-nearest, or chosen per group from a grid to minimize the
+(importance-weighted) reconstruction error  sum_k h_k (w_k - dq(q_k))^2, where h_k is E[x_k^2] of
+the layer's input when calibration statistics exist and 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+CLIP_GRID = np.linspace(1.0, 0.55, 19, dtype=np.float32)
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    """Integer weight ``q[N, K]`` with per-block ``scale[N, nb]`` and optional ``zero_point``."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    bits: int
+    block_size: int  # == K for per-channel
+    symmetric: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape  # type: ignore[return-value]
+
+    def dequantize(self) -> np.ndarray:
+        n, k = self.q.shape
+        s = np.repeat(self.scale, self.block_size, axis=1)[:, :k]
+        q = self.q.astype(np.float32)
+        if self.zero_point is not None:
+            q = q - np.repeat(self.zero_point, self.block_size, axis=1)[:, :k].astype(np.float32)
+        return q * s
+
+
+def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    n, k = w.shape
+    nb = -(-k // block_size)
+    pad = nb * block_size - k
+    if pad:
+        w = np.pad(w, ((0, 0), (0, pad)))
+    return w.reshape(n, nb, block_size)
+
+
+def _quantize_blocks(wb: np.ndarray, bits: int, symmetric: bool, ratio: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """wb[N, nb, B], ratio broadcastable to [N, nb] -> (q, scale[N, nb], zp[N, nb] or None)."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        amax = np.abs(wb).max(axis=-1) * ratio
+        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+        q = np.clip(np.rint(wb / scale[..., None]), -qmax - 1, qmax)
+        return q, scale, None
+    qmax = 2**bits - 1
+    lo = np.minimum(wb.min(axis=-1), 0.0) * ratio
+    hi = np.maximum(wb.max(axis=-1), 0.0) * ratio
+    scale = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
+    zp = np.clip(np.rint(-lo / scale), 0, qmax)
+    q = np.clip(np.rint(wb / scale[..., None]) + zp[..., None], 0, qmax)
+    return q, scale, zp
+
+
+def quantize_weight(w: np.ndarray, bits: int, block_size: int | None = None,
+                    symmetric: bool = True, clip: str = "none",
+                    importance: np.ndarray | None = None) -> QuantizedWeight:
+    """Quantize ``w[N, K]`` per channel (``block_size=None``) or per block of K.
+
+    ``clip="mse"`` searches the clip ratio per block on :data:`CLIP_GRID`, minimizing the
+    importance-weighted squared error; ``importance[K]`` defaults to ones.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    n, k = w.shape
+    bs = k if block_size is None else int(block_size)
+    wb = _blocks(w, bs)
+    if clip == "mse":
+        h = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
+        hb = _blocks(h[None, :], bs)[0]  # [nb, B]; padding has zero importance
+        best_err = np.full(wb.shape[:2], np.inf, dtype=np.float32)
+        best_ratio = np.ones(wb.shape[:2], dtype=np.float32)
+        for r in CLIP_GRID:
+            q, s, z = _quantize_blocks(wb, bits, symmetric, r)
+            deq = (q - (z[..., None] if z is not None else 0.0)) * s[..., None]
+            err = (((wb - deq) ** 2) * hb[None]).sum(axis=-1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_ratio = np.where(better, r, best_ratio)
+        q, scale, zp = _quantize_blocks(wb, bits, symmetric, best_ratio)
+    elif clip == "none":
+        q, scale, zp = _quantize_blocks(wb, bits, symmetric, np.float32(1.0))
+    else:
+        raise ValueError(f"unknown clip method {clip!r} (use 'none' or 'mse')")
+    q = q.reshape(n, -1)[:, :k]
+    int_dtype = np.int8 if symmetric else np.uint8
+    return QuantizedWeight(q=q.astype(int_dtype), scale=scale.astype(np.float32),
+                           zero_point=None if zp is None else zp.astype(int_dtype), bits=bits,
+                           block_size=bs, symmetric=symmetric)
+
+
+def relative_error(w: np.ndarray, qw: QuantizedWeight) -> float:
+    """||w - dq(q)||_F / ||w||_F."""
+    denom = float(np.linalg.norm(w))
+    return float(np.linalg.norm(w - qw.dequantize())) / denom if denom else 0.0
+
+
+def pack_uint4(q: np.ndarray) -> np.ndarray:
+    """Pack uint4 values (0..15) pairwise along the last axis, low nibble first."""
+    q = q.astype(np.uint8)
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (q[..., 0::2] & 0x0F) | ((q[..., 1::2] & 0x0F) << 4)
+
+
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    if noise_power <= 0:
+        return float("inf")
+    if signal_power <= 0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal_power / noise_power))

@@ -1,0 +1,234 @@
+"""Recipes: what to quantize and how. A preset is a named recipe; recipes are TOML files.
+
+```toml
+base = "w4a16"                 # optional: start from a preset
+[weights]                      # bits 4|8, group_size 16..256 or "channel", symmetric, clip none|mse
+bits = 4
+group_size = 128
+[activations]                  # mode static|dynamic|none; method mse|minmax|percentile
+mode = "none"
+[calibration]                  # samples and window length used when calibrating on text
+samples = 16
+seq_len = 512
+[[layers]]                     # per-layer overrides, matched on layer names (fnmatch patterns)
+match = "model.layers.*.mlp.down_proj"
+bits = 8
+[[layers]]
+match = "lm_head"
+skip = true
+```
+Unknown keys are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from lbcc.errors import BadInputError
+
+
+@dataclasses.dataclass
+class WeightSpec:
+    bits: int = 8
+    group_size: int | None = None  # None: one scale per output channel
+    symmetric: bool = True
+    clip: str = "mse"  # "none": plain round-to-nearest; "mse": per-group clip-ratio search
+
+
+@dataclasses.dataclass
+class ActivationSpec:
+    mode: str = "static"  # static | dynamic | none
+    method: str = "mse"  # range selection for static: mse | minmax | percentile
+    percentile: float = 99.99
+    #: inputs whose estimated per-tensor uint8 SQNR is below this stay out of static int8
+    min_sqnr_db: float = 32.0
+    #: what an outlier-dominated input gets instead: dynamic-block (int8 per block of 32 input
+    #: channels, computed at run time) or none (weight-only)
+    fallback: str = "dynamic-block"
+    fallback_group_size: int = 32
+
+
+@dataclasses.dataclass
+class CalibrationSpec:
+    samples: int = 16
+    seq_len: int = 512
+    method_note: str = ""
+
+
+@dataclasses.dataclass
+class LayerOverride:
+    match: str
+    bits: int | None = None
+    group_size: int | None | str = "inherit"
+    symmetric: bool | None = None
+    clip: str | None = None
+    activations: str | None = None
+    skip: bool = False
+
+    def matches(self, layer: str) -> bool:
+        return fnmatch.fnmatchcase(layer, self.match)
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    weights: WeightSpec = dataclasses.field(default_factory=WeightSpec)
+    activations: ActivationSpec = dataclasses.field(default_factory=ActivationSpec)
+    calibration: CalibrationSpec = dataclasses.field(default_factory=CalibrationSpec)
+    layers: list[LayerOverride] = dataclasses.field(default_factory=list)
+    quantize_embedding: bool = True
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.activations.mode == "static"
+
+    def spec_for(self, layer: str) -> tuple[WeightSpec, str, str | None]:
+        """(weight spec, activation mode, skip reason) for one layer after overrides."""
+        w = copy.copy(self.weights)
+        act = self.activations.mode
+        for o in self.layers:
+            if not o.matches(layer):
+                continue
+            if o.skip:
+                return w, act, f"skipped by recipe rule match={o.match!r}"
+            if o.bits is not None:
+                w.bits = o.bits
+            if o.group_size != "inherit":
+                w.group_size = o.group_size  # type: ignore[assignment]
+            if o.symmetric is not None:
+                w.symmetric = o.symmetric
+            if o.clip is not None:
+                w.clip = o.clip
+            if o.activations is not None:
+                act = o.activations
+        return w, act, None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, Recipe] = {
+    "w8a8": Recipe(
+        name="w8a8",
+        weights=WeightSpec(bits=8, group_size=None, symmetric=True, clip="mse"),
+        activations=ActivationSpec(mode="static", method="mse"),
+    ),
+    "w8a8-dynamic": Recipe(
+        name="w8a8-dynamic",
+        weights=WeightSpec(bits=8, group_size=None, symmetric=True, clip="mse"),
+        activations=ActivationSpec(mode="dynamic"),
+    ),
+    "w4a16": Recipe(
+        name="w4a16",
+        weights=WeightSpec(bits=4, group_size=128, symmetric=False, clip="mse"),
+        activations=ActivationSpec(mode="none"),
+    ),
+}
+
+PRESET_HELP = {
+    "w8a8": "static: uint8 activations per tensor (calibrated), int8 weights per channel, as QDQ",
+    "w8a8-dynamic": "int8 weights per channel; activations quantized at run time; no calibration",
+    "w4a16": "4-bit weights in groups of 128 as MatMulNBits (accuracy_level 4); float activations",
+}
+
+
+def preset(name: str, group_size: int | None = None) -> Recipe:
+    if name not in PRESETS:
+        raise BadInputError(f"unknown preset {name!r}.",
+                            f"Choose one of: {', '.join(PRESETS)}, or pass --recipe FILE.toml.")
+    recipe = copy.deepcopy(PRESETS[name])
+    if group_size is not None:
+        if recipe.weights.bits != 4:
+            raise BadInputError(f"--group-size applies to 4-bit presets, not {name!r}.",
+                                "Drop --group-size, or use --preset w4a16.")
+        recipe.weights.group_size = group_size
+    return recipe
+
+
+_SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec}
+_TOP_KEYS = {"base", "name", "weights", "activations", "calibration", "layers",
+             "quantize_embedding"}
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _unknown(keys: set[str], allowed: set[str], where: str, path: str) -> None:
+    extra = sorted(keys - allowed)
+    if extra:
+        import difflib
+
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, allowed, 1))
+                 else repr(k) for k in extra]
+        raise BadInputError(f"recipe {path}: unknown key(s) {', '.join(hints)} in {where}.",
+                            f"Allowed keys there: {', '.join(sorted(allowed))}.")
+
+
+def recipe_from_dict(data: dict[str, Any], path: str = "<dict>",
+                     default_base: str | None = None) -> Recipe:
+    """A recipe from parsed TOML; ``base`` (or ``default_base``) names the preset it starts from."""
+    _unknown(set(data), _TOP_KEYS, "the top level", path)
+    base = data.get("base", default_base)
+    recipe = preset(base) if base else Recipe(name="custom")
+    recipe.name = str(data.get("name", Path(path).stem if path != "<dict>" else recipe.name))
+    for section, cls in _SECTIONS.items():
+        if section in data:
+            table = data[section]
+            if not isinstance(table, dict):
+                raise BadInputError(f"recipe {path}: [{section}] must be a table.",
+                                    f"Write it as [{section}] with key = value lines.")
+            _unknown(set(table), _fields(cls), f"[{section}]", path)
+            target = getattr(recipe, section)
+            for k, v in table.items():
+                if section == "weights" and k == "group_size" and v == "channel":
+                    v = None
+                setattr(target, k, v)
+    if "quantize_embedding" in data:
+        recipe.quantize_embedding = bool(data["quantize_embedding"])
+    for i, rule in enumerate(data.get("layers", [])):
+        _unknown(set(rule), _fields(LayerOverride), f"[[layers]] #{i + 1}", path)
+        if "match" not in rule:
+            raise BadInputError(f"recipe {path}: [[layers]] #{i + 1} has no 'match' pattern.",
+                                "Add match = \"model.layers.*.mlp.down_proj\" (fnmatch syntax).")
+        rule = dict(rule)
+        if rule.get("group_size") == "channel":
+            rule["group_size"] = None
+        recipe.layers.append(LayerOverride(**rule))
+    validate(recipe, path)
+    return recipe
+
+
+def load_recipe(path: str | Path, default_base: str | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"recipe file {str(path)!r} does not exist.", "Check the path.")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInputError(f"recipe {path} is not valid TOML: {exc}.",
+                            "Fix the syntax (see the README's recipe example).") from None
+    return recipe_from_dict(data, str(path), default_base)
+
+
+def validate(recipe: Recipe, where: str = "recipe") -> None:
+    """Value checks independent of any target (a target checks what it can run separately)."""
+    w, a = recipe.weights, recipe.activations
+    if w.clip not in ("none", "mse"):
+        raise BadInputError(f"{where}: weights.clip must be 'none' or 'mse', not {w.clip!r}.", "")
+    if a.mode not in ("static", "dynamic", "none"):
+        raise BadInputError(f"{where}: activations.mode must be static, dynamic or none, not "
+                            f"{a.mode!r}.", "")
+    if a.method not in ("mse", "minmax", "percentile"):
+        raise BadInputError(f"{where}: activations.method must be mse, minmax or percentile, not "
+                            f"{a.method!r}.", "")
+    if a.fallback not in ("dynamic-block", "none"):
+        raise BadInputError(f"{where}: activations.fallback must be dynamic-block or none, not "
+                            f"{a.fallback!r}.", "")
+    if recipe.calibration.samples < 1 or recipe.calibration.seq_len < 2:
+        raise BadInputError(f"{where}: calibration needs samples >= 1 and seq_len >= 2.", "")

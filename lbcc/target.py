@@ -1,0 +1,95 @@
+"""Targets: what a backend can run, as data, and the registry that finds them by name.
+
+A target declares :class:`Capabilities`; :func:`check_recipe` compares a recipe with them before any
+pass runs (a failure is a :class:`TargetError`, exit code 2). A target adds its own lowering passes
+to the pipeline and writes the result. ``lbcc`` never imports ``lbcc.targets`` except through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lbcc.errors import BadInputError, TargetError
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from lbcc.pipeline import Pass
+    from lbcc.recipes import Recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    weight_bits: frozenset[int]
+    #: group sizes per weight bit width; None in the set means per-channel is allowed
+    weight_granularity: dict[int, frozenset[int | None]]
+    activation_modes: dict[int, frozenset[str]]  # weight bits -> activation modes allowed with it
+    activation_dtype: str
+    quantizable_ops: frozenset[str]
+
+
+class Target(Protocol):
+    name: str
+    capabilities: Capabilities
+
+    def passes(self, recipe: "Recipe") -> list["Pass"]: ...
+
+    def emit(self, model: "ir.Model", path: Path, **options: Any) -> list[Path]: ...
+
+
+_REGISTRY = {"ort-int8": "lbcc.targets.ort_int8:OrtInt8Target"}
+
+
+def available_targets() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_target(name: str) -> Target:
+    if name not in _REGISTRY:
+        raise BadInputError(f"unknown target {name!r}.",
+                            f"Available targets: {', '.join(available_targets())}.")
+    module, _, cls = _REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def check_recipe(recipe: "Recipe", target: Target, layer_names: list[str] | None = None) -> None:
+    """Raise TargetError if the recipe (or any per-layer override) asks what the target can't run."""
+    caps = target.capabilities
+    specs = [("recipe", recipe.weights, recipe.activations.mode)]
+    for rule in recipe.layers:
+        if rule.skip:
+            continue
+        specs.append((f"[[layers]] match={rule.match!r}", *_override_spec(recipe, rule)))
+    for where, w, act in specs:
+        if w.bits not in caps.weight_bits:
+            raise TargetError(f"{where}: target {target.name!r} cannot run {w.bits}-bit weights.",
+                              f"Supported weight widths: {sorted(caps.weight_bits)}.")
+        allowed = caps.weight_granularity[w.bits]
+        if w.group_size not in allowed:
+            shown = ["per-channel" if g is None else str(g) for g in
+                     sorted(allowed, key=lambda g: -1 if g is None else g)]
+            gran = "per-channel" if w.group_size is None else f"group size {w.group_size}"
+            raise TargetError(f"{where}: target {target.name!r} cannot run {w.bits}-bit weights "
+                              f"with {gran}.", f"Use one of: {', '.join(shown)}.")
+        if act not in caps.activation_modes[w.bits]:
+            raise TargetError(f"{where}: target {target.name!r} cannot run {w.bits}-bit weights "
+                              f"with activation mode {act!r}.",
+                              f"With {w.bits}-bit weights it runs: "
+                              f"{', '.join(sorted(caps.activation_modes[w.bits]))}.")
+
+
+def _override_spec(recipe: "Recipe", rule: Any) -> tuple[Any, str]:
+    import copy
+
+    w = copy.copy(recipe.weights)
+    if rule.bits is not None:
+        w.bits = rule.bits
+    if rule.group_size != "inherit":
+        w.group_size = rule.group_size
+    if rule.symmetric is not None:
+        w.symmetric = rule.symmetric
+    act = rule.activations if rule.activations is not None else recipe.activations.mode
+    return w, act

@@ -1,0 +1,17 @@
+"""Generic lbcc passes, one family a module; :data:`PASSES` maps each pass name to its class."""
+
+from __future__ import annotations
+
+from lbcc.passes.calibrate import Calibrate
+from lbcc.passes.cleanup import Cleanup
+from lbcc.passes.fusion import FuseORT
+from lbcc.passes.normalize import CaptureNormalize
+from lbcc.passes.precision import SelectPrecision
+from lbcc.passes.qdq import InsertQDQ
+from lbcc.passes.rounding import RoundWeightsRTN
+
+PASSES = {cls.name: cls for cls in (CaptureNormalize, Calibrate, SelectPrecision, RoundWeightsRTN,
+                                    InsertQDQ, FuseORT, Cleanup)}
+
+__all__ = ["PASSES", "Calibrate", "CaptureNormalize", "Cleanup", "FuseORT", "InsertQDQ",
+           "RoundWeightsRTN", "SelectPrecision"]

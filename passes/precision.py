@@ -1,0 +1,133 @@
+"""``select-precision``: decide, per weight site, how it is quantized or why it is not.
+
+For every site the recipe (after per-layer overrides) gives the weight spec and the activation
+mode. For static activations the calibration statistics of the site's input give the range
+[lo, hi] (by the recipe's method) and the estimated per-tensor uint8 SQNR
+``10 log10(E[x^2] / N(lo, hi))``; an input below ``min_sqnr_db`` is outlier-dominated, and its
+layer gets the recipe's fallback (int8 per block of input channels computed at run time, or float
+activations), with the measured reason written to the plan. The plan is stored on the node
+(``lbcc.plan`` metadata) and in the report's per-layer table; later passes only execute it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import onnx_ir as ir
+
+from lbcc.errors import BadInputError
+from lbcc.irutils import PLAN_KEY
+from lbcc.pipeline import Pass
+from lbcc.recipes import Recipe
+from lbcc.passes.calibrate import ACTIVATION_STATS
+from lbcc.passes.sites import find_sites
+
+
+def plan_of(node: ir.Node) -> dict[str, Any] | None:
+    raw = node.metadata_props.get(PLAN_KEY)
+    return json.loads(raw) if raw else None
+
+
+def set_plan(node: ir.Node, plan: dict[str, Any]) -> None:
+    node.metadata_props[PLAN_KEY] = json.dumps(plan, sort_keys=True)
+
+
+class SelectPrecision(Pass):
+    """Per-site plan: weight bits/granularity/symmetry and activation mode, or a skip reason."""
+
+    name = "select-precision"
+    preserves = frozenset({ACTIVATION_STATS})
+
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.recipe = recipe
+
+    def options(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.name}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        sites, skipped = find_sites(model)
+        if not sites:
+            raise BadInputError("the model has nothing to quantize: no MatMul, Gemm or Gather "
+                                "uses a 2-D float weight.", "Check that the model was exported "
+                                "with its weights as initializers (not as graph inputs).")
+        stats = None
+        acts = self.recipe.activations
+        uses_static = any(self.recipe.spec_for(s.layer)[1] == "static" for s in sites)
+        if uses_static or self.context.calibration is not None:
+            stats = self.context.analyses.get(ACTIVATION_STATS, model, self.context)
+        layers = self.context.notes.setdefault("layers", {})
+        counts: dict[str, int] = {}
+        for node, reason in skipped:
+            layers[node.name] = {"node": node.name, "op": node.op_type, "layer": _layer(node),
+                                 "status": "float", "reason": reason}
+        tied_spec: dict[str, dict[str, Any]] = {}
+        for site in sites:
+            if site.kind != "gather":
+                w, act, skip = self.recipe.spec_for(site.layer)
+                if skip is None:
+                    tied_spec[site.weight.name] = {"bits": w.bits, "group_size": w.group_size,
+                                                   "symmetric": w.symmetric, "clip": w.clip}
+        for site in sites:
+            w, act, skip = self.recipe.spec_for(site.layer)
+            entry: dict[str, Any] = {"node": site.node.name, "op": site.node.op_type,
+                                     "layer": site.layer, "kind": site.kind,
+                                     "weight_name": site.weight.name,
+                                     "weight_shape": list(site.weight.const_value.shape)}
+            if site.kind == "gather" and not self.recipe.quantize_embedding:
+                skip = "recipe sets quantize_embedding = false"
+            if skip:
+                entry.update(status="float", reason=skip)
+                layers[site.node.name] = entry
+                counts["skipped"] = counts.get("skipped", 0) + 1
+                continue
+            weight = {"bits": w.bits, "group_size": w.group_size, "symmetric": w.symmetric,
+                      "clip": w.clip}
+            if site.kind == "gather":
+                weight = tied_spec.get(site.weight.name, weight)
+                act = "none"
+                if site.weight.name in tied_spec:
+                    entry["shared_with_matmul"] = True
+            plan: dict[str, Any] = {"weight": weight, "activation": act}
+            if act == "static":
+                x = site.activation
+                obs = stats.get(x.name) if (stats and x is not None) else None
+                if obs is None or obs.count == 0:
+                    plan["activation"] = "none"
+                    plan["reason"] = "no calibration statistics for this input"
+                else:
+                    lo, hi = obs.choose_range(acts.method, acts.percentile)
+                    sqnr = obs.sqnr_db(lo, hi)
+                    plan["range"] = [lo, hi]
+                    plan["sqnr_db"] = round(sqnr, 2)
+                    plan["outliers"] = obs.outlier_summary()
+                    if sqnr < acts.min_sqnr_db:
+                        plan["activation"] = acts.fallback
+                        plan["reason"] = (
+                            f"input is outlier-dominated: estimated per-tensor uint8 SQNR "
+                            f"{sqnr:.1f} dB < {acts.min_sqnr_db} dB (abs-max "
+                            f"{plan['outliers'].get('absmax', 0):.1f} = "
+                            f"{plan['outliers'].get('max_over_median', 0):.0f}x the median "
+                            f"channel); kept at {acts.fallback}")
+                        if acts.fallback == "dynamic-block":
+                            plan["weight"] = {**weight, "group_size": acts.fallback_group_size,
+                                              "bits": 8}
+            if stats is not None and site.activation is not None:
+                obs = stats.get(site.activation.name)
+                if obs is not None:
+                    plan["has_importance"] = True
+            set_plan(site.node, plan)
+            entry.update(status="quantized", plan=plan)
+            layers[site.node.name] = entry
+            counts[plan["activation"]] = counts.get(plan["activation"], 0) + 1
+        self.note("sites", len(sites))
+        self.note("not_sites", len(skipped))
+        self.note("activation_modes", counts)
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _layer(node: ir.Node) -> str:
+    from lbcc.irutils import layer_name
+
+    return layer_name(node)

@@ -1,0 +1,154 @@
+"""``round-weights-rtn``: round every planned weight to integers and put it behind DequantizeLinear.
+
+Each weight initializer is quantized once, in the orientation it is stored, and replaced for its
+planned consumers by ``DequantizeLinear(q, scale[, zero_point])`` (opset 21: int4/uint4 and
+``block_size`` for groups). Orientation, with N output channels and K the reduction axis:
+
+- ``MatMul(x, W[K, N])``: per-channel ``axis=1`` (scale[N]); groups ``axis=0``, scale[K/g, N];
+- ``MatMul(x, Transpose(W[N, K]))`` and ``Gather(W[N, K])``: per-channel ``axis=0``; groups
+  ``axis=1``, scale[N, K/g]. A tied embedding / lm_head therefore shares one integer tensor.
+
+Rounding is round-to-nearest with a per-group clip ratio chosen to minimize the reconstruction
+error weighted by the input's per-channel mean square E[x_k^2] when calibration statistics exist
+(see :mod:`lbcc.numerics`). The graph stays standard ONNX and runs in ONNX Runtime as is; the
+target's lowering turns these patterns into its integer kernels. Weight rounding changes
+activations only by the rounding noise, so the activation statistics are declared preserved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from lbcc.irutils import add_initializer, copy_identity
+from lbcc.numerics import QuantizedWeight, quantize_weight, relative_error
+from lbcc.pipeline import Pass
+from lbcc.passes.calibrate import ACTIVATION_STATS
+from lbcc.passes.precision import plan_of
+from lbcc.passes.sites import Site, find_sites
+
+
+def _int_dtype(bits: int, symmetric: bool) -> Any:
+    if bits == 8:
+        return np.int8 if symmetric else np.uint8
+    if bits == 4:
+        return ml_dtypes.int4 if symmetric else ml_dtypes.uint4
+    raise ValueError(f"unsupported bit width {bits}")
+
+
+def dequantize_node(qw: QuantizedWeight, stored_transposed: bool, graph: ir.Graph, base: str
+                    ) -> ir.Node:
+    """DequantizeLinear for ``qw`` (out-major [N, K]); stored as [K, N] when ``stored_transposed``."""
+    dtype = _int_dtype(qw.bits, qw.symmetric)
+    q, scale, zp = qw.q, qw.scale, qw.zero_point
+    per_channel = qw.block_size >= q.shape[1]
+    if stored_transposed:
+        q = q.T
+        scale, zp = scale.T, (zp.T if zp is not None else None)
+        channel_axis, block_axis = 1, 0
+    else:
+        channel_axis, block_axis = 0, 1
+    if per_channel:
+        scale = scale.reshape(-1)
+        zp = zp.reshape(-1) if zp is not None else None
+    inputs = [add_initializer(graph, f"{base}_q", np.ascontiguousarray(q).astype(dtype)),
+              add_initializer(graph, f"{base}_scale", np.ascontiguousarray(scale, np.float32))]
+    if zp is not None:
+        inputs.append(add_initializer(graph, f"{base}_zero_point",
+                                      np.ascontiguousarray(zp).astype(dtype)))
+    attrs: dict[str, Any] = {"axis": channel_axis if per_channel else block_axis}
+    if not per_channel:
+        attrs["block_size"] = qw.block_size
+    return ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{base}_dq")
+
+
+def _scale_summary(scale: np.ndarray) -> dict[str, float]:
+    return {"min": float(scale.min()), "median": float(np.median(scale)),
+            "max": float(scale.max()), "count": int(scale.size)}
+
+
+class RoundWeightsRTN(Pass):
+    """Round-to-nearest (with MSE clip search) into DequantizeLinear form, per the plan."""
+
+    name = "round-weights-rtn"
+    preserves = frozenset({ACTIVATION_STATS})
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        sites, _ = find_sites(model)
+        by_weight: dict[str, list[tuple[Site, dict[str, Any]]]] = {}
+        for site in sites:
+            plan = plan_of(site.node)
+            if plan is not None:
+                by_weight.setdefault(site.weight.name, []).append((site, plan))
+        stats = (self.context.analyses.get(ACTIVATION_STATS, model, self.context)
+                 if self.context.analyses.has(ACTIVATION_STATS) else None)
+        layers = self.context.notes.setdefault("layers", {})
+        total_err = []
+        for wname, group in by_weight.items():
+            weight = group[0][0].weight
+            kinds = {s.kind for s, _ in group}
+            if "matmul" in kinds and len(kinds) > 1:
+                for s, _ in group:
+                    if s.kind != "matmul":
+                        layers[s.node.name].update(
+                            status="float", reason="weight is shared with a MatMul in another "
+                            "orientation; left in float")
+                group = [(s, p) for s, p in group if s.kind == "matmul"]
+            spec = next((p["weight"] for s, p in group if s.kind != "gather"), group[0][1]["weight"])
+            w = weight.const_value.numpy().astype(np.float32)
+            stored_transposed = group[0][0].kind == "matmul"
+            out_major = w.T if stored_transposed else w
+            importance = None
+            if stats is not None and spec.get("clip") == "mse":
+                for s, _ in group:
+                    obs = stats.get(s.activation.name) if s.activation is not None else None
+                    if obs is not None and obs.channel_mean_square() is not None:
+                        importance = obs.channel_mean_square()
+                        break
+            qw = quantize_weight(out_major, bits=spec["bits"], block_size=spec["group_size"],
+                                 symmetric=spec["symmetric"], clip=spec["clip"],
+                                 importance=importance)
+            err = relative_error(out_major, qw)
+            total_err.append(err)
+            dq = dequantize_node(qw, stored_transposed, graph, wname)
+            first = group[0][0].node
+            copy_identity(first, dq)
+            graph.insert_before(_first_user(graph, [s.node for s, _ in group]), dq)
+            dq.outputs[0].name = f"{wname}_dequantized"
+            dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            dq.outputs[0].shape = ir.Shape(list(w.shape))
+            for s, _ in group:
+                if s.kind == "matmul-transposed":
+                    s.node.inputs[1].producer().replace_input_with(0, dq.outputs[0])
+                elif s.kind == "matmul":
+                    s.node.replace_input_with(1, dq.outputs[0])
+                else:
+                    s.node.replace_input_with(0, dq.outputs[0])
+                layers[s.node.name]["weight"] = {
+                    **spec, "rel_error": round(err, 6), "importance_weighted": importance is not None,
+                    "scale": _scale_summary(qw.scale), "dtype": dq.inputs[0].dtype.name,
+                    "block_size": None if qw.block_size >= out_major.shape[1] else qw.block_size}
+            if not weight.uses():
+                graph.initializers.pop(weight.name, None)
+        self.note("weights_rounded", len(by_weight))
+        if total_err:
+            self.note("mean_rel_error", round(float(np.mean(total_err)), 6))
+        return ir.passes.PassResult(model, modified=bool(by_weight))
+
+
+def _first_user(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
+    """The earliest of ``nodes`` (or of the Transposes feeding them) in graph order."""
+    candidates = set()
+    for n in nodes:
+        candidates.add(n)
+        p = n.inputs[1].producer() if n.op_type == "MatMul" and n.inputs[1] is not None else None
+        if p is not None and p.op_type == "Transpose":
+            candidates.add(p)
+    for node in graph:
+        if node in candidates:
+            return node
+    return nodes[0]

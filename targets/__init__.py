@@ -1,0 +1,1 @@
+"""lbcc targets, one package each; found through :mod:`lbcc.target`'s registry."""

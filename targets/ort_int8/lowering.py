@@ -1,0 +1,279 @@
+"""``lower-ort``: turn the standard-ONNX quantized patterns into ONNX Runtime's integer kernels.
+
+Patterns (W stored as produced by ``round-weights-rtn``; x float; q int):
+
+- 4-bit or 8-bit blocked weights, float / dynamic-block activations:
+  ``MatMul(x, DQ(q[K,N], axis=0, block=g))`` or ``MatMul(x, Transpose(DQ(q[N,K], axis=1, block=g)))``
+  -> ``MatMulNBits(x, pack(q as [N, K/g, g]), scales[N*K/g], zero_points)`` (com.microsoft),
+  ``accuracy_level=4``: activations quantized to int8 per block at run time, int8 dot products.
+- tied lm_head with per-channel int8: ``MatMul(X, Transpose(DQ(q[N,K], axis=0)))``
+  -> ``MatMul(X, DQ(q^T[K,N], axis=1))`` so that ONNX Runtime's QDQ fusion sees the usual form.
+- ``MatMul(DQ(DynamicQuantizeLinear(x)), DQ(q[K,N] int8, axis=1))``
+  -> ``DynamicQuantizeMatMul(x, q, scale[N])`` (com.microsoft).
+- embedding ``Gather(DQ(q[V,D]...), ids)``:
+  4-bit blocked -> ``GatherBlockQuantized`` (com.microsoft, uint8 nibble-packed data);
+  int8 per row -> ``Mul(Cast(Gather(q, ids)), Unsqueeze(Gather(scale, ids)))``, which reads the
+  same int8 table the lm_head uses when the two are tied.
+- static QDQ (``MatMul(DQ(Q(x)), DQ(q[K,N] int8, axis=1))``) is left as it is: ONNX Runtime fuses
+  it into ``MatMulIntegerToFloat`` at load time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from lbcc.errors import TargetError
+from lbcc.irutils import add_initializer, copy_identity, layer_name
+from lbcc.numerics import pack_uint4
+from lbcc.pipeline import Pass
+from lbcc.passes.precision import plan_of
+
+MS = "com.microsoft"
+
+
+def _dq_parts(dq: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, int | None]:
+    q = dq.inputs[0].const_value.numpy()
+    scale = dq.inputs[1].const_value.numpy()
+    zp = dq.inputs[2].const_value.numpy() if len(dq.inputs) > 2 and dq.inputs[2] is not None \
+        else None
+    axis = dq.attributes.get_int("axis", 1)
+    block = dq.attributes.get_int("block_size", 0) or None
+    return q, scale, zp, axis, block
+
+
+def _weight_dq(node: ir.Node) -> tuple[ir.Node | None, bool]:
+    """(DQ node feeding the MatMul weight, whether through a Transpose)."""
+    w = node.inputs[1]
+    p = w.producer() if w is not None else None
+    if p is not None and p.op_type == "DequantizeLinear" and p.inputs[0].const_value is not None:
+        return p, False
+    if p is not None and p.op_type == "Transpose":
+        pp = p.inputs[0].producer()
+        if pp is not None and pp.op_type == "DequantizeLinear" and \
+                pp.inputs[0].const_value is not None:
+            return pp, True
+    return None, False
+
+
+def _out_major(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, transposed: bool
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Integer weight, scales and zero points as [N, K] / [N, nb] whatever the storage."""
+    if transposed:  # stored [N, K] already
+        return q, scale, zp
+    return q.T, scale.T, (zp.T if zp is not None else None)
+
+
+class LowerORT(Pass):
+    """Pattern lowering to MatMulNBits / DynamicQuantizeMatMul / GatherBlockQuantized."""
+
+    name = "lower-ort"
+
+    def __init__(self, accuracy_level: int = 4):
+        super().__init__()
+        self.accuracy_level = accuracy_level
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        counts: dict[str, int] = {}
+        layers = self.context.notes.setdefault("layers", {})
+
+        def bump(key: str, node: ir.Node, lowered_to: str) -> None:
+            counts[key] = counts.get(key, 0) + 1
+            if node.name in layers:
+                layers[node.name]["lowered_to"] = lowered_to
+
+        for node in list(graph):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "MatMul":
+                dq, transposed = _weight_dq(node)
+                if dq is None:
+                    continue
+                plan = plan_of(node) or {}
+                _, _, _, axis, block = _dq_parts(dq)
+                if block is not None:
+                    self._to_matmulnbits(graph, node, dq, transposed)
+                    bump("MatMulNBits", node, "com.microsoft::MatMulNBits")
+                elif plan.get("activation") == "dynamic":
+                    self._to_dynamic_quantize_matmul(graph, node, dq, transposed)
+                    bump("DynamicQuantizeMatMul", node, "com.microsoft::DynamicQuantizeMatMul")
+                elif transposed:
+                    self._untranspose(graph, node, dq)
+                    bump("QDQ MatMul (transposed weight re-stored)", node,
+                         "QDQ MatMul -> MatMulIntegerToFloat")
+                else:
+                    bump("QDQ MatMul", node, "QDQ MatMul -> MatMulIntegerToFloat")
+        for node in list(graph):
+            if node.op_type == "Gather" and node.domain in ("", "ai.onnx"):
+                p = node.inputs[0].producer()
+                if p is None or p.op_type != "DequantizeLinear" or \
+                        p.inputs[0].const_value is None:
+                    continue
+                block = p.attributes.get_int("block_size", 0) or None
+                if block is not None:
+                    self._to_gather_block_quantized(graph, node, p)
+                    bump("GatherBlockQuantized", node, "com.microsoft::GatherBlockQuantized")
+                else:
+                    self._to_int8_gather(graph, node, p)
+                    bump("int8 Gather", node, "Gather(int8) * Gather(scale)")
+        self.note("lowered", counts)
+        return ir.passes.PassResult(model, modified=bool(counts))
+
+    # --- MatMulNBits
+    def _to_matmulnbits(self, graph: ir.Graph, node: ir.Node, dq: ir.Node, transposed: bool
+                        ) -> None:
+        q, scale, zp, axis, block = _dq_parts(dq)
+        q, scale, zp = _out_major(q, scale, zp, transposed)
+        n, k = q.shape
+        nb = scale.shape[1]
+        bits = 4 if q.dtype.itemsize == 1 and str(q.dtype) in ("int4", "uint4") else 8
+        signed = str(q.dtype) in ("int4", "int8")
+        offset = 2 ** (bits - 1) if signed else 0
+        qu = (q.astype(np.int16) + offset).astype(np.uint8)  # MatMulNBits stores unsigned
+        padded = np.zeros((n, nb * block), np.uint8)
+        padded[:, :k] = qu
+        if signed:
+            padded[:, k:] = offset
+        blocks = padded.reshape(n, nb, block)
+        packed = pack_uint4(blocks) if bits == 4 else blocks
+        base = dq.inputs[0].name.removesuffix("_q")
+        inputs = [node.inputs[0],
+                  add_initializer(graph, f"{base}_nbits", np.ascontiguousarray(packed)),
+                  add_initializer(graph, f"{base}_nbits_scales",
+                                  np.ascontiguousarray(scale.reshape(-1), np.float32))]
+        if zp is not None:
+            zpu = (zp.astype(np.int16) + offset).astype(np.uint8)
+            zp_packed = pack_uint4(zpu).reshape(-1) if bits == 4 else zpu.reshape(-1)
+            inputs.append(add_initializer(graph, f"{base}_nbits_zero_points",
+                                          np.ascontiguousarray(zp_packed)))
+        new = ir.node("MatMulNBits", inputs, domain=MS, name=f"{node.name}_nbits",
+                      attributes={"K": k, "N": n, "bits": bits, "block_size": block,
+                                  "accuracy_level": self.accuracy_level})
+        self._replace(graph, node, new)
+
+    # --- DynamicQuantizeMatMul
+    def _to_dynamic_quantize_matmul(self, graph: ir.Graph, node: ir.Node, dq: ir.Node,
+                                    transposed: bool) -> None:
+        x = node.inputs[0]
+        xp = x.producer()
+        if xp is None or xp.op_type != "DequantizeLinear":
+            raise self.fail("dynamic activation plan without a DynamicQuantizeLinear input",
+                            node=node)
+        dql = xp.inputs[0].producer()
+        raw_x = dql.inputs[0]
+        q, scale, zp, axis, _ = _dq_parts(dq)
+        if transposed:
+            q, scale = q.T, scale
+        if q.dtype != np.int8:
+            raise TargetError(f"layer {layer_name(node)!r}: DynamicQuantizeMatMul needs int8 "
+                              f"weights, got {q.dtype}.", "Use symmetric 8-bit weights.")
+        base = dq.inputs[0].name.removesuffix("_q")
+        inputs = [raw_x,
+                  add_initializer(graph, f"{base}_dqmm", np.ascontiguousarray(q)),
+                  add_initializer(graph, f"{base}_dqmm_scale",
+                                  np.ascontiguousarray(scale.reshape(-1), np.float32))]
+        new = ir.node("DynamicQuantizeMatMul", inputs, domain=MS, name=f"{node.name}_dqmm")
+        self._replace(graph, node, new)
+
+    # --- tied per-channel int8: store q^T so the QDQ MatMul pattern is the plain one
+    def _untranspose(self, graph: ir.Graph, node: ir.Node, dq: ir.Node) -> None:
+        q, scale, zp, axis, _ = _dq_parts(dq)
+        base = dq.inputs[0].name.removesuffix("_q")
+        qt = add_initializer(graph, f"{base}_t_q", np.ascontiguousarray(q.T))
+        inputs = [qt, dq.inputs[1]] + ([dq.inputs[2]] if zp is not None else [])
+        new_dq = ir.node("DequantizeLinear", inputs, attributes={"axis": 1},
+                         name=f"{base}_t_dq")
+        copy_identity(node, new_dq)
+        new_dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        graph.insert_before(node, new_dq)
+        node.replace_input_with(1, new_dq.outputs[0])
+        # the embedding Gather (if tied) will read q^T as well, see _to_int8_gather
+
+    # --- embeddings
+    def _to_gather_block_quantized(self, graph: ir.Graph, node: ir.Node, dq: ir.Node) -> None:
+        q, scale, zp, axis, block = _dq_parts(dq)
+        if axis != 1:
+            raise self.fail("blocked embedding must be quantized along its columns", node=node)
+        signed = str(q.dtype) == "int4"
+        qu = (q.astype(np.int16) + (8 if signed else 0)).astype(np.uint8)
+        base = dq.inputs[0].name.removesuffix("_q")
+        inputs = [add_initializer(graph, f"{base}_gbq", np.ascontiguousarray(pack_uint4(qu))),
+                  node.inputs[1],
+                  add_initializer(graph, f"{base}_gbq_scales", np.ascontiguousarray(scale))]
+        if zp is not None:
+            inputs.append(add_initializer(
+                graph, f"{base}_gbq_zero_points",
+                np.ascontiguousarray(pack_uint4(zp.astype(np.uint8)))))
+        elif signed:
+            nb = scale.shape[1]
+            inputs.append(add_initializer(graph, f"{base}_gbq_zero_points",
+                                          pack_uint4(np.full((q.shape[0], nb), 8, np.uint8))))
+        new = ir.node("GatherBlockQuantized", inputs, domain=MS, name=f"{node.name}_gbq",
+                      attributes={"bits": 4, "block_size": block, "gather_axis": 0,
+                                  "quantize_axis": 1})
+        self._replace(graph, node, new)
+
+    def _to_int8_gather(self, graph: ir.Graph, node: ir.Node, dq: ir.Node) -> None:
+        """Gather rows of an int8 table and scale them: Mul(Cast(Gather(q)), Gather(s)[..., None])."""
+        q_val, s_val = dq.inputs[0], dq.inputs[1]
+        zp_val = dq.inputs[2] if len(dq.inputs) > 2 else None
+        ids = node.inputs[1]
+        # a tied table re-stored transposed by _untranspose: gather its columns instead
+        twin = graph.initializers.get(q_val.name.removesuffix("_q") + "_t_q")
+        nodes: list[ir.Node] = []
+        if twin is not None and zp_val is None:
+            g = ir.node("Gather", [twin, ids], attributes={"axis": 1})
+            rank = len(ids.shape) if ids.shape is not None else 2
+            t = ir.node("Transpose", [g.outputs[0]],
+                        attributes={"perm": list(range(1, rank + 1)) + [0]})
+            nodes += [g, t]
+            rows = t.outputs[0]
+        else:
+            g = ir.node("Gather", [q_val, ids], attributes={"axis": 0})
+            nodes.append(g)
+            rows = g.outputs[0]
+        cast = ir.node("Cast", [rows], attributes={"to": ir.DataType.FLOAT})
+        nodes.append(cast)
+        values = cast.outputs[0]
+        if zp_val is not None:
+            gz = ir.node("Gather", [zp_val, ids], attributes={"axis": 0})
+            cz = ir.node("Cast", [gz.outputs[0]], attributes={"to": ir.DataType.FLOAT})
+            axes = add_initializer(graph, "unsqueeze_last_axis", np.array([-1], np.int64))
+            uz = ir.node("Unsqueeze", [cz.outputs[0], axes])
+            sub = ir.node("Sub", [values, uz.outputs[0]])
+            nodes += [gz, cz, uz, sub]
+            values = sub.outputs[0]
+        gs = ir.node("Gather", [s_val, ids], attributes={"axis": 0})
+        axes = add_initializer(graph, "unsqueeze_last_axis", np.array([-1], np.int64))
+        us = ir.node("Unsqueeze", [gs.outputs[0], axes])
+        mul = ir.node("Mul", [values, us.outputs[0]], name=f"{node.name}_int8")
+        nodes += [gs, us, mul]
+        for n in nodes:
+            copy_identity(node, n)
+        graph.insert_before(node, nodes)
+        self._swap_output(graph, node, mul)
+
+    # --- helpers
+    def _replace(self, graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+        copy_identity(old, new)
+        for k, v in old.metadata_props.items():
+            if k.startswith("lbcc."):
+                new.metadata_props[k] = v
+        graph.insert_before(old, new)
+        self._swap_output(graph, old, new)
+
+    @staticmethod
+    def _swap_output(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+        out_old, out_new = old.outputs[0], new.outputs[0]
+        out_new.type, out_new.shape = out_old.type, out_old.shape
+        name = out_old.name
+        out_old.replace_all_uses_with(out_new, replace_graph_outputs=True)
+        graph.remove(old, safe=True)
+        out_new.name = name
+
+
+def summarize_node(node: ir.Node) -> dict[str, Any]:
+    return {"op": node.op_type, "domain": node.domain, "layer": layer_name(node)}
