@@ -300,13 +300,15 @@ class ActivationObserver:
         """The [lo, hi] minimizing :meth:`quant_noise`, searched over clip ratios of min and max."""
         ratios = np.concatenate([np.linspace(1.0, 0.1, 46), [0.05, 0.02, 0.01]])
         lo0, hi0 = min(self.min, 0.0), max(self.max, 0.0)
-        best = (math.inf, lo0, hi0)
-        for rl in ratios:
-            for rh in ratios:
-                noise = self.quant_noise(lo0 * rl, hi0 * rh, levels)
-                if noise < best[0]:
-                    best = (noise, lo0 * rl, hi0 * rh)
-        return best[1], best[2]
+        c = self.bin_centers()[None, None, :]
+        lo = (lo0 * ratios)[:, None, None]
+        hi = (hi0 * ratios)[None, :, None]
+        step = np.maximum(hi - lo, 1e-30) / (levels - 1)
+        inside = (c >= lo) & (c <= hi)
+        err = np.where(inside, step * step / 12.0, (c - np.clip(c, lo, hi)) ** 2)
+        noise = (err * self.hist[None, None, :]).sum(axis=-1)  # [n_lo, n_hi]
+        i, j = np.unravel_index(int(np.argmin(noise)), noise.shape)
+        return float(lo0 * ratios[i]), float(hi0 * ratios[j])
 
     def choose_range(self, method: str, percentile: float = 99.99) -> tuple[float, float]:
         if method == "minmax":

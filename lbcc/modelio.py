@@ -82,6 +82,15 @@ def check_opset(model: ir.Model, where: str) -> None:
             "re-export with a current exporter.")
 
 
+def _materialize_external(model: ir.Model) -> None:
+    """Load tensors still backed by the source's external data file, so a single-file save does
+    not keep references to a file that is not beside the output."""
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            tensor = ir.tensor(value.const_value.numpy(), name=value.name)
+            value.const_value = tensor
+
+
 def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Atomically write ``model`` to ``path``; returns the path.
 
@@ -111,6 +120,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
             ir.save(model, tmp_model, external_data=data_name)
             os.replace(tmpdir / data_name, parent / data_name)
         else:
+            _materialize_external(model)
             ir.save(model, tmp_model)
         os.replace(tmp_model, path)
     finally:

@@ -103,15 +103,17 @@ class RoundWeightsRTN(Pass):
             stored_transposed = group[0][0].kind == "matmul"
             out_major = w.T if stored_transposed else w
             importance = None
-            if stats is not None and spec.get("clip") == "mse":
+            if stats is not None and spec.get("clip") in ("mse", "auto"):
                 for s, _ in group:
                     obs = stats.get(s.activation.name) if s.activation is not None else None
                     if obs is not None and obs.channel_mean_square() is not None:
                         importance = obs.channel_mean_square()
                         break
+            clip = spec["clip"]
+            if clip == "auto":
+                clip = "mse" if importance is not None else "none"
             qw = quantize_weight(out_major, bits=spec["bits"], block_size=spec["group_size"],
-                                 symmetric=spec["symmetric"], clip=spec["clip"],
-                                 importance=importance)
+                                 symmetric=spec["symmetric"], clip=clip, importance=importance)
             err = relative_error(out_major, qw)
             total_err.append(err)
             dq = dequantize_node(qw, stored_transposed, graph, wname)
@@ -129,7 +131,7 @@ class RoundWeightsRTN(Pass):
                 else:
                     s.node.replace_input_with(0, dq.outputs[0])
                 layers[s.node.name]["weight"] = {
-                    **spec, "rel_error": round(err, 6), "importance_weighted": importance is not None,
+                    **spec, "clip_used": clip, "rel_error": round(err, 6), "importance_weighted": importance is not None,
                     "scale": _scale_summary(qw.scale), "dtype": dq.inputs[0].dtype.name,
                     "block_size": None if qw.block_size >= out_major.shape[1] else qw.block_size}
             if not weight.uses():

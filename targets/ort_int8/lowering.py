@@ -79,6 +79,7 @@ class LowerORT(Pass):
         graph = model.graph
         counts: dict[str, int] = {}
         layers = self.context.notes.setdefault("layers", {})
+        self._nbits: dict[int, dict[str, Any]] = {}  # id(DQ node) -> MatMulNBits initializers
 
         def bump(key: str, node: ir.Node, lowered_to: str) -> None:
             counts[key] = counts.get(key, 0) + 1
@@ -149,6 +150,9 @@ class LowerORT(Pass):
             zp_packed = pack_uint4(zpu).reshape(-1) if bits == 4 else zpu.reshape(-1)
             inputs.append(add_initializer(graph, f"{base}_nbits_zero_points",
                                           np.ascontiguousarray(zp_packed)))
+        self._nbits[id(dq)] = {"B": inputs[1], "scales": inputs[2],
+                               "zero_points": inputs[3] if len(inputs) > 3 else None,
+                               "K": k, "N": n, "block": block, "bits": bits}
         new = ir.node("MatMulNBits", inputs, domain=MS, name=f"{node.name}_nbits",
                       attributes={"K": k, "N": n, "bits": bits, "block_size": block,
                                   "accuracy_level": self.accuracy_level})
@@ -197,22 +201,45 @@ class LowerORT(Pass):
         q, scale, zp, axis, block = _dq_parts(dq)
         if axis != 1:
             raise self.fail("blocked embedding must be quantized along its columns", node=node)
-        signed = str(q.dtype) == "int4"
-        qu = (q.astype(np.int16) + (8 if signed else 0)).astype(np.uint8)
+        bits = 4 if str(q.dtype) in ("int4", "uint4") else 8
+        signed = str(q.dtype) in ("int4", "int8")
+        offset = 2 ** (bits - 1) if signed else 0
+        pack = pack_uint4 if bits == 4 else (lambda a: a.astype(np.uint8))
+        qu = (q.astype(np.int16) + offset).astype(np.uint8)
         base = dq.inputs[0].name.removesuffix("_q")
-        inputs = [add_initializer(graph, f"{base}_gbq", np.ascontiguousarray(pack_uint4(qu))),
-                  node.inputs[1],
-                  add_initializer(graph, f"{base}_gbq_scales", np.ascontiguousarray(scale))]
         if zp is not None:
-            inputs.append(add_initializer(
-                graph, f"{base}_gbq_zero_points",
-                np.ascontiguousarray(pack_uint4(zp.astype(np.uint8)))))
-        elif signed:
-            nb = scale.shape[1]
-            inputs.append(add_initializer(graph, f"{base}_gbq_zero_points",
-                                          pack_uint4(np.full((q.shape[0], nb), 8, np.uint8))))
+            zpu = (zp.astype(np.int16) + offset).astype(np.uint8)
+        else:
+            zpu = np.full(scale.shape, offset, np.uint8)
+        shared = self._nbits.get(id(dq))
+        if shared is not None and shared["K"] % block == 0:
+            # tied with a MatMulNBits lm_head: read its bytes through Reshapes (folded at load)
+            n, k = q.shape
+            reshapes = [ir.node("Reshape", [shared["B"], add_initializer(
+                graph, f"{base}_gbq_shape", np.array([n, k * bits // 8], np.int64))]),
+                ir.node("Reshape", [shared["scales"], add_initializer(
+                    graph, f"{base}_gbq_scales_shape", np.array(scale.shape, np.int64))])]
+            if shared["zero_points"] is not None:
+                reshapes.append(ir.node("Reshape", [shared["zero_points"], add_initializer(
+                    graph, f"{base}_gbq_zp_shape", np.array([n, -1], np.int64))]))
+            for r in reshapes:
+                copy_identity(node, r)
+            graph.insert_before(node, reshapes)
+            inputs = [reshapes[0].outputs[0], node.inputs[1], reshapes[1].outputs[0]]
+            if len(reshapes) > 2:
+                inputs.append(reshapes[2].outputs[0])
+            elif signed:
+                inputs.append(add_initializer(graph, f"{base}_gbq_zero_points",
+                                              np.ascontiguousarray(pack(zpu))))
+        else:
+            inputs = [add_initializer(graph, f"{base}_gbq", np.ascontiguousarray(pack(qu))),
+                      node.inputs[1],
+                      add_initializer(graph, f"{base}_gbq_scales", np.ascontiguousarray(scale))]
+            if zp is not None or signed:
+                inputs.append(add_initializer(graph, f"{base}_gbq_zero_points",
+                                              np.ascontiguousarray(pack(zpu))))
         new = ir.node("GatherBlockQuantized", inputs, domain=MS, name=f"{node.name}_gbq",
-                      attributes={"bits": 4, "block_size": block, "gather_axis": 0,
+                      attributes={"bits": bits, "block_size": block, "gather_axis": 0,
                                   "quantize_axis": 1})
         self._replace(graph, node, new)
 

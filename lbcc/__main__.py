@@ -1,0 +1,3 @@
+from lbcc.cli import main
+
+main()
