@@ -29,6 +29,8 @@ class Capabilities:
     activation_modes: dict[int, frozenset[str]]  # weight bits -> activation modes allowed with it
     activation_dtype: str
     quantizable_ops: frozenset[str]
+    #: activation modes that need per-channel weights ("channel") or grouped weights ("group")
+    weight_layout_for_mode: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Target(Protocol):
@@ -74,6 +76,16 @@ def check_recipe(recipe: "Recipe", target: Target, layer_names: list[str] | None
             gran = "per-channel" if w.group_size is None else f"group size {w.group_size}"
             raise TargetError(f"{where}: target {target.name!r} cannot run {w.bits}-bit weights "
                               f"with {gran}.", f"Use one of: {', '.join(shown)}.")
+        need = caps.weight_layout_for_mode.get(act)
+        if need == "channel" and w.group_size is not None:
+            raise TargetError(f"{where}: target {target.name!r} runs activation mode {act!r} only "
+                              f"with per-channel weights, not groups of {w.group_size}.",
+                              "Set weights.group_size = \"channel\", or use activation mode "
+                              "dynamic-block with grouped weights.")
+        if need == "group" and w.group_size is None:
+            raise TargetError(f"{where}: activation mode {act!r} quantizes per block of the "
+                              "weight groups, and the weights are per-channel.",
+                              "Set weights.group_size (e.g. 32).")
         if act not in caps.activation_modes[w.bits]:
             raise TargetError(f"{where}: target {target.name!r} cannot run {w.bits}-bit weights "
                               f"with activation mode {act!r}.",

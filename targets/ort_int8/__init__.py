@@ -1,9 +1,10 @@
 """Target ``ort-int8``: an ONNX graph that ONNX Runtime's CPU provider runs in int8 / int4.
 
 Static W8A8 is emitted as QDQ (uint8 activations per tensor, int8 weights per channel), which
-ONNX Runtime fuses into ``MatMulIntegerToFloat`` at load; dynamic W8A8 as
-``DynamicQuantizeMatMul``; 4-bit weights as ``MatMulNBits`` (``accuracy_level=4``) and
-``GatherBlockQuantized`` for the embedding.
+ONNX Runtime fuses into ``MatMulIntegerToFloat`` at load; per-tensor dynamic W8A8 as
+``DynamicQuantizeMatMul``; grouped weights (4-bit, or 8-bit with per-block dynamic activations)
+as ``MatMulNBits`` with ``accuracy_level=4`` (activations quantized to int8 per block inside the
+kernel) and ``GatherBlockQuantized`` for the embedding.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ class OrtInt8Target:
     capabilities = Capabilities(
         weight_bits=frozenset({4, 8}),
         weight_granularity={8: frozenset({None}) | GROUPS, 4: GROUPS},
-        activation_modes={8: frozenset({"static", "dynamic", "none"}), 4: frozenset({"none"})},
+        activation_modes={8: frozenset({"static", "dynamic", "dynamic-block", "none"}),
+                          4: frozenset({"none", "dynamic-block"})},
         activation_dtype="uint8",
         quantizable_ops=frozenset({"MatMul", "Gemm", "Gather"}),
+        weight_layout_for_mode={"static": "channel", "dynamic": "channel",
+                                "dynamic-block": "group"},
     )
 
     def passes(self, recipe: Any) -> list:

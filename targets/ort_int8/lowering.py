@@ -80,6 +80,7 @@ class LowerORT(Pass):
         counts: dict[str, int] = {}
         layers = self.context.notes.setdefault("layers", {})
         self._nbits: dict[int, dict[str, Any]] = {}  # id(DQ node) -> MatMulNBits initializers
+        self._transposed_int8: dict[int, ir.Value] = {}  # id(DQ node) -> its q^T [K, N]
 
         def bump(key: str, node: ir.Node, lowered_to: str) -> None:
             counts[key] = counts.get(key, 0) + 1
@@ -175,8 +176,10 @@ class LowerORT(Pass):
             raise TargetError(f"layer {layer_name(node)!r}: DynamicQuantizeMatMul needs int8 "
                               f"weights, got {q.dtype}.", "Use symmetric 8-bit weights.")
         base = dq.inputs[0].name.removesuffix("_q")
-        inputs = [raw_x,
-                  add_initializer(graph, f"{base}_dqmm", np.ascontiguousarray(q)),
+        qv = add_initializer(graph, f"{base}_dqmm", np.ascontiguousarray(q))
+        if transposed:
+            self._transposed_int8[id(dq)] = qv
+        inputs = [raw_x, qv,
                   add_initializer(graph, f"{base}_dqmm_scale",
                                   np.ascontiguousarray(scale.reshape(-1), np.float32))]
         new = ir.node("DynamicQuantizeMatMul", inputs, domain=MS, name=f"{node.name}_dqmm")
@@ -187,6 +190,7 @@ class LowerORT(Pass):
         q, scale, zp, axis, _ = _dq_parts(dq)
         base = dq.inputs[0].name.removesuffix("_q")
         qt = add_initializer(graph, f"{base}_t_q", np.ascontiguousarray(q.T))
+        self._transposed_int8[id(dq)] = qt
         inputs = [qt, dq.inputs[1]] + ([dq.inputs[2]] if zp is not None else [])
         new_dq = ir.node("DequantizeLinear", inputs, attributes={"axis": 1},
                          name=f"{base}_t_dq")
@@ -248,8 +252,8 @@ class LowerORT(Pass):
         q_val, s_val = dq.inputs[0], dq.inputs[1]
         zp_val = dq.inputs[2] if len(dq.inputs) > 2 else None
         ids = node.inputs[1]
-        # a tied table re-stored transposed by _untranspose: gather its columns instead
-        twin = graph.initializers.get(q_val.name.removesuffix("_q") + "_t_q")
+        # a tied table re-stored transposed for the lm_head: gather its columns instead
+        twin = self._transposed_int8.get(id(dq))
         nodes: list[ir.Node] = []
         if twin is not None and zp_val is None:
             g = ir.node("Gather", [twin, ids], attributes={"axis": 1})
