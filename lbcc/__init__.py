@@ -18,17 +18,20 @@ __all__ = ["compile", "capture", "build_pipeline", "Pipeline", "PipelineContext"
            "preset", "load_recipe", "evaluate", "LbccError", "BadInputError", "TargetError",
            "AccuracyGateError", "__version__"]
 
+# ``capture`` and ``evaluate`` are both submodules and public functions: import them eagerly so
+# the package attribute is the function (a lazy import would leave the module object there).
+from lbcc.capture import capture  # noqa: E402
+from lbcc.evaluate import evaluate  # noqa: E402
+
 _LAZY = {
     "compile": ("lbcc.api", "compile"),
     "build_pipeline": ("lbcc.api", "build_pipeline"),
     "CompileResult": ("lbcc.api", "CompileResult"),
-    "capture": ("lbcc.capture", "capture"),
     "Pipeline": ("lbcc.pipeline", "Pipeline"),
     "PipelineContext": ("lbcc.pipeline", "PipelineContext"),
     "Recipe": ("lbcc.recipes", "Recipe"),
     "preset": ("lbcc.recipes", "preset"),
     "load_recipe": ("lbcc.recipes", "load_recipe"),
-    "evaluate": ("lbcc.evaluate", "evaluate"),
     "LbccError": ("lbcc.errors", "LbccError"),
     "BadInputError": ("lbcc.errors", "BadInputError"),
     "TargetError": ("lbcc.errors", "TargetError"),

@@ -115,6 +115,15 @@ def latency_ms(session: Any, seq: int, vocab: int = 100, repeats: int = 10, warm
     return statistics.median(times)
 
 
+def _check_vocab(session: Any, tokenizer: Any, model: Any) -> None:
+    vocab = session.get_outputs()[0].shape[-1]
+    tok_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if isinstance(vocab, int) and tok_vocab > vocab:
+        raise BadInputError(f"the tokenizer has {tok_vocab} tokens but {str(model)!r} predicts "
+                            f"{vocab}: they do not belong together.",
+                            "Pass the tokenizer saved with this model.")
+
+
 def evaluate(models: Sequence[str | os.PathLike], text: str | os.PathLike | None = None,
              tokenizer: Any = None, seq_len: int = 512, max_tokens: int | None = None,
              threads: int = 2, latency_seqs: Sequence[int] = (128, 1), repeats: int = 10,
@@ -122,7 +131,7 @@ def evaluate(models: Sequence[str | os.PathLike], text: str | os.PathLike | None
     """Evaluate each model on the same token ids, threads and latency shapes."""
     from lbcc.calibration import load_tokenizer, tokenize_text
 
-    ids = None
+    ids, tok = None, None
     if text is not None:
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         ids = tokenize_text(text, tok, "evaluation text")
@@ -132,6 +141,8 @@ def evaluate(models: Sequence[str | os.PathLike], text: str | os.PathLike | None
     for m in models:
         start = time.perf_counter()
         sess = make_session(m, threads)
+        if ids is not None:
+            _check_vocab(sess, tok, m)
         res = EvalResult(model=str(m), size_mb=model_size_bytes(m) / 1e6)
         if ids is not None:
             res.perplexity, res.tokens, res.windows = perplexity(sess, ids, seq_len)

@@ -1,0 +1,171 @@
+"""One quantization job of ``run_sample.py``, run in its own process.
+
+``run_sample.py`` starts this script once per baseline / lbcc preset so that the wall time and the
+peak RSS it reads (``os.wait4`` rusage of exactly this child) belong to one tool and nothing else.
+Each job imports only what it needs: the ONNX Runtime baselines never import lbcc, and the lbcc jobs
+never import ``onnxruntime.quantization``.
+
+    python benchmarks/_bench_worker.py JOB --float model.onnx --out out.onnx --result job.json \
+        [--calib valid.txt --tokenizer HF_DIR --calib-samples 16 --seq-len 512]
+
+JOB is one of: ort-static, ort-dynamic, ort-nbits-rtn4, lbcc-w8a8, lbcc-w8a8-dynamic, lbcc-w4a16.
+The result JSON holds the seconds spent inside the job (load + quantize + save, without interpreter
+start-up and imports), the settings used, and for lbcc the compile report's summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _calibration_windows(calib: Path, tokenizer_dir: Path, samples: int, seq_len: int) -> list:
+    """The windows lbcc's TextFeed uses: the first ``samples`` x ``seq_len`` ids, no BOS."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tok_path = tokenizer_dir / "tokenizer.json" if tokenizer_dir.is_dir() else tokenizer_dir
+    tok = Tokenizer.from_file(str(tok_path))
+    text = calib.read_text(encoding="utf-8", errors="replace")
+    ids = np.asarray(tok.encode_batch([text], add_special_tokens=False)[0].ids, dtype=np.int64)
+    n = max(1, min(samples, len(ids) // seq_len))
+    return [ids[i * seq_len:(i + 1) * seq_len][None, :] for i in range(n)]
+
+
+def ort_static(args: argparse.Namespace) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+
+    windows = _calibration_windows(args.calib, args.tokenizer, args.calib_samples, args.seq_len)
+    input_name = onnx.load(str(args.float), load_external_data=False).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(windows)
+
+        def get_next(self):
+            x = next(self._it, None)
+            return None if x is None else {input_name: x}
+
+        def rewind(self) -> None:
+            self._it = iter(windows)
+
+    # "default": ORT's own choice (every op type its QDQ registry knows, Gather included)
+    op_types = None if args.op_types == "default" else args.op_types.split(",")
+    settings = dict(quant_format="QDQ", activation_type="QUInt8", weight_type="QInt8",
+                    per_channel=True, calibrate_method="MinMax",
+                    op_types_to_quantize=op_types or "default",
+                    use_external_data_format=True, calibration_windows=len(windows),
+                    calibration_seq_len=args.seq_len, preprocessing=None)
+    start = time.perf_counter()
+    quantize_static(str(args.float), str(args.out), Reader(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=op_types, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax)
+    return {"job_seconds": time.perf_counter() - start, "settings": settings}
+
+
+def ort_dynamic(args: argparse.Namespace) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    start = time.perf_counter()
+    quantize_dynamic(str(args.float), str(args.out), weight_type=QuantType.QInt8,
+                     use_external_data_format=True)
+    return {"job_seconds": time.perf_counter() - start,
+            "settings": dict(weight_type="QInt8", per_channel=False, op_types_to_quantize="default",
+                             use_external_data_format=True, preprocessing=None)}
+
+
+def ort_nbits(args: argparse.Namespace) -> dict[str, Any]:
+    import logging
+
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 MatMulNBitsQuantizer)
+
+    # one INFO line per skipped node otherwise
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+
+    start = time.perf_counter()
+    # The "DEFAULT" algorithm is ORT's own block-wise round-to-nearest (the "RTN" algorithm name
+    # would route through Intel Neural Compressor instead). is_symmetric keeps its default (False).
+    config = DefaultWeightOnlyQuantConfig(block_size=128, accuracy_level=4, bits=4,
+                                          quant_format=QuantFormat.QOperator)
+    quant = MatMulNBitsQuantizer(str(args.float), bits=4, block_size=128, accuracy_level=4,
+                                 algo_config=config)
+    quant.process()
+    quant.model.save_model_to_file(str(args.out), use_external_data_format=True)
+    return {"job_seconds": time.perf_counter() - start,
+            "settings": dict(algorithm="DEFAULT (RTN)", bits=4, block_size=128,
+                             is_symmetric=config.is_symmetric, accuracy_level=4,
+                             op_types_to_quantize=sorted(config.op_types_to_quantize),
+                             quant_format="QOperator (MatMulNBits)", external_data=True,
+                             preprocessing=None)}
+
+
+def lbcc_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
+    import lbcc
+    from lbcc.recipes import preset as make_preset
+
+    group_size = 128 if preset == "w4a16" else None
+    calibration = tokenizer = None
+    # w8a8 needs calibration (static ranges); w4a16 uses it for the importance-weighted clip
+    # search (the README's quick start does the same); w8a8-dynamic needs none
+    if preset in ("w8a8", "w4a16"):
+        calibration, tokenizer = str(args.calib), str(args.tokenizer)
+    start = time.perf_counter()
+    recipe = make_preset(preset, group_size=group_size)
+    if recipe.calibration.samples == args.calib_samples and recipe.calibration.seq_len == args.seq_len:
+        kwargs: dict[str, Any] = dict(preset=preset, group_size=group_size)
+    else:  # the preset with another calibration amount
+        recipe.calibration.samples, recipe.calibration.seq_len = args.calib_samples, args.seq_len
+        kwargs = dict(recipe=recipe)
+    result = lbcc.compile(str(args.float), target="ort-int8", calibration=calibration,
+                          tokenizer=tokenizer, progress=False, command=sys.argv, **kwargs)
+    report_path = args.out.with_suffix(".report.json")
+    result.save(args.out, report_path=report_path)
+    data = result.report.data
+    return {"job_seconds": time.perf_counter() - start,
+            "settings": dict(preset=preset, group_size=group_size, target="ort-int8",
+                             calibration=data.get("calibration")),
+            "report": str(report_path),
+            "lbcc_report": {k: data.get(k) for k in ("seconds", "peak_rss_mb", "sizes", "summary",
+                                                     "output")}}
+
+
+JOBS = {
+    "ort-static": ort_static,
+    "ort-dynamic": ort_dynamic,
+    "ort-nbits-rtn4": ort_nbits,
+    "lbcc-w8a8": lambda a: lbcc_preset(a, "w8a8"),
+    "lbcc-w8a8-dynamic": lambda a: lbcc_preset(a, "w8a8-dynamic"),
+    "lbcc-w4a16": lambda a: lbcc_preset(a, "w4a16"),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("job", choices=sorted(JOBS))
+    p.add_argument("--float", type=Path, required=True, help="float32 .onnx (external data)")
+    p.add_argument("--out", type=Path, required=True, help="output .onnx")
+    p.add_argument("--result", type=Path, required=True, help="write the job's JSON here")
+    p.add_argument("--calib", type=Path)
+    p.add_argument("--tokenizer", type=Path)
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--op-types", default="MatMul",
+                   help="ort-static: comma-separated op types to quantize, or 'default'")
+    args = p.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    res = JOBS[args.job](args)
+    res["job"] = args.job
+    args.result.write_text(json.dumps(res, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
