@@ -75,27 +75,39 @@ class Report:
             passes.add_row(str(p["index"]), p["name"], f"{p['seconds']:.2f}",
                            f"{p['peak_rss_mb']:.0f}", diff)
         console.print(passes)
-        layers = Table(title="layers (every MatMul / Gemm / Gather)")
+        layers = Table(title="quantized layers")
         for col in ("layer", "op", "weights", "activations", "rel err", "lowered to / reason"):
             layers.add_column(col)
-        rows = self.layers
-        shown = rows if max_layers is None else rows[:max_layers]
+        quantized = [r for r in self.layers if r["status"] == "quantized"]
+        shown = quantized if max_layers is None else quantized[:max_layers]
         for r in shown:
             w = r.get("weight") or {}
             plan = r.get("plan") or {}
-            if r["status"] == "quantized":
-                gran = "channel" if not w.get("block_size") else f"g{w['block_size']}"
-                wdesc = f"int{w.get('bits')} {gran} {'sym' if w.get('symmetric') else 'asym'}"
-                err = f"{w.get('rel_error', 0):.4f}" if "rel_error" in w else ""
-                tail = r.get("lowered_to", "")
-                if plan.get("reason"):
-                    tail = f"{tail}; {plan['reason']}" if tail else plan["reason"]
-                layers.add_row(r["layer"], r["op"], wdesc, plan.get("activation", ""), err, tail)
-            else:
-                layers.add_row(r["layer"], r["op"], "float", "float", "", r.get("reason", ""))
+            gran = "channel" if not w.get("block_size") else f"g{w['block_size']}"
+            wdesc = f"int{w.get('bits')} {gran} {'sym' if w.get('symmetric') else 'asym'}"
+            err = f"{w.get('rel_error', 0):.4f}" if "rel_error" in w else ""
+            tail = r.get("lowered_to", "")
+            if plan.get("reason"):
+                tail = f"{tail}; {plan['reason']}" if tail else plan["reason"]
+            layers.add_row(r["layer"], r["op"], wdesc, plan.get("activation", ""), err, tail)
         console.print(layers)
-        if max_layers is not None and len(rows) > max_layers:
-            console.print(f"... {len(rows) - max_layers} more layers in the JSON report")
+        if max_layers is not None and len(quantized) > max_layers:
+            console.print(f"... {len(quantized) - max_layers} more quantized layers in the JSON "
+                          "report")
+        reasons: dict[str, list[str]] = {}
+        for r in self.float_nodes:
+            reasons.setdefault(f"{r['op']}: {r.get('reason', '')}", []).append(r["layer"])
+        if reasons:
+            left = Table(title="left in float (every node, grouped by reason)")
+            left.add_column("count", justify="right")
+            left.add_column("op: reason")
+            left.add_column("layers")
+            for reason, names in reasons.items():
+                shown_names = ", ".join(sorted(set(names))[:4])
+                more = len(set(names)) - 4
+                left.add_row(str(len(names)), reason,
+                             shown_names + (f", ... (+{more})" if more > 0 else ""))
+            console.print(left)
         s = d["summary"]
         console.print(
             f"quantized {s['quantized']} / {s['sites']} weight sites "
