@@ -40,7 +40,8 @@ class CompileResult:
         return written
 
 
-def make_feed(calibration: Any, tokenizer: Any = None, recipe: Recipe | None = None) -> Feed | None:
+def make_feed(calibration: Any, tokenizer: Any = None, recipe: Recipe | None = None,
+              model: ir.Model | None = None) -> Feed | None:
     """A calibration feed from a Feed, a .txt (+ tokenizer), a .npz, or ``"random:VOCAB"``."""
     if calibration is None or isinstance(calibration, Feed):
         return calibration
@@ -50,8 +51,12 @@ def make_feed(calibration: Any, tokenizer: Any = None, recipe: Recipe | None = N
             vocab = int(spec.split(":", 1)[1])
         except ValueError:
             raise BadInputError(f"--calib {spec!r}: expected random:VOCAB_SIZE.", "") from None
-        return RandomFeed(vocab_size=vocab, seq_len=min(64, recipe.calibration.seq_len
-                                                         if recipe else 64))
+        seq_len = min(64, recipe.calibration.seq_len if recipe else 64)
+        if model is not None and len(model.graph.inputs) == 1:
+            shape = model.graph.inputs[0].shape
+            if shape is not None and len(shape) == 2 and isinstance(shape[1], int):
+                seq_len = shape[1]  # the model has a fixed sequence length
+        return RandomFeed(vocab_size=vocab, seq_len=seq_len)
     path = Path(spec)
     if path.suffix == ".npz":
         return NpzFeed(path)
@@ -112,7 +117,7 @@ def compile(source: Any, target: str = "ort-int8", preset: str | None = None,
     tgt = get_target(target)
     check_recipe(rec, tgt)
     model = capture(source, example_inputs)
-    feed = make_feed(calibration, tokenizer, rec)
+    feed = make_feed(calibration, tokenizer, rec, model)
     if rec.needs_calibration and feed is None:
         raise BadInputError(f"preset/recipe {rec.name!r} uses static activation ranges and "
                             "needs calibration data.",

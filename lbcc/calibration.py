@@ -355,12 +355,14 @@ def collect_activation_stats(model: ir.Model, feed: Feed, tensor_names: Sequence
     from lbcc.progress import track
 
     values = {v.name: v for node in model.graph for v in node.outputs}
-    missing = [n for n in tensor_names if n not in values]
+    graph_inputs = {v.name for v in model.graph.inputs}
+    missing = [n for n in tensor_names if n not in values and n not in graph_inputs]
     if missing:
         raise BadInputError(f"cannot observe tensors {missing[:5]}: no node produces them.",
-                            "Observe node outputs only.")
+                            "Observe node outputs or graph inputs.")
     original_outputs = list(model.graph.outputs)
-    extra = [values[n] for n in tensor_names if values[n] not in original_outputs]
+    extra = [values[n] for n in tensor_names
+             if n in values and values[n] not in original_outputs]
     for v in extra:
         if v.type is None:
             v.type = ir.TensorType(ir.DataType.FLOAT)
@@ -379,4 +381,6 @@ def collect_activation_stats(model: ir.Model, feed: Feed, tensor_names: Sequence
             outs = sess.run([out_names[i] for i in wanted], sample)
             for i, arr in zip(wanted, outs):
                 observers[out_names[i]].update(arr)
+            for name in graph_inputs & observers.keys():  # a MatMul fed by a graph input
+                observers[name].update(sample[name])
     return observers

@@ -123,6 +123,10 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
             _materialize_external(model)
             ir.save(model, tmp_model)
         os.replace(tmp_model, path)
+    except OSError as exc:
+        raise BadInputError(f"cannot write {str(path)!r}: {exc.strerror or exc}.",
+                            "Check free disk space and permissions of the output directory."
+                            ) from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path

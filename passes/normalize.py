@@ -53,13 +53,18 @@ class CaptureNormalize(Pass):
         return ir.passes.PassResult(model, modified=True)
 
     def _check_finite(self, model: ir.Model) -> None:
+        """NaN anywhere, or inf in a weight (a 2-D+ tensor feeding MatMul/Gemm/Gather), is an error;
+        -inf in an attention-mask constant is legitimate."""
         for value in model.graph.initializers.values():
             tensor = value.const_value
             if tensor is None or not tensor.dtype.is_floating_point():
                 continue
             arr = tensor.numpy()
-            if not np.isfinite(arr).all():
-                bad = int((~np.isfinite(arr)).sum())
+            weight = arr.ndim >= 2 and any(u.node.op_type in ("MatMul", "Gemm", "Gather")
+                                           for u in value.uses())
+            bad_mask = ~np.isfinite(arr) if weight else np.isnan(arr)
+            if bad_mask.any():
+                bad = int(bad_mask.sum())
                 users = [layer_name(u.node) for u in value.uses()][:3]
                 raise BadInputError(
                     f"initializer {value.name!r} (used by {users or 'nothing'}) holds {bad} NaN "

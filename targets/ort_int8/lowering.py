@@ -121,6 +121,8 @@ class LowerORT(Pass):
                 else:
                     self._to_int8_gather(graph, node, p)
                     bump("int8 Gather", node, "Gather(int8) * Gather(scale)")
+        if any(n.domain == MS for n in graph):
+            model.opset_imports.setdefault(MS, 1)
         self.note("lowered", counts)
         return ir.passes.PassResult(model, modified=bool(counts))
 
