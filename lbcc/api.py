@@ -72,8 +72,8 @@ def make_feed(calibration: Any, tokenizer: Any = None, recipe: Recipe | None = N
 def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None = None,
                    calibrate: bool | None = None) -> Pipeline:
     """The passes a recipe runs for a target, in order."""
-    from lbcc.passes import (Calibrate, CaptureNormalize, FuseORT, InsertQDQ, RoundWeightsRTN,
-                             SelectPrecision)
+    from lbcc.passes import (Calibrate, CaptureNormalize, FuseORT, InsertQDQ, RoundWeightsGPTQ,
+                             RoundWeightsRTN, SelectPrecision)
     from lbcc.passes.calibrate import ACTIVATION_STATS, compute_activation_stats
 
     context = context or PipelineContext()
@@ -83,7 +83,9 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
     passes: list[Pass] = [CaptureNormalize(), FuseORT()]
     if calibrate:
         passes.append(Calibrate())
-    passes += [SelectPrecision(recipe), RoundWeightsRTN()]
+    gptq = recipe.weights.method == "gptq"
+    context.second_moments = context.second_moments or gptq
+    passes += [SelectPrecision(recipe), RoundWeightsGPTQ() if gptq else RoundWeightsRTN()]
     if recipe.activations.mode in ("static", "dynamic") or any(
             o.activations in ("static", "dynamic") for o in recipe.layers):
         passes.append(InsertQDQ())

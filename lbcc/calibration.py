@@ -211,8 +211,11 @@ class RandomFeed(Feed):
 class ActivationObserver:
     """Streaming statistics of one tensor over all calibration samples."""
 
-    def __init__(self, bins: int = HIST_BINS):
+    def __init__(self, bins: int = HIST_BINS, second_moments: bool = False):
         self.bins = bins
+        #: sum over tokens of x x^T (float64, [C, C]) when ``second_moments``; GPTQ's Hessian
+        self.xtx: np.ndarray | None = None
+        self.second_moments = second_moments
         self.count = 0
         self.sum = 0.0
         self.sumsq = 0.0
@@ -233,19 +236,22 @@ class ActivationObserver:
                               neginf=-np.finfo(np.float32).max)
         flat = x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
         self.count += x.size
-        x64 = flat.astype(np.float64)
-        self.sum += float(x64.sum())
-        self.sumsq += float((x64 * x64).sum())
+        sq = np.square(flat)
+        csq = sq.sum(axis=0, dtype=np.float64)  # accumulated in float64, no float64 copy
+        self.sum += float(flat.sum(dtype=np.float64))
+        self.sumsq += float(csq.sum())
         self.min = min(self.min, float(flat.min()))
         self.max = max(self.max, float(flat.max()))
         cmax = np.abs(flat).max(axis=0)
-        csq = (x64 * x64).sum(axis=0)
         if self.channel_absmax is None or self.channel_absmax.shape != cmax.shape:
             self.channel_absmax, self.channel_sumsq = cmax, csq
         else:
             self.channel_absmax = np.maximum(self.channel_absmax, cmax)
             self.channel_sumsq = self.channel_sumsq + csq
         self.channel_count += flat.shape[0]
+        if self.second_moments:
+            xtx = (flat.T @ flat).astype(np.float64)
+            self.xtx = xtx if self.xtx is None else self.xtx + xtx
         self._hist_update(flat.reshape(-1))
 
     def _hist_update(self, v: np.ndarray) -> None:
@@ -349,7 +355,8 @@ def _session(model_path: Path, threads: int | None = None) -> Any:
 
 
 def collect_activation_stats(model: ir.Model, feed: Feed, tensor_names: Sequence[str],
-                             progress: bool = True) -> dict[str, ActivationObserver]:
+                             progress: bool = True, second_moments: bool = False
+                             ) -> dict[str, ActivationObserver]:
     """Run ``model`` in ONNX Runtime on every sample of ``feed``; observe ``tensor_names``."""
     from lbcc.modelio import save_model
     from lbcc.progress import track
@@ -366,7 +373,7 @@ def collect_activation_stats(model: ir.Model, feed: Feed, tensor_names: Sequence
     for v in extra:
         if v.type is None:
             v.type = ir.TensorType(ir.DataType.FLOAT)
-    observers = {n: ActivationObserver() for n in tensor_names}
+    observers = {n: ActivationObserver(second_moments=second_moments) for n in tensor_names}
     with tempfile.TemporaryDirectory(prefix="lbcc-calib-") as tmp:
         model.graph.outputs.extend(extra)
         try:

@@ -63,17 +63,18 @@ def compile(
 ) -> None:
     """Compile MODEL for a target with a preset or a recipe."""
     import lbcc
+    from lbcc.modelio import check_output_path
 
     try:
         if preset is None and recipe is None:
             preset = "w8a8"
+        check_output_path(output)
+        if report is not None:
+            check_output_path(report)
         result = lbcc.compile(model, target=target, preset=preset, recipe=recipe,
                               calibration=calib, tokenizer=tokenizer, group_size=group_size,
                               stop_after=stop_after, dump_ir=dump_ir,
                               command=["lbcc", *sys.argv[1:]])
-        if report is not None and report.parent and not report.parent.is_dir():
-            raise lbcc.BadInputError(f"cannot write report {str(report)!r}: its directory does "
-                                     "not exist.", "Create it or choose another path.")
         result.save(output, report_path=report, external_data=external_data)
     except (LbccError, Exception) as exc:  # noqa: BLE001 - every failure gets one paragraph
         _fail(exc)

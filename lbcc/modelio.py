@@ -91,12 +91,8 @@ def _materialize_external(model: ir.Model) -> None:
             value.const_value = tensor
 
 
-def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-    """Atomically write ``model`` to ``path``; returns the path.
-
-    ``external_data``: None decides by size (over ~1.8 GB goes external), True/False forces it.
-    The data file is ``<path name>.data`` beside the model.
-    """
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail early (before a long compile) if ``path`` cannot be written; returns its directory."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -108,6 +104,17 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
     if path.is_dir():
         raise BadInputError(f"cannot write {str(path)!r}: it is a directory.",
                             "Give a file name ending in .onnx.")
+    return parent
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Atomically write ``model`` to ``path``; returns the path.
+
+    ``external_data``: None decides by size (over ~1.8 GB goes external), True/False forces it.
+    The data file is ``<path name>.data`` beside the model.
+    """
+    path = Path(path)
+    parent = check_output_path(path)
     if external_data is None:
         total = sum(v.const_value.nbytes for v in model.graph.initializers.values()
                     if v.const_value is not None)

@@ -34,6 +34,8 @@ class PipelineContext:
     analyses: "AnalysisCache" = dataclasses.field(default_factory=lambda: AnalysisCache())
     notes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     progress: bool = True
+    #: whether calibration also accumulates X^T X per input (GPTQ's Hessians)
+    second_moments: bool = False
 
 
 class Pass(ir.passes.InPlacePass):

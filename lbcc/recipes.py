@@ -41,6 +41,8 @@ class WeightSpec:
     #: weighted by E[x_k^2] of the layer input; "auto": "mse" when calibration statistics exist,
     #: else "none" (a data-free MSE clip was measured to hurt 4-bit perplexity on SmolLM2)
     clip: str = "auto"
+    #: rounding algorithm: "rtn" (round-to-nearest with the clip above) or "gptq"
+    method: str = "rtn"
 
 
 @dataclasses.dataclass
@@ -91,7 +93,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.activations.mode == "static"
+        return self.activations.mode == "static" or self.weights.method == "gptq"
 
     def spec_for(self, layer: str) -> tuple[WeightSpec, str, str | None]:
         """(weight spec, activation mode, skip reason) for one layer after overrides."""
@@ -154,12 +156,16 @@ PRESETS: dict[str, Recipe] = {
         layers=[LayerOverride(match="lm_head", bits=8, group_size=64)],
     ),
 }
+PRESETS["w4a16-gptq"] = copy.deepcopy(PRESETS["w4a16"])
+PRESETS["w4a16-gptq"].name = "w4a16-gptq"
+PRESETS["w4a16-gptq"].weights.method = "gptq"
 
 PRESET_HELP = {
     "w8a8": "static: uint8 activations per tensor (calibrated), int8 weights per channel, as QDQ",
     "w8a8-dynamic": "int8 weights per channel, activations per tensor at run time (MLP "
                     "down-projections: per block of 32); no calibration",
     "w4a16": "4-bit weights in groups of 128 as MatMulNBits (accuracy_level 4); float activations",
+    "w4a16-gptq": "w4a16 with GPTQ rounding (needs calibration data)",
 }
 
 
@@ -245,6 +251,8 @@ def load_recipe(path: str | Path, default_base: str | None = None) -> Recipe:
 def validate(recipe: Recipe, where: str = "recipe") -> None:
     """Value checks independent of any target (a target checks what it can run separately)."""
     w, a = recipe.weights, recipe.activations
+    if w.method not in ("rtn", "gptq"):
+        raise BadInputError(f"{where}: weights.method must be rtn or gptq, not {w.method!r}.", "")
     if w.clip not in ("none", "mse", "auto"):
         raise BadInputError(f"{where}: weights.clip must be none, mse or auto, not {w.clip!r}.",
                             "")

@@ -8,10 +8,10 @@ from lbcc.passes.fusion import FuseORT
 from lbcc.passes.normalize import CaptureNormalize
 from lbcc.passes.precision import SelectPrecision
 from lbcc.passes.qdq import InsertQDQ
-from lbcc.passes.rounding import RoundWeightsRTN
+from lbcc.passes.rounding import RoundWeightsGPTQ, RoundWeightsRTN
 
 PASSES = {cls.name: cls for cls in (CaptureNormalize, Calibrate, SelectPrecision, RoundWeightsRTN,
-                                    InsertQDQ, FuseORT, Cleanup)}
+                                    RoundWeightsGPTQ, InsertQDQ, FuseORT, Cleanup)}
 
 __all__ = ["PASSES", "Calibrate", "CaptureNormalize", "Cleanup", "FuseORT", "InsertQDQ",
-           "RoundWeightsRTN", "SelectPrecision"]
+           "RoundWeightsGPTQ", "RoundWeightsRTN", "SelectPrecision"]

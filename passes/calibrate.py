@@ -31,7 +31,8 @@ def compute_activation_stats(model: ir.Model, context: PipelineContext
                             "(w8a8-dynamic, w4a16).")
     sites, _ = find_sites(model)
     return collect_activation_stats(model, context.calibration, activation_tensors(sites),
-                                    progress=context.progress)
+                                    progress=context.progress,
+                                    second_moments=context.second_moments)
 
 
 class Calibrate(Pass):

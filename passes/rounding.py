@@ -74,7 +74,21 @@ class RoundWeightsRTN(Pass):
     """Round-to-nearest (with MSE clip search) into DequantizeLinear form, per the plan."""
 
     name = "round-weights-rtn"
+    method = "rtn"
     preserves = frozenset({ACTIVATION_STATS})
+
+    def round_weight(self, w: np.ndarray, spec: dict[str, Any], obs: Any
+                     ) -> tuple[QuantizedWeight, dict[str, Any]]:
+        """Quantize out-major ``w[N, K]``; ``obs`` is the input's observer, if calibrated."""
+        importance = obs.channel_mean_square() if obs is not None else None
+        clip = spec["clip"]
+        if clip == "auto":
+            clip = "mse" if importance is not None else "none"
+        qw = quantize_weight(w, bits=spec["bits"], block_size=spec["group_size"],
+                             symmetric=spec["symmetric"], clip=clip,
+                             importance=importance if clip == "mse" else None)
+        return qw, {"method": "rtn", "clip_used": clip,
+                    "importance_weighted": clip == "mse" and importance is not None}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -102,18 +116,10 @@ class RoundWeightsRTN(Pass):
             w = weight.const_value.numpy().astype(np.float32)
             stored_transposed = group[0][0].kind == "matmul"
             out_major = w.T if stored_transposed else w
-            importance = None
-            if stats is not None and spec.get("clip") in ("mse", "auto"):
-                for s, _ in group:
-                    obs = stats.get(s.activation.name) if s.activation is not None else None
-                    if obs is not None and obs.channel_mean_square() is not None:
-                        importance = obs.channel_mean_square()
-                        break
-            clip = spec["clip"]
-            if clip == "auto":
-                clip = "mse" if importance is not None else "none"
-            qw = quantize_weight(out_major, bits=spec["bits"], block_size=spec["group_size"],
-                                 symmetric=spec["symmetric"], clip=clip, importance=importance)
+            observers = [stats[s.activation.name] for s, _ in group
+                         if stats is not None and s.activation is not None
+                         and s.activation.name in stats]
+            qw, how = self.round_weight(out_major, spec, observers[0] if observers else None)
             err = relative_error(out_major, qw)
             total_err.append(err)
             dq = dequantize_node(qw, stored_transposed, graph, wname)
@@ -131,12 +137,13 @@ class RoundWeightsRTN(Pass):
                 else:
                     s.node.replace_input_with(0, dq.outputs[0])
                 layers[s.node.name]["weight"] = {
-                    **spec, "clip_used": clip, "rel_error": round(err, 6), "importance_weighted": importance is not None,
+                    **spec, **how, "rel_error": round(err, 6),
                     "scale": _scale_summary(qw.scale), "dtype": dq.inputs[0].dtype.name,
                     "block_size": None if qw.block_size >= out_major.shape[1] else qw.block_size}
             if not weight.uses():
                 graph.initializers.pop(weight.name, None)
         self.note("weights_rounded", len(by_weight))
+        self.note("method", self.method)
         if total_err:
             self.note("mean_rel_error", round(float(np.mean(total_err)), 6))
         return ir.passes.PassResult(model, modified=bool(by_weight))
@@ -154,3 +161,43 @@ def _first_user(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
         if node in candidates:
             return node
     return nodes[0]
+
+
+class RoundWeightsGPTQ(RoundWeightsRTN):
+    """GPTQ rounding (:mod:`lbcc.gptq`) with H = 2 X^T X / n from the calibration statistics.
+
+    Falls back to RTN for a weight whose input has no second-moment statistics (e.g. an untied
+    embedding, which has no input activation). Non-sequential: every layer's H comes from the
+    float model's activations.
+    """
+
+    name = "round-weights-gptq"
+    method = "gptq"
+
+    def __init__(self, percdamp: float = 0.01, act_order: bool = True, block_size: int = 128):
+        super().__init__()
+        self.percdamp = percdamp
+        self.act_order = act_order
+        self.block_size = block_size
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.context.analyses.has(ACTIVATION_STATS) or not self.context.second_moments:
+            if self.context.calibration is None:
+                raise self.fail("GPTQ needs calibration data (the inputs' X^T X).",
+                                "Pass --calib FILE.txt --tokenizer T (or .npz).")
+            self.context.second_moments = True
+            self.context.analyses.invalidate(())
+            self.context.analyses.get(ACTIVATION_STATS, model, self.context)
+        return super().call(model)
+
+    def round_weight(self, w: np.ndarray, spec: dict[str, Any], obs: Any
+                     ) -> tuple[QuantizedWeight, dict[str, Any]]:
+        from lbcc.gptq import gptq_quantize
+
+        if obs is None or obs.xtx is None:
+            qw, how = super().round_weight(w, spec, obs)
+            return qw, {**how, "note": "no input statistics: RTN"}
+        qw = gptq_quantize(w, obs.xtx, bits=spec["bits"], group_size=spec["group_size"],
+                           symmetric=spec["symmetric"], percdamp=self.percdamp,
+                           block_size=self.block_size, act_order=self.act_order)
+        return qw, {"method": "gptq", "act_order": self.act_order, "percdamp": self.percdamp}
