@@ -49,16 +49,14 @@ class FuseORT(Pass):
         self.only = only
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from onnxscript.optimizer import optimize
-
-        ir.passes.common.ShapeInferencePass()(model)
         counts: dict[str, int] = {}
         for name, fuse, kwargs in _fusions():
             if self.only is not None and name not in self.only:
                 continue
             counts[name] = int(fuse(model, **kwargs) or 0)
         # inline fusion helper functions that no other fusion consumed, drop dead nodes
-        optimize(model, num_iterations=1)
+        if model.functions:
+            ir.passes.common.InlinePass()(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         ir.passes.common.RemoveUnusedFunctionsPass()(model)
         self._name_fused_nodes(model)
