@@ -21,8 +21,13 @@ from lbcc.numerics import QuantizedWeight, quantize_weight
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int | None,
                   symmetric: bool, percdamp: float = 0.01, block_size: int = 128,
-                  act_order: bool = True) -> QuantizedWeight:
-    """Round ``w[N, K]`` with GPTQ given ``hessian[K, K]`` (proportional to X^T X)."""
+                  act_order: bool = True, clip: str = "mse") -> QuantizedWeight:
+    """Round ``w[N, K]`` with GPTQ given ``hessian[K, K]`` (proportional to X^T X).
+
+    ``clip="mse"`` chooses each group's grid (scale, zero point) first by the clip-ratio search
+    of :func:`lbcc.numerics.quantize_weight`, weighted by diag(H) = the inputs' mean squares;
+    ``"none"`` uses the plain min/max grid of the paper.
+    """
     w = np.array(w, dtype=np.float64)
     n, k = w.shape
     h = np.array(hessian, dtype=np.float64)
@@ -32,7 +37,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
     gs = k if group_size is None else int(group_size)
     # quantization grid per (row, group), from the original weights (static groups)
     grid = quantize_weight(w.astype(np.float32), bits=bits, block_size=gs, symmetric=symmetric,
-                           clip="none")
+                           clip=clip, importance=np.diag(h).astype(np.float32))
     scale = grid.scale.astype(np.float64)
     zero = grid.zero_point.astype(np.float64) if grid.zero_point is not None else None
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)

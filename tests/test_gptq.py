@@ -30,7 +30,8 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group, symmetric, k, act_orde
     w = rng.standard_normal((n_out, k)).astype(np.float32)
     x = _correlated_inputs(rng, 1024, k)
     rtn = quantize_weight(w, bits, group, symmetric, clip="none")
-    gq = gptq_quantize(w, x.T.astype(np.float64) @ x, bits, group, symmetric, act_order=act_order)
+    gq = gptq_quantize(w, x.T.astype(np.float64) @ x, bits, group, symmetric, act_order=act_order,
+                       clip="none")
     # same grid and storage layout as RTN: only the integer choices differ
     assert gq.q.shape == rtn.q.shape and gq.q.dtype == rtn.q.dtype
     np.testing.assert_array_equal(gq.scale, rtn.scale)
@@ -45,7 +46,7 @@ def test_gptq_with_identity_hessian_is_rtn():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((16, 64)).astype(np.float32)
     rtn = quantize_weight(w, 4, 32, False, clip="none")
-    gq = gptq_quantize(w, np.eye(64), 4, 32, False, percdamp=0.0, act_order=False)
+    gq = gptq_quantize(w, np.eye(64), 4, 32, False, percdamp=0.0, act_order=False, clip="none")
     np.testing.assert_array_equal(gq.q, rtn.q)
 
 
