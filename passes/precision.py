@@ -2,8 +2,9 @@
 
 For every site the recipe (after per-layer overrides) gives the weight spec and the activation
 mode. For static activations the calibration statistics of the site's input give the range
-[lo, hi] (by the recipe's method) and the estimated per-tensor uint8 SQNR
-``10 log10(E[x^2] / N(lo, hi))``; an input below ``min_sqnr_db`` is outlier-dominated, and its
+[lo, hi] (by the recipe's method) and the estimated SQNR of the layer output when the input is
+quantized per tensor (:func:`output_sqnr_db`); an input below ``min_sqnr_db`` is
+outlier-dominated, and its
 layer gets the recipe's fallback (int8 per block of input channels computed at run time, or float
 activations), with the measured reason written to the plan. The plan is stored on the node
 (``lbcc.plan`` metadata) and in the report's per-layer table; later passes only execute it.
@@ -14,10 +15,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from lbcc.errors import BadInputError
-from lbcc.irutils import PLAN_KEY
+from lbcc.irutils import PLAN_KEY, layer_name
+from lbcc.numerics import sqnr_db
 from lbcc.pipeline import Pass
 from lbcc.recipes import Recipe
 from lbcc.passes.calibrate import ACTIVATION_STATS
@@ -31,6 +34,23 @@ def plan_of(node: ir.Node) -> dict[str, Any] | None:
 
 def set_plan(node: ir.Node, plan: dict[str, Any]) -> None:
     node.metadata_props[PLAN_KEY] = json.dumps(plan, sort_keys=True)
+
+
+def output_sqnr_db(obs: Any, lo: float, hi: float, site: Any) -> float:
+    """Estimated SQNR of the layer *output* when its input is quantized per tensor on [lo, hi].
+
+    With r_k = ||W_k||^2 the squared norm of the weights that input channel k feeds and N the
+    per-element quantization noise of the range (from the histogram), treating channels as
+    uncorrelated: signal = sum_k E[x_k^2] r_k, noise = N sum_k r_k. An outlier channel that the
+    weights barely use does not make a layer look safe (the input SQNR would: its power is
+    mostly the outlier's), and the noise it forces on every other channel is counted.
+    """
+    ms = obs.channel_mean_square()
+    w = site.weight.const_value.numpy().astype(np.float64)
+    r = (w * w).sum(axis=1) if site.kind == "matmul" else (w * w).sum(axis=0)
+    if ms is None or ms.shape != r.shape:
+        return obs.sqnr_db(lo, hi)
+    return sqnr_db(float((ms * r).sum()), obs.quant_noise(lo, hi) * float(r.sum()))
 
 
 class SelectPrecision(Pass):
@@ -60,7 +80,7 @@ class SelectPrecision(Pass):
         layers = self.context.notes.setdefault("layers", {})
         counts: dict[str, int] = {}
         for node, reason in skipped:
-            layers[node.name] = {"node": node.name, "op": node.op_type, "layer": _layer(node),
+            layers[node.name] = {"node": node.name, "op": node.op_type, "layer": layer_name(node),
                                  "status": "float", "reason": reason}
         tied_spec: dict[str, dict[str, Any]] = {}
         for site in sites:
@@ -98,15 +118,16 @@ class SelectPrecision(Pass):
                     plan["reason"] = "no calibration statistics for this input"
                 else:
                     lo, hi = obs.choose_range(acts.method, acts.percentile)
-                    sqnr = obs.sqnr_db(lo, hi)
+                    sqnr = output_sqnr_db(obs, lo, hi, site)
                     plan["range"] = [lo, hi]
                     plan["sqnr_db"] = round(sqnr, 2)
+                    plan["input_sqnr_db"] = round(obs.sqnr_db(lo, hi), 2)
                     plan["outliers"] = obs.outlier_summary()
                     if sqnr < acts.min_sqnr_db:
                         plan["activation"] = acts.fallback
                         plan["reason"] = (
-                            f"input is outlier-dominated: estimated per-tensor uint8 SQNR "
-                            f"{sqnr:.1f} dB < {acts.min_sqnr_db} dB (abs-max "
+                            f"input is outlier-dominated: estimated output SQNR with per-tensor "
+                            f"uint8 input {sqnr:.1f} dB < {acts.min_sqnr_db} dB (input abs-max "
                             f"{plan['outliers'].get('absmax', 0):.1f} = "
                             f"{plan['outliers'].get('max_over_median', 0):.0f}x the median "
                             f"channel); kept at {acts.fallback}")
@@ -126,8 +147,3 @@ class SelectPrecision(Pass):
         self.note("activation_modes", counts)
         return ir.passes.PassResult(model, modified=True)
 
-
-def _layer(node: ir.Node) -> str:
-    from lbcc.irutils import layer_name
-
-    return layer_name(node)

@@ -307,6 +307,3 @@ class LowerORT(Pass):
         graph.remove(old, safe=True)
         out_new.name = name
 
-
-def summarize_node(node: ir.Node) -> dict[str, Any]:
-    return {"op": node.op_type, "domain": node.domain, "layer": layer_name(node)}
