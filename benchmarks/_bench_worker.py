@@ -9,7 +9,7 @@ never import ``onnxruntime.quantization``.
         [--calib valid.txt --tokenizer HF_DIR --calib-samples 16 --seq-len 512]
 
 JOB is one of: ort-static, ort-static-all, ort-dynamic, ort-nbits-rtn4, lbcc-w8a8,
-lbcc-w8a8-dynamic, lbcc-w4a16, lbcc-w4a16-gptq.
+lbcc-w8a8-dynamic, lbcc-w8a8-sq, lbcc-w4a16, lbcc-w4a16-gptq.
 The result JSON holds the seconds spent inside the job (load + quantize + save, without interpreter
 start-up and imports), the settings used, and for lbcc the compile report's summary.
 """
@@ -117,7 +117,7 @@ def lbcc_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
     calibration = tokenizer = None
     # w8a8 needs calibration (static ranges); w4a16 uses it for the importance-weighted clip
     # search (the README's quick start does the same); w8a8-dynamic needs none
-    if preset in ("w8a8", "w4a16", "w4a16-gptq"):
+    if preset in ("w8a8", "w8a8-sq", "w4a16", "w4a16-gptq"):
         calibration, tokenizer = str(args.calib), str(args.tokenizer)
     start = time.perf_counter()
     recipe = make_preset(preset, group_size=group_size)
@@ -149,6 +149,7 @@ JOBS = {
     "lbcc-w8a8-dynamic": lambda a: lbcc_preset(a, "w8a8-dynamic"),
     "lbcc-w4a16": lambda a: lbcc_preset(a, "w4a16"),
     "lbcc-w4a16-gptq": lambda a: lbcc_preset(a, "w4a16-gptq"),
+    "lbcc-w8a8-sq": lambda a: lbcc_preset(a, "w8a8-sq"),
 }
 
 

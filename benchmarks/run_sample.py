@@ -59,7 +59,7 @@ WORKER = Path(__file__).resolve().parent / "_bench_worker.py"
 
 FLOAT = "float"
 BASELINES = ["ort-static", "ort-static-all", "ort-dynamic", "ort-nbits-rtn4"]
-LBCC = ["lbcc-w8a8", "lbcc-w8a8-dynamic", "lbcc-w4a16", "lbcc-w4a16-gptq"]
+LBCC = ["lbcc-w8a8", "lbcc-w8a8-dynamic", "lbcc-w8a8-sq", "lbcc-w4a16", "lbcc-w4a16-gptq"]
 ALL = [FLOAT, *BASELINES, *LBCC]
 DESCRIPTION = {
     FLOAT: "float32 ONNX export (reference)",
@@ -72,6 +72,7 @@ DESCRIPTION = {
                       "accuracy_level 4",
     "lbcc-w8a8": "lbcc preset w8a8 (calibrated on the same tokens as ort-static)",
     "lbcc-w8a8-dynamic": "lbcc preset w8a8-dynamic (no calibration)",
+    "lbcc-w8a8-sq": "lbcc preset w8a8-sq: SmoothQuant (alpha searched per group), then w8a8",
     "lbcc-w4a16": "lbcc preset w4a16, group size 128 (calibrated: importance-weighted clip)",
     "lbcc-w4a16-gptq": "lbcc preset w4a16-gptq, group size 128 (GPTQ, same calibration)",
 }
@@ -159,7 +160,8 @@ def onnx_files(path: Path) -> list[Path]:
 def build_settings(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """What a build depends on besides the float model: a reused build must match it."""
     out: dict[str, Any] = {}
-    if name in ("ort-static", "ort-static-all", "lbcc-w8a8", "lbcc-w4a16", "lbcc-w4a16-gptq"):
+    if name in ("ort-static", "ort-static-all", "lbcc-w8a8", "lbcc-w8a8-sq", "lbcc-w4a16",
+                "lbcc-w4a16-gptq"):
         out.update(calib_samples=args.calib_samples, seq_len=args.seq_len)
     if name == "ort-static":
         out["op_types"] = args.ort_static_op_types
@@ -386,6 +388,7 @@ def check_targets(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     vs_float("lbcc-w4a16", "ppl", 1.30, "perplexity")
     vs_model("lbcc-w4a16", "ppl", "ort-nbits-rtn4", "perplexity", "")
     vs_model("lbcc-w4a16-gptq", "ppl", "ort-nbits-rtn4", "perplexity", "")
+    vs_model("lbcc-w8a8-sq", "ppl", "lbcc-w8a8", "perplexity", "")
     return checks
 
 

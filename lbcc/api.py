@@ -73,7 +73,7 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
                    calibrate: bool | None = None) -> Pipeline:
     """The passes a recipe runs for a target, in order."""
     from lbcc.passes import (Calibrate, CaptureNormalize, FuseORT, InsertQDQ, RoundWeightsGPTQ,
-                             RoundWeightsRTN, SelectPrecision)
+                             RoundWeightsRTN, SelectPrecision, SmoothQuant)
     from lbcc.passes.calibrate import ACTIVATION_STATS, compute_activation_stats
 
     context = context or PipelineContext()
@@ -83,6 +83,9 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
     passes: list[Pass] = [CaptureNormalize(), FuseORT()]
     if calibrate:
         passes.append(Calibrate())
+    if recipe.smoothing.method == "smoothquant":
+        context.keep_rows = max(context.keep_rows, 512)
+        passes.append(SmoothQuant(alpha=recipe.smoothing.alpha, step=recipe.smoothing.step))
     gptq = recipe.weights.method == "gptq"
     context.second_moments = context.second_moments or gptq
     passes += [SelectPrecision(recipe), RoundWeightsGPTQ() if gptq else RoundWeightsRTN()]

@@ -211,8 +211,13 @@ class RandomFeed(Feed):
 class ActivationObserver:
     """Streaming statistics of one tensor over all calibration samples."""
 
-    def __init__(self, bins: int = HIST_BINS, second_moments: bool = False):
+    def __init__(self, bins: int = HIST_BINS, second_moments: bool = False, keep_rows: int = 0):
         self.bins = bins
+        #: up to ``keep_rows`` token rows kept (a strided subset of each sample), for passes that
+        #: measure a layer's output error on real inputs (SmoothQuant's alpha search)
+        self.keep_rows = keep_rows
+        self._rows: list[np.ndarray] = []
+        self._kept = 0
         #: sum over tokens of x x^T (float64, [C, C]) when ``second_moments``; GPTQ's Hessian
         self.xtx: np.ndarray | None = None
         self.second_moments = second_moments
@@ -249,6 +254,11 @@ class ActivationObserver:
             self.channel_absmax = np.maximum(self.channel_absmax, cmax)
             self.channel_sumsq = self.channel_sumsq + csq
         self.channel_count += flat.shape[0]
+        if self._kept < self.keep_rows:
+            stride = max(1, flat.shape[0] // 64)
+            take = flat[::stride][: self.keep_rows - self._kept].copy()
+            self._rows.append(take)
+            self._kept += len(take)
         if self.second_moments:
             xtx = (flat.T @ flat).astype(np.float64)
             self.xtx = xtx if self.xtx is None else self.xtx + xtx
@@ -268,6 +278,11 @@ class ActivationObserver:
         self.hist += np.bincount(np.clip(idx, 0, self.bins - 1), minlength=self.bins)
 
     # --- derived quantities
+    @property
+    def rows(self) -> np.ndarray | None:
+        """The kept token rows ``[R, C]``, or None when none were kept."""
+        return np.concatenate(self._rows) if self._rows else None
+
     @property
     def mean_square(self) -> float:
         return self.sumsq / self.count if self.count else 0.0
@@ -368,8 +383,8 @@ def _session(model_path: Path, threads: int | None = None) -> Any:
 
 
 def collect_activation_stats(model: ir.Model, feed: Feed, tensor_names: Sequence[str],
-                             progress: bool = True, second_moments: bool = False
-                             ) -> dict[str, ActivationObserver]:
+                             progress: bool = True, second_moments: bool = False,
+                             keep_rows: int = 0) -> dict[str, ActivationObserver]:
     """Run ``model`` in ONNX Runtime on every sample of ``feed``; observe ``tensor_names``."""
     from lbcc.modelio import save_model
     from lbcc.progress import track
@@ -386,7 +401,8 @@ def collect_activation_stats(model: ir.Model, feed: Feed, tensor_names: Sequence
     for v in extra:
         if v.type is None:
             v.type = ir.TensorType(ir.DataType.FLOAT)
-    observers = {n: ActivationObserver(second_moments=second_moments) for n in tensor_names}
+    observers = {n: ActivationObserver(second_moments=second_moments, keep_rows=keep_rows)
+                 for n in tensor_names}
     with tempfile.TemporaryDirectory(prefix="lbcc-calib-") as tmp:
         model.graph.outputs.extend(extra)
         try:

@@ -36,6 +36,8 @@ class PipelineContext:
     progress: bool = True
     #: whether calibration also accumulates X^T X per input (GPTQ's Hessians)
     second_moments: bool = False
+    #: token rows each observer keeps for passes that measure errors on real inputs
+    keep_rows: int = 0
 
 
 class Pass(ir.passes.InPlacePass):

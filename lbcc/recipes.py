@@ -71,6 +71,14 @@ class CalibrationSpec:
 
 
 @dataclasses.dataclass
+class SmoothingSpec:
+    #: "none" or "smoothquant" (per-group alpha search unless ``alpha`` is set)
+    method: str = "none"
+    alpha: float | None = None
+    step: float = 0.05
+
+
+@dataclasses.dataclass
 class LayerOverride:
     match: str
     bits: int | None = None
@@ -90,12 +98,14 @@ class Recipe:
     weights: WeightSpec = dataclasses.field(default_factory=WeightSpec)
     activations: ActivationSpec = dataclasses.field(default_factory=ActivationSpec)
     calibration: CalibrationSpec = dataclasses.field(default_factory=CalibrationSpec)
+    smoothing: SmoothingSpec = dataclasses.field(default_factory=SmoothingSpec)
     layers: list[LayerOverride] = dataclasses.field(default_factory=list)
     quantize_embedding: bool = True
 
     @property
     def needs_calibration(self) -> bool:
-        return self.activations.mode == "static" or self.weights.method == "gptq"
+        return (self.activations.mode == "static" or self.weights.method == "gptq"
+                or self.smoothing.method != "none")
 
     def spec_for(self, layer: str) -> tuple[WeightSpec, str, str | None]:
         """(weight spec, activation mode, skip reason) for one layer after overrides."""
@@ -158,6 +168,9 @@ PRESETS: dict[str, Recipe] = {
         layers=[LayerOverride(match="lm_head", bits=8, group_size=64)],
     ),
 }
+PRESETS["w8a8-sq"] = copy.deepcopy(PRESETS["w8a8"])
+PRESETS["w8a8-sq"].name = "w8a8-sq"
+PRESETS["w8a8-sq"].smoothing.method = "smoothquant"
 PRESETS["w4a16-gptq"] = copy.deepcopy(PRESETS["w4a16"])
 PRESETS["w4a16-gptq"].name = "w4a16-gptq"
 PRESETS["w4a16-gptq"].weights.method = "gptq"
@@ -168,6 +181,7 @@ PRESET_HELP = {
                     "down-projections: per block of 32); no calibration",
     "w4a16": "4-bit weights in groups of 128 as MatMulNBits (accuracy_level 4); float activations",
     "w4a16-gptq": "w4a16 with GPTQ rounding (needs calibration data)",
+    "w8a8-sq": "w8a8 after SmoothQuant (alpha searched per norm -> linear group)",
 }
 
 
@@ -184,8 +198,9 @@ def preset(name: str, group_size: int | None = None) -> Recipe:
     return recipe
 
 
-_SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec}
-_TOP_KEYS = {"base", "name", "weights", "activations", "calibration", "layers",
+_SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec,
+             "smoothing": SmoothingSpec}
+_TOP_KEYS = {"base", "name", "weights", "activations", "calibration", "smoothing", "layers",
              "quantize_embedding"}
 
 
@@ -253,6 +268,9 @@ def load_recipe(path: str | Path, default_base: str | None = None) -> Recipe:
 def validate(recipe: Recipe, where: str = "recipe") -> None:
     """Value checks independent of any target (a target checks what it can run separately)."""
     w, a = recipe.weights, recipe.activations
+    if recipe.smoothing.method not in ("none", "smoothquant"):
+        raise BadInputError(f"{where}: smoothing.method must be none or smoothquant, not "
+                            f"{recipe.smoothing.method!r}.", "")
     if w.method not in ("rtn", "gptq"):
         raise BadInputError(f"{where}: weights.method must be rtn or gptq, not {w.method!r}.", "")
     if w.clip not in ("none", "mse", "auto"):

@@ -9,9 +9,10 @@ from lbcc.passes.normalize import CaptureNormalize
 from lbcc.passes.precision import SelectPrecision
 from lbcc.passes.qdq import InsertQDQ
 from lbcc.passes.rounding import RoundWeightsGPTQ, RoundWeightsRTN
+from lbcc.passes.smoothing import SmoothQuant
 
 PASSES = {cls.name: cls for cls in (CaptureNormalize, Calibrate, SelectPrecision, RoundWeightsRTN,
-                                    RoundWeightsGPTQ, InsertQDQ, FuseORT, Cleanup)}
+                                    RoundWeightsGPTQ, SmoothQuant, InsertQDQ, FuseORT, Cleanup)}
 
 __all__ = ["PASSES", "Calibrate", "CaptureNormalize", "Cleanup", "FuseORT", "InsertQDQ",
-           "RoundWeightsGPTQ", "RoundWeightsRTN", "SelectPrecision"]
+           "RoundWeightsGPTQ", "RoundWeightsRTN", "SelectPrecision", "SmoothQuant"]

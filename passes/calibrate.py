@@ -32,7 +32,8 @@ def compute_activation_stats(model: ir.Model, context: PipelineContext
     sites, _ = find_sites(model)
     return collect_activation_stats(model, context.calibration, activation_tensors(sites),
                                     progress=context.progress,
-                                    second_moments=context.second_moments)
+                                    second_moments=context.second_moments,
+                                    keep_rows=context.keep_rows)
 
 
 class Calibrate(Pass):
