@@ -42,7 +42,11 @@ class OrtInt8Target:
 
     def emit(self, model: ir.Model, path: Path, external_data: bool | None = None,
              **_: Any) -> list[Path]:
+        from lbcc.irutils import initializer_bytes
+        from lbcc.modelio import EXTERNAL_DATA_THRESHOLD
+
         path = Path(path)
+        if external_data is None:  # the same rule save_model applies
+            external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
         save_model(model, path, external_data=external_data)
-        data = path.with_name(path.name + ".data")
-        return [path, data] if data.is_file() and external_data is not False else [path]
+        return [path, path.with_name(path.name + ".data")] if external_data else [path]
