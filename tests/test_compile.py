@@ -211,16 +211,11 @@ def test_tied_4bit_embedding_becomes_gather_block_quantized():
     assert M.rel_err(reference("tied"), got) < TOL["w4a16"]
 
 
-TIED_TWICE = "library bug: the tied int8 table is stored twice (embedding Gather and lm_head " \
-             "each get their own copy), against the 'one integer tensor' contract in rounding.py"
-TIED_TWICE_XFAIL = pytest.mark.xfail(strict=True, raises=AssertionError, reason=TIED_TWICE)
-
-
 @pytest.mark.parametrize("preset_name,dim", [
     ("w8a8", 64),
     ("w8a8-dynamic", 64),
     (DYN_TENSOR, 64),
-    pytest.param("w4a16", 64, marks=TIED_TWICE_XFAIL),
+    ("w4a16", 64),
     ("w4a16", 128),
 ])
 def test_tied_table_is_stored_once(preset_name, dim):

@@ -257,7 +257,7 @@ class LowerORT(Pass):
         # a tied table re-stored transposed for the lm_head: gather its columns instead
         twin = self._transposed_int8.get(id(dq))
         nodes: list[ir.Node] = []
-        if twin is not None and zp_val is None:
+        if twin is not None:
             g = ir.node("Gather", [twin, ids], attributes={"axis": 1})
             rank = len(ids.shape) if ids.shape is not None else 2
             t = ir.node("Transpose", [g.outputs[0]],
