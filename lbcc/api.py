@@ -72,8 +72,8 @@ def make_feed(calibration: Any, tokenizer: Any = None, recipe: Recipe | None = N
 def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None = None,
                    calibrate: bool | None = None) -> Pipeline:
     """The passes a recipe runs for a target, in order."""
-    from lbcc.passes import (Calibrate, CaptureNormalize, FuseORT, InsertQDQ, RoundWeightsGPTQ,
-                             RoundWeightsRTN, SelectPrecision, SmoothQuant)
+    from lbcc.passes import (Calibrate, CaptureNormalize, DetectOutliers, FuseORT, InsertQDQ,
+                             RoundWeightsGPTQ, RoundWeightsRTN, SelectPrecision, SmoothQuant)
     from lbcc.passes.calibrate import ACTIVATION_STATS, compute_activation_stats
 
     context = context or PipelineContext()
@@ -82,7 +82,7 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
         calibrate = recipe.needs_calibration or context.calibration is not None
     passes: list[Pass] = [CaptureNormalize(), FuseORT()]
     if calibrate:
-        passes.append(Calibrate())
+        passes += [Calibrate(), DetectOutliers(recipe.activations.min_sqnr_db)]
     if recipe.smoothing.method == "smoothquant":
         context.keep_rows = max(context.keep_rows, 512)
         passes.append(SmoothQuant(alpha=recipe.smoothing.alpha, step=recipe.smoothing.step))

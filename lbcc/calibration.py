@@ -224,6 +224,8 @@ class ActivationObserver:
         self.count = 0
         self.sum = 0.0
         self.sumsq = 0.0
+        self.sum3 = 0.0
+        self.sum4 = 0.0
         self.min = math.inf
         self.max = -math.inf
         self.channel_absmax: np.ndarray | None = None
@@ -245,6 +247,8 @@ class ActivationObserver:
         csq = sq.sum(axis=0, dtype=np.float64)  # accumulated in float64, no float64 copy
         self.sum += float(flat.sum(dtype=np.float64))
         self.sumsq += float(csq.sum())
+        self.sum3 += float((sq * flat).sum(dtype=np.float64))
+        self.sum4 += float(np.square(sq).sum(dtype=np.float64))
         self.min = min(self.min, float(flat.min()))
         self.max = max(self.max, float(flat.max()))
         cmax = np.abs(flat).max(axis=0)
@@ -286,6 +290,18 @@ class ActivationObserver:
     @property
     def mean_square(self) -> float:
         return self.sumsq / self.count if self.count else 0.0
+
+    @property
+    def kurtosis(self) -> float:
+        """Pearson kurtosis E[(x-mu)^4] / sigma^4 over all values (3 for a Gaussian)."""
+        if not self.count:
+            return 0.0
+        m1, m2 = self.sum / self.count, self.sumsq / self.count
+        m3, m4 = self.sum3 / self.count, self.sum4 / self.count
+        var = m2 - m1 * m1
+        if var <= 0:
+            return 0.0
+        return float((m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1**4) / (var * var))
 
     def channel_mean_square(self) -> np.ndarray | None:
         if self.channel_sumsq is None:

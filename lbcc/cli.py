@@ -152,31 +152,60 @@ def passes(
 
 @app.command()
 def inspect(
-    model: Path = typer.Argument(..., help=".onnx model"),
+    model: str = typer.Argument(..., help=".onnx model (or HF directory / .gguf)"),
+    calib: Optional[str] = typer.Option(None, "--calib",
+                                        help="with calibration data: the outlier report"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Op histogram, Q/DQ counts, weight sizes and the per-layer weight sites of a model."""
+    """Op histogram, weight sites and sizes; with --calib, per-layer outlier statistics."""
+    from lbcc.api import make_feed
+    from lbcc.capture import capture
     from lbcc.irutils import initializer_bytes, op_histogram
-    from lbcc.modelio import load_model
+    from lbcc.passes import Calibrate, CaptureNormalize, DetectOutliers, FuseORT
+    from lbcc.passes.calibrate import ACTIVATION_STATS, compute_activation_stats
     from lbcc.passes.sites import find_sites
+    from lbcc.pipeline import Pipeline, PipelineContext
 
     try:
-        m = load_model(model)
+        m = capture(model)
+        info: dict = {"ops": op_histogram(m), "initializer_bytes": initializer_bytes(m),
+                      "opset": dict(m.opset_imports)}
+        if calib is not None:
+            ctx = PipelineContext(calibration=make_feed(calib, tokenizer, None, m))
+            ctx.analyses.providers[ACTIVATION_STATS] = compute_activation_stats
+            m = Pipeline([CaptureNormalize(), FuseORT(), Calibrate(), DetectOutliers()],
+                         ctx).run(m).model
+            info["outliers"] = ctx.notes["outliers"]
+        sites, skipped = find_sites(m)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
         return
-    sites, skipped = find_sites(m)
-    info = {"ops": op_histogram(m), "initializer_bytes": initializer_bytes(m),
-            "opset": dict(m.opset_imports),
-            "float_weight_sites": [{"layer": s.layer, "op": s.node.op_type, "kind": s.kind,
-                                    "shape": list(s.weight.const_value.shape)} for s in sites],
-            "not_sites": len(skipped)}
+    info["float_weight_sites"] = [{"layer": s.layer, "op": s.node.op_type, "kind": s.kind,
+                                   "shape": list(s.weight.const_value.shape)} for s in sites]
+    info["not_sites"] = len(skipped)
     if as_json:
         out.print_json(json.dumps(info))
         return
     out.print(f"{model}: opset {info['opset']}, weights {info['initializer_bytes'] / 1e6:.1f} MB")
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()), highlight=False)
     out.print(f"{len(sites)} float weight sites, {len(skipped)} other MatMul/Gather nodes")
+    if "outliers" in info:
+        from rich.table import Table
+
+        table = Table(title="outliers per weight-site input (output SQNR with a per-tensor "
+                            "uint8 input; after SmoothQuant alpha=0.5)")
+        for col in ("layer", "abs-max", "max/median", "kurtosis", ">6", ">20x med",
+                    "SQNR dB", "smoothed dB", "verdict"):
+            table.add_column(col, no_wrap=col in ("layer", "verdict"))
+        short = {"fine for per-tensor int8": "fine (int8)", "smoothable": "smoothable",
+                 "keep in higher precision / dynamic": "keep higher"}
+        for r in info["outliers"]:
+            table.add_row(r["layer"], f"{r['absmax']:.1f}", f"{r['max_over_median']:.0f}",
+                          f"{r['kurtosis']:.0f}", str(r["channels_over_6"]),
+                          str(r["channels_over_20x_median"]), f"{r['output_sqnr_db']:.1f}",
+                          f"{r['smoothed_sqnr_db']:.1f}", short.get(r["verdict"], r["verdict"]))
+        out.print(table)
 
 
 def main() -> None:

@@ -159,6 +159,7 @@ def build_report(run: Any, recipe: Any, target: str, *, source: str, input_bytes
         "summary": {"sites": sum(1 for r in layers if r.get("kind")), "quantized": len(quantized),
                     "float": len(layers) - len(quantized), "activation_modes": modes},
         "layers": layers,
+        "outliers": notes.get("outliers"),
         "sizes": {"input_bytes": input_bytes, "output_bytes": initializer_bytes(run.model)},
         "seconds": round(seconds, 2),
         "peak_rss_mb": round(max((r.peak_rss_mb for r in run.records), default=0.0), 1),

@@ -6,13 +6,15 @@ from lbcc.passes.calibrate import Calibrate
 from lbcc.passes.cleanup import Cleanup
 from lbcc.passes.fusion import FuseORT
 from lbcc.passes.normalize import CaptureNormalize
+from lbcc.passes.outliers import DetectOutliers
 from lbcc.passes.precision import SelectPrecision
 from lbcc.passes.qdq import InsertQDQ
 from lbcc.passes.rounding import RoundWeightsGPTQ, RoundWeightsRTN
 from lbcc.passes.smoothing import SmoothQuant
 
-PASSES = {cls.name: cls for cls in (CaptureNormalize, Calibrate, SelectPrecision, RoundWeightsRTN,
-                                    RoundWeightsGPTQ, SmoothQuant, InsertQDQ, FuseORT, Cleanup)}
+PASSES = {cls.name: cls for cls in (CaptureNormalize, Calibrate, DetectOutliers, SelectPrecision,
+                                    RoundWeightsRTN, RoundWeightsGPTQ, SmoothQuant, InsertQDQ,
+                                    FuseORT, Cleanup)}
 
-__all__ = ["PASSES", "Calibrate", "CaptureNormalize", "Cleanup", "FuseORT", "InsertQDQ",
+__all__ = ["PASSES", "Calibrate", "CaptureNormalize", "DetectOutliers", "Cleanup", "FuseORT", "InsertQDQ",
            "RoundWeightsGPTQ", "RoundWeightsRTN", "SelectPrecision", "SmoothQuant"]
