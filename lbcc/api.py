@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from lbcc.calibration import Feed, NpzFeed, RandomFeed, TextFeed, load_tokenizer
 from lbcc.errors import BadInputError
+from lbcc.irutils import initializer_bytes
 from lbcc.pipeline import DumpIR, Pass, Pipeline, PipelineContext, PipelineRun
 from lbcc.recipes import Recipe, load_recipe, preset
 from lbcc.report import Report, build_report
@@ -134,15 +135,10 @@ def compile(source: Any, target: str = "ort-int8", preset: str | None = None,
     if dump_ir is not None:
         pipeline.instruments.append(DumpIR(dump_ir))
     source_desc = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
-    input_bytes = _initializer_bytes(model)
+    input_bytes = initializer_bytes(model)
     run = pipeline.run(model, stop_after=stop_after)
     report = build_report(run, rec, tgt.name, source=source_desc, input_bytes=input_bytes,
                           seconds=time.perf_counter() - start,
                           command=list(command) if command is not None else sys.argv)
     return CompileResult(model=run.model, report=report, run=run, target=tgt)
 
-
-def _initializer_bytes(model: ir.Model) -> int:
-    from lbcc.irutils import initializer_bytes
-
-    return initializer_bytes(model)

@@ -91,6 +91,19 @@ class LayerOverride:
     def matches(self, layer: str) -> bool:
         return fnmatch.fnmatchcase(layer, self.match)
 
+    def apply(self, w: WeightSpec, act: str) -> tuple[WeightSpec, str]:
+        """This rule's settings on top of (w, act); ``w`` is copied, not changed."""
+        w = copy.copy(w)
+        if self.bits is not None:
+            w.bits = self.bits
+        if self.group_size != "inherit":
+            w.group_size = self.group_size  # type: ignore[assignment]
+        if self.symmetric is not None:
+            w.symmetric = self.symmetric
+        if self.clip is not None:
+            w.clip = self.clip
+        return w, self.activations if self.activations is not None else act
+
 
 @dataclasses.dataclass
 class Recipe:
@@ -109,23 +122,13 @@ class Recipe:
 
     def spec_for(self, layer: str) -> tuple[WeightSpec, str, str | None]:
         """(weight spec, activation mode, skip reason) for one layer after overrides."""
-        w = copy.copy(self.weights)
-        act = self.activations.mode
+        w, act = copy.copy(self.weights), self.activations.mode
         for o in self.layers:
             if not o.matches(layer):
                 continue
             if o.skip:
                 return w, act, f"skipped by recipe rule match={o.match!r}"
-            if o.bits is not None:
-                w.bits = o.bits
-            if o.group_size != "inherit":
-                w.group_size = o.group_size  # type: ignore[assignment]
-            if o.symmetric is not None:
-                w.symmetric = o.symmetric
-            if o.clip is not None:
-                w.clip = o.clip
-            if o.activations is not None:
-                act = o.activations
+            w, act = o.apply(w, act)
         return w, act, None
 
     def to_json(self) -> dict[str, Any]:

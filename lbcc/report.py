@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -164,6 +163,5 @@ def build_report(run: Any, recipe: Any, target: str, *, source: str, input_bytes
         "seconds": round(seconds, 2),
         "peak_rss_mb": round(max((r.peak_rss_mb for r in run.records), default=0.0), 1),
         "versions": versions(),
-        "argv0": sys.argv[0] if sys.argv else "",
     }
     return Report(data)

@@ -64,7 +64,8 @@ def check_recipe(recipe: "Recipe", target: Target, layer_names: list[str] | None
     for rule in recipe.layers:
         if rule.skip:
             continue
-        specs.append((f"[[layers]] match={rule.match!r}", *_override_spec(recipe, rule)))
+        specs.append((f"[[layers]] match={rule.match!r}",
+                      *rule.apply(recipe.weights, recipe.activations.mode)))
     for where, w, act in specs:
         if w.bits not in caps.weight_bits:
             raise TargetError(f"{where}: target {target.name!r} cannot run {w.bits}-bit weights.",
@@ -92,16 +93,3 @@ def check_recipe(recipe: "Recipe", target: Target, layer_names: list[str] | None
                               f"With {w.bits}-bit weights it runs: "
                               f"{', '.join(sorted(caps.activation_modes[w.bits]))}.")
 
-
-def _override_spec(recipe: "Recipe", rule: Any) -> tuple[Any, str]:
-    import copy
-
-    w = copy.copy(recipe.weights)
-    if rule.bits is not None:
-        w.bits = rule.bits
-    if rule.group_size != "inherit":
-        w.group_size = rule.group_size
-    if rule.symmetric is not None:
-        w.symmetric = rule.symmetric
-    act = rule.activations if rule.activations is not None else recipe.activations.mode
-    return w, act

@@ -134,10 +134,6 @@ class SelectPrecision(Pass):
                         if acts.fallback == "dynamic-block":
                             plan["weight"] = {**weight, "group_size": acts.fallback_group_size,
                                               "bits": 8}
-            if stats is not None and site.activation is not None:
-                obs = stats.get(site.activation.name)
-                if obs is not None:
-                    plan["has_importance"] = True
             set_plan(site.node, plan)
             entry.update(status="quantized", plan=plan)
             layers[site.node.name] = entry
