@@ -60,28 +60,65 @@ def compile(
     external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data",
                                                  help="force external data (default: by size)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no table"),
+    max_ppl_increase: Optional[float] = typer.Option(
+        None, "--max-ppl-increase", help="accuracy gate: allowed relative perplexity increase "
+        "on --eval-text (0.02 = 2 %); missed -> exit 3, the model and report still written"),
+    eval_text: Optional[Path] = typer.Option(None, "--eval-text",
+                                             help="evaluation text of the accuracy gate"),
+    eval_tokens: int = typer.Option(8192, "--eval-tokens", help="tokens of --eval-text used"),
+    auto_fallback: bool = typer.Option(False, "--auto-fallback",
+                                       help="keep the most sensitive layers in float until the "
+                                            "accuracy gate is met"),
+    as_json: bool = typer.Option(False, "--json", help="print the JSON report on stdout"),
 ) -> None:
     """Compile MODEL for a target with a preset or a recipe."""
     import lbcc
+    from lbcc.errors import AccuracyGateError, BadInputError
     from lbcc.modelio import check_output_path
 
+    gate = None
     try:
         if preset is None and recipe is None:
             preset = "w8a8"
         check_output_path(output)
         if report is not None:
             check_output_path(report)
-        result = lbcc.compile(model, target=target, preset=preset, recipe=recipe,
-                              calibration=calib, tokenizer=tokenizer, group_size=group_size,
-                              stop_after=stop_after, dump_ir=dump_ir,
-                              command=["lbcc", *sys.argv[1:]])
+        if max_ppl_increase is not None or eval_text is not None or auto_fallback:
+            from lbcc.gates import gated_compile
+
+            if max_ppl_increase is None or eval_text is None or stop_after is not None:
+                raise BadInputError("the accuracy gate needs --max-ppl-increase X and "
+                                    "--eval-text FILE (with --tokenizer), and a full compile "
+                                    "(no --stop-after).", "Add the missing option, or drop "
+                                    "--auto-fallback / --eval-text.")
+            result, gate = gated_compile(
+                model, max_ppl_increase=max_ppl_increase, eval_text=eval_text,
+                tokenizer=tokenizer, target=target, preset=preset, recipe=recipe,
+                calibration=calib, group_size=group_size, eval_tokens=eval_tokens,
+                auto_fallback=auto_fallback, dump_ir=dump_ir, command=["lbcc", *sys.argv[1:]])
+        else:
+            result = lbcc.compile(model, target=target, preset=preset, recipe=recipe,
+                                  calibration=calib, tokenizer=tokenizer, group_size=group_size,
+                                  stop_after=stop_after, dump_ir=dump_ir,
+                                  command=["lbcc", *sys.argv[1:]])
         result.save(output, report_path=report, external_data=external_data)
     except (LbccError, Exception) as exc:  # noqa: BLE001 - every failure gets one paragraph
         _fail(exc)
         return
-    if not quiet:
+    if not quiet and not as_json:
         result.report.render(err)
-    out.print(f"wrote {output}" + (f" and {report}" if report else ""), highlight=False)
+    if as_json:
+        out.print_json(result.report.to_json())
+    else:
+        out.print(f"wrote {output}" + (f" and {report}" if report else ""), highlight=False)
+    if gate is not None:
+        from lbcc.gates import gate_message
+
+        err.print(gate_message(gate), highlight=False, soft_wrap=True)
+        if not gate["passed"]:
+            _fail(AccuracyGateError(gate_message(gate) + ".",
+                                    f"The model and its report were written ({output}). Allow a "
+                                    "larger increase, use --auto-fallback, or a gentler preset."))
 
 
 @app.command(name="eval")
@@ -206,6 +243,142 @@ def inspect(
                           str(r["channels_over_20x_median"]), f"{r['output_sqnr_db']:.1f}",
                           f"{r['smoothed_sqnr_db']:.1f}", short.get(r["verdict"], r["verdict"]))
         out.print(table)
+
+
+# ----------------------------------------------------------------------------- lbcc debug
+
+debug_app = typer.Typer(no_args_is_help=True,
+                        help="Find where accuracy went: compare layers, bisect passes / layers.")
+app.add_typer(debug_app, name="debug")
+
+
+def _emit_json(data: dict, path: Optional[Path]) -> None:
+    """Print ``data`` as JSON on stdout, or write it atomically to ``path``."""
+    text = json.dumps(data, indent=2, default=str)
+    if path is None:
+        out.print_json(text)
+        return
+    from lbcc.modelio import check_output_path
+    import os
+
+    check_output_path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@debug_app.command("compare")
+def debug_compare(
+    float_model: str = typer.Argument(..., help="the float model (.onnx, HF dir, .gguf)"),
+    quant_model: str = typer.Argument(..., help="the compiled model (.onnx)"),
+    calib: str = typer.Option(..., "--calib", help="samples: .txt (+ --tokenizer), .npz or "
+                                                   "random:VOCAB"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer"),
+    layers: str = typer.Option("sites", "--layers", help="sites (weight layers + outputs) | all"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples"),
+    rows: int = typer.Option(30, "--rows", help="rows shown in the table"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (schema_version) instead"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="also write the JSON"),
+) -> None:
+    """Per-layer SQNR / cosine / max error of QUANT's activations against FLOAT's, worst first."""
+    from lbcc.debug import compare
+
+    try:
+        if layers not in ("sites", "all"):
+            raise LbccError(f"--layers {layers!r}: expected sites or all.", "")
+        result = compare(float_model, quant_model, calib, tokenizer=tokenizer, layers=layers,
+                         max_samples=max_samples, progress=True)
+        if output is not None:
+            _emit_json(result.to_json(), output)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+        return
+    if as_json:
+        _emit_json(result.to_json(), None)
+    else:
+        out.print(result.table(max_rows=rows))
+        s = result.seconds
+        for w in result.warnings:
+            err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        out.print(f"{len(result)} layers, {result.samples} samples; {s['total']:.1f} s (float "
+                  f"{s['float']:.1f} s, quantized {s['quantized']:.1f} s, statistics "
+                  f"{s['statistics']:.1f} s)", highlight=False)
+
+
+@debug_app.command("bisect")
+def debug_bisect(
+    model: str = typer.Argument(..., help="the float model (.onnx, HF dir, .gguf)"),
+    preset: Optional[str] = typer.Option(None, "--preset"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe"),
+    target: str = typer.Option("ort-int8", "--target"),
+    calib: Optional[str] = typer.Option(None, "--calib"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer"),
+    metric: str = typer.Option("ppl", "--metric", help="ppl | output-error"),
+    tolerance: float = typer.Option(0.02, "--tolerance",
+                                    help="ppl: allowed relative increase; output-error: "
+                                         "allowed relative L2 error"),
+    eval_text: Optional[str] = typer.Option(None, "--eval-text",
+                                            help="held-out samples (default: the --calib ones)"),
+    eval_samples: int = typer.Option(8, "--eval-samples", help="samples measured per step"),
+    no_layers: bool = typer.Option(False, "--no-layers", help="bisect the passes only"),
+    restored: Optional[Path] = typer.Option(None, "--write-restored",
+                                            help="write the compile with the culprit layers "
+                                                 "kept in float here"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (schema_version) instead"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="also write the JSON"),
+) -> None:
+    """Which pass first pushes METRIC past TOLERANCE, and the fewest layers to keep in float."""
+    from lbcc.bisect import bisect
+
+    try:
+        result = bisect(model, preset=preset or ("w8a8" if recipe is None else None),
+                        recipe=recipe, target=target, calibration=calib, tokenizer=tokenizer,
+                        metric=metric, tolerance=tolerance, eval_data=eval_text,
+                        eval_samples=eval_samples, layers=not no_layers,
+                        say=(lambda s: None) if as_json else (lambda s: err.print(s, highlight=False)))
+        if restored is not None and result.restored_run is not None:
+            from lbcc.modelio import check_output_path, save_model
+
+            check_output_path(restored)
+            save_model(result.restored_run.model, restored)
+        if output is not None:
+            _emit_json(result.to_json(), output)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+        return
+    if as_json:
+        _emit_json(result.to_json(), None)
+    else:
+        result.render(out)
+
+
+@debug_app.command("diff")
+def debug_diff(
+    a: str = typer.Argument(..., help="model before (e.g. DIR/004_calibrate.onnx of --dump-ir)"),
+    b: str = typer.Argument(..., help="model after"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """What changed between two models: ops, nodes, initializers, layers."""
+    from lbcc.capture import capture
+    from lbcc.debug import diff
+
+    try:
+        d = diff(capture(a), capture(b))
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+        return
+    if as_json:
+        _emit_json(d, None)
+        return
+    out.print("ops: " + (", ".join(f"{k} {v:+d}" for k, v in d["ops"].items()) or "no change"),
+              highlight=False)
+    out.print(f"nodes: +{d['nodes']['added']} -{d['nodes']['removed']}; initializers: "
+              f"+{len(d['initializers']['added'])} -{len(d['initializers']['removed'])} "
+              f"changed {len(d['initializers']['changed'])}; layers changed: {len(d['layers'])}",
+              highlight=False)
+    for row in d["initializers"]["changed"][:20]:
+        out.print(f"  {row['name']}: " + ", ".join(f"{k}={v}" for k, v in row.items()
+                                                   if k != "name"), highlight=False)
 
 
 def main() -> None:

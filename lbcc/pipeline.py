@@ -13,6 +13,7 @@ in-memory copy of the model after the named passes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 import time
@@ -92,6 +93,13 @@ class AnalysisCache:
 
     def put(self, name: str, value: Any) -> None:
         self._values[name] = value
+
+    def snapshot(self) -> dict[str, Any]:
+        """The cached values now (a shallow copy: analyses are read-only once computed)."""
+        return dict(self._values)
+
+    def restore(self, values: dict[str, Any]) -> None:
+        self._values = dict(values)
 
     def invalidate(self, preserved: Iterable[str] = ()) -> list[str]:
         keep = set(preserved)
@@ -186,10 +194,14 @@ class Snapshot(Instrument):
     def __init__(self, after: Iterable[str]):
         self.after = set(after)
         self.models: dict[str, ir.Model] = {}
+        #: per snapshot: (cached analyses, report notes) at that point, so a run can resume there
+        #: without recomputing calibration statistics
+        self.states: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
     def after_pass(self, p: Pass, model: ir.Model, record: PassRecord) -> None:
         if "*" in self.after or p.name in self.after:
             self.models[p.name] = ir.from_proto(ir.to_proto(model))
+            self.states[p.name] = (p.context.analyses.snapshot(), copy.deepcopy(p.context.notes))
 
 
 @dataclasses.dataclass
@@ -199,6 +211,9 @@ class PipelineRun:
     context: PipelineContext
     stopped_after: str | None = None
     snapshots: dict[str, ir.Model] = dataclasses.field(default_factory=dict)
+    #: per snapshot: (analyses, notes) at that point; what :meth:`Pipeline.resume` restores
+    states: dict[str, tuple[dict[str, Any], dict[str, Any]]] = dataclasses.field(
+        default_factory=dict)
 
 
 class Pipeline:
@@ -223,14 +238,20 @@ class Pipeline:
         return [f"{i:2d}. {p.name:<22} {p!r}" for i, p in enumerate(self.passes, 1)]
 
     def run(self, model: ir.Model, stop_after: str | None = None,
-            snapshot_after: Iterable[str] = ()) -> PipelineRun:
-        if stop_after is not None and stop_after not in self.names:
-            raise BadInputError(f"--stop-after {stop_after!r} is not a pass of this pipeline.",
-                                f"The passes are: {', '.join(self.names)}.")
+            snapshot_after: Iterable[str] = (), start_after: str | None = None) -> PipelineRun:
+        """Run the passes on ``model`` (in place). ``start_after`` skips the passes up to and
+        including that one (the model is taken to be their output: see :meth:`resume`)."""
+        for option, name in (("--stop-after", stop_after), ("start_after", start_after)):
+            if name is not None and name not in self.names:
+                raise BadInputError(f"{option} {name!r} is not a pass of this pipeline.",
+                                    f"The passes are: {', '.join(self.names)}.")
+        first = self.names.index(start_after) + 1 if start_after is not None else 0
         snap = Snapshot(snapshot_after)
         instruments = [*self.instruments, snap]
         records: list[PassRecord] = []
         for index, p in enumerate(self.passes, 1):
+            if index <= first:
+                continue
             p.context = self.context
             record = PassRecord(index=index, name=p.name, repr=repr(p),
                                 ops_before=op_histogram(model))
@@ -256,5 +277,70 @@ class Pipeline:
                 inst.after_pass(p, model, record)
             records.append(record)
             if stop_after == p.name:
-                return PipelineRun(model, records, self.context, p.name, snap.models)
-        return PipelineRun(model, records, self.context, None, snap.models)
+                return PipelineRun(model, records, self.context, p.name, snap.models, snap.states)
+        return PipelineRun(model, records, self.context, None, snap.models, snap.states)
+
+    # ------------------------------------------------------------------ notebook helpers
+    @classmethod
+    def from_preset(cls, name: str | None = None, target: str = "ort-int8", *,
+                    recipe: Any = None, calibration: Any = None, tokenizer: Any = None,
+                    model: ir.Model | None = None, progress: bool = True) -> "Pipeline":
+        """The pipeline ``lbcc compile --preset NAME`` runs, ready for ``run`` / ``resume``.
+
+        ``calibration`` is anything ``lbcc.compile`` accepts (a Feed, .txt + ``tokenizer``, .npz,
+        ``"random:VOCAB"``); ``model`` is only needed to size a random feed to its input.
+        """
+        from lbcc.api import build_pipeline, make_feed, resolve_recipe
+        from lbcc.target import check_recipe, get_target
+
+        rec = resolve_recipe(name, recipe)
+        tgt = get_target(target)
+        check_recipe(rec, tgt)
+        feed = make_feed(calibration, tokenizer, rec, model)
+        pipe = build_pipeline(rec, tgt, PipelineContext(calibration=feed, progress=progress))
+        pipe.recipe, pipe.target = rec, tgt  # type: ignore[attr-defined]
+        return pipe
+
+    def resume(self, run: PipelineRun, after: str, stop_after: str | None = None,
+               snapshot_after: Iterable[str] = ()) -> PipelineRun:
+        """Run the passes after ``after`` on a copy of ``run``'s snapshot taken after that pass,
+        with the analyses (calibration statistics) and notes it had then; the snapshot itself is
+        left untouched, so one snapshot serves many resumes. The returned run's records start
+        with ``run``'s records up to ``after``."""
+        if after not in run.snapshots:
+            raise BadInputError(f"no snapshot after pass {after!r} in this run.",
+                                f"Run with snapshot_after=[{after!r}] first (it has: "
+                                f"{', '.join(run.snapshots) or 'none'}).")
+        model = ir.from_proto(ir.to_proto(run.snapshots[after]))
+        analyses, notes = run.states.get(after, ({}, {}))
+        self.context.analyses.restore(analyses)
+        self.context.notes = copy.deepcopy(notes)
+        new = self.run(model, stop_after=stop_after, snapshot_after=snapshot_after,
+                       start_after=after)
+        done = [r for r in run.records if r.index <= self.names.index(after) + 1]
+        new.records = done + new.records
+        return new
+
+    def with_options(self, pass_name: str, **options: Any) -> "Pipeline":
+        """A pipeline sharing this one's context, with pass ``pass_name`` given other options
+        (``pipe.with_options("smooth-quant", alpha=0.8).resume(run, after="detect-outliers")``)."""
+        if pass_name not in self.names:
+            raise BadInputError(f"{pass_name!r} is not a pass of this pipeline.",
+                                f"The passes are: {', '.join(self.names)}.")
+        passes = []
+        for p in self.passes:
+            if p.name == pass_name:
+                known = p.options()
+                unknown = sorted(set(options) - set(known))
+                if unknown:
+                    raise BadInputError(f"pass {pass_name!r} has no option(s) {unknown}.",
+                                        f"Its options: {', '.join(known) or 'none'}.")
+                p = copy.copy(p)
+                for k, v in options.items():
+                    setattr(p, k, v)
+            passes.append(p)
+        new = Pipeline(passes, self.context, self.instruments)
+        for attr in ("recipe", "target"):
+            if hasattr(self, attr):
+                setattr(new, attr, getattr(self, attr))
+        return new
