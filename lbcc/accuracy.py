@@ -32,7 +32,29 @@ def open_session(model: ir.Model, threads: int | None = None) -> Any:
 
     with tempfile.TemporaryDirectory(prefix="lbcc-metric-") as tmp:
         path = save_model(model, Path(tmp) / "model.onnx", external_data=True)
-        return _session(path, threads)
+        try:
+            return _Checked(_session(path, threads))
+        except Exception as exc:
+            raise BadInputError(f"ONNX Runtime cannot load the model to measure it: "
+                                f"{str(exc)[:300]}", "") from None
+
+
+class _Checked:
+    """A session whose run() failures become BadInputError (e.g. samples of the wrong shape)."""
+
+    def __init__(self, sess: Any):
+        self._sess = sess
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sess, name)
+
+    def run(self, *args: Any) -> Any:
+        try:
+            return self._sess.run(*args)
+        except Exception as exc:
+            raise BadInputError(f"ONNX Runtime failed on the evaluation samples: "
+                                f"{str(exc)[:300]}", "Check that the samples fit the model's "
+                                "inputs (names, shapes, sequence length).") from None
 
 
 class Metric:
@@ -87,7 +109,8 @@ class Perplexity(Metric):
             picked = np.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
             nll += float((logz - picked).sum())
             count += target.size
-        return math.exp(nll / max(count, 1))
+        mean = nll / max(count, 1)
+        return math.exp(mean) if mean < 700 else math.inf
 
     def degradation(self, value: float) -> float:
         return value / self.baseline - 1.0 if math.isfinite(value) else math.inf

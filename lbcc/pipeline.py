@@ -188,6 +188,24 @@ class DumpIR(Instrument):
         save_model(model, self.directory / f"{record.index:03d}_{p.name}.onnx")
 
 
+def copy_model(model: ir.Model) -> ir.Model:
+    """A deep copy (proto round trip) that keeps every value's type and shape: a value that was
+    once a graph output (calibration adds and removes them) can lose its value_info in
+    serialization, and a pass resumed on the copy would then build shapeless nodes."""
+    copy_ = ir.from_proto(ir.to_proto(model))
+    live = {v.name: v for node in model.graph for v in node.outputs if v is not None}
+    for node in copy_.graph:
+        for v in node.outputs:
+            src = live.get(v.name) if v is not None else None
+            if src is None:
+                continue
+            if v.type is None and src.type is not None:
+                v.type = src.type
+            if v.shape is None and src.shape is not None:
+                v.shape = ir.Shape(list(src.shape))
+    return copy_
+
+
 class Snapshot(Instrument):
     """Keeps an in-memory copy of the model after the named passes (``"*"`` for all)."""
 
@@ -200,7 +218,7 @@ class Snapshot(Instrument):
 
     def after_pass(self, p: Pass, model: ir.Model, record: PassRecord) -> None:
         if "*" in self.after or p.name in self.after:
-            self.models[p.name] = ir.from_proto(ir.to_proto(model))
+            self.models[p.name] = copy_model(model)
             self.states[p.name] = (p.context.analyses.snapshot(), copy.deepcopy(p.context.notes))
 
 
@@ -311,7 +329,7 @@ class Pipeline:
             raise BadInputError(f"no snapshot after pass {after!r} in this run.",
                                 f"Run with snapshot_after=[{after!r}] first (it has: "
                                 f"{', '.join(run.snapshots) or 'none'}).")
-        model = ir.from_proto(ir.to_proto(run.snapshots[after]))
+        model = copy_model(run.snapshots[after])
         analyses, notes = run.states.get(after, ({}, {}))
         self.context.analyses.restore(analyses)
         self.context.notes = copy.deepcopy(notes)
