@@ -129,6 +129,7 @@ class Trials:
         else:
             self.base_value = metric.measure(self.base.model)
         self.trials: list[dict[str, Any]] = []
+        self._memo: dict[frozenset[str], tuple[PipelineRun, float]] = {}
 
     def ok(self, value: float) -> bool:
         return self.metric.degradation(value) <= self.tolerance
@@ -142,6 +143,9 @@ class Trials:
         """Compile with ``layers`` kept in float (resumed from the snapshot) and measure it."""
         from lbcc.api import build_pipeline
 
+        key = frozenset(layers)
+        if key in self._memo:
+            return self._memo[key]
         start = time.perf_counter()
         rec = self.recipe_with_float(layers)
         pipe = build_pipeline(rec, self.target, PipelineContext(calibration=self.feed,
@@ -155,6 +159,7 @@ class Trials:
                             "seconds": round(time.perf_counter() - start, 2)})
         self.say(f"trial: {len(layers)} layer(s) in float -> {self.metric.name} {value:.5g} "
                  f"({deg:+.4f})")
+        self._memo[key] = (run, value)
         return run, value
 
     def search(self, prune_limit: int = 8, max_trials: int = 40) -> dict[str, Any]:

@@ -66,6 +66,7 @@ def compile(
     eval_text: Optional[Path] = typer.Option(None, "--eval-text",
                                              help="evaluation text of the accuracy gate"),
     eval_tokens: int = typer.Option(8192, "--eval-tokens", help="tokens of --eval-text used"),
+    eval_seq_len: int = typer.Option(512, "--eval-seq-len", help="perplexity window length"),
     auto_fallback: bool = typer.Option(False, "--auto-fallback",
                                        help="keep the most sensitive layers in float until the "
                                             "accuracy gate is met"),
@@ -95,6 +96,7 @@ def compile(
                 model, max_ppl_increase=max_ppl_increase, eval_text=eval_text,
                 tokenizer=tokenizer, target=target, preset=preset, recipe=recipe,
                 calibration=calib, group_size=group_size, eval_tokens=eval_tokens,
+                seq_len=eval_seq_len,
                 auto_fallback=auto_fallback, dump_ir=dump_ir, command=["lbcc", *sys.argv[1:]])
         else:
             result = lbcc.compile(model, target=target, preset=preset, recipe=recipe,
@@ -114,8 +116,9 @@ def compile(
     if gate is not None:
         from lbcc.gates import gate_message
 
-        err.print(gate_message(gate), highlight=False, soft_wrap=True)
-        if not gate["passed"]:
+        if gate["passed"]:
+            err.print(gate_message(gate), highlight=False, soft_wrap=True)
+        else:
             _fail(AccuracyGateError(gate_message(gate) + ".",
                                     f"The model and its report were written ({output}). Allow a "
                                     "larger increase, use --auto-fallback, or a gentler preset."))
@@ -317,8 +320,9 @@ def debug_bisect(
     tolerance: float = typer.Option(0.02, "--tolerance",
                                     help="ppl: allowed relative increase; output-error: "
                                          "allowed relative L2 error"),
-    eval_text: Optional[str] = typer.Option(None, "--eval-text",
-                                            help="held-out samples (default: the --calib ones)"),
+    eval_text: Optional[str] = typer.Option(None, "--eval-data", "--eval-text",
+                                            help="held-out samples, .txt (+ --tokenizer) or "
+                                                 ".npz (default: the --calib ones)"),
     eval_samples: int = typer.Option(8, "--eval-samples", help="samples measured per step"),
     no_layers: bool = typer.Option(False, "--no-layers", help="bisect the passes only"),
     restored: Optional[Path] = typer.Option(None, "--write-restored",

@@ -85,6 +85,8 @@ def gated_compile(source: Any, *, max_ppl_increase: float, eval_text: str | os.P
                 f"needed it in float to bring the perplexity increase within "
                 f"{max_ppl_increase:.2%}")})
         fallback = {"layers": why, "restored": found["restored"], "trials": trials.trials,
+                    "before": {"ppl": round(trials.base_value, 5),
+                               "increase": round(metric.degradation(trials.base_value), 6)},
                     **({"note": found["note"]} if "note" in found else {})}
     deg = metric.degradation(value)
     gate = {"metric": "ppl", "max_increase": max_ppl_increase,
