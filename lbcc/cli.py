@@ -279,6 +279,11 @@ def debug_compare(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer"),
     layers: str = typer.Option("sites", "--layers", help="sites (weight layers + outputs) | all"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples"),
+    numerics: str = typer.Option("deployed", "--numerics",
+                                 help="deployed (ONNX Runtime's integer kernels) | qdq (Q/DQ run "
+                                      "as written: the quantization's own error)"),
+    check_fusions: bool = typer.Option(False, "--check-fusions",
+                                       help="also run the unmodified model for the output rows"),
     rows: int = typer.Option(30, "--rows", help="rows shown in the table"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (schema_version) instead"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="also write the JSON"),
@@ -290,7 +295,8 @@ def debug_compare(
         if layers not in ("sites", "all"):
             raise LbccError(f"--layers {layers!r}: expected sites or all.", "")
         result = compare(float_model, quant_model, calib, tokenizer=tokenizer, layers=layers,
-                         max_samples=max_samples, progress=True)
+                         max_samples=max_samples, numerics=numerics,
+                         check_fusions=check_fusions, progress=True)
         if output is not None:
             _emit_json(result.to_json(), output)
     except Exception as exc:  # noqa: BLE001

@@ -14,10 +14,13 @@ The errors are *cumulative*: a layer's output carries the error of every layer b
 
 Exposing a layer's activation as an output keeps ONNX Runtime from fusing across it (e.g. a
 MatMul whose requantized uint8 output feeds the next layer becomes QLinearMatMul only when that
-output is internal), so the per-layer rows measure the model with those fusions off. The
-``output:*`` rows are measured on the unmodified model, as deployed; when the deployed output is
-noticeably worse than the instrumented one (``instrumented_outputs``), the fused kernels
-themselves lose accuracy, and ``warnings`` says so. Rows
+output is internal), so the per-layer rows measure the model with those fusions off. With
+``check_fusions`` the ``output:*`` rows are measured on the unmodified model, as deployed; when
+that is noticeably worse than the instrumented run (``instrumented_outputs``), the fused kernels
+themselves lose accuracy, and ``warnings`` says so. ``numerics="qdq"`` runs the quantized model's
+Q/DQ nodes as written, without integer kernels: the error of the quantization alone; a large gap
+to the deployed numbers points at the kernels (e.g. int16 saturation of u8 x s8 products on
+CPUs without VNNI). Rows
 come worst first (lowest SQNR). :func:`diff` says what changed between two models (e.g. two
 pipeline snapshots): ops added/removed, nodes, initializers (with how much a weight moved), and a
 per-layer summary. :func:`bisect` (in :mod:`lbcc.bisect`) finds the pass and the layers to blame.
@@ -148,6 +151,7 @@ class CompareResult:
     #: graph outputs measured on the instrumented run (fusions across exposed layers off)
     instrumented_outputs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    numerics: str = "deployed"
     columns: tuple[str, ...] = ("layer", "order", "sqnr_db", "cosine", "max_abs_error",
                                 "rel_error", "max_abs_float", "elements")
 
@@ -178,7 +182,8 @@ class CompareResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"schema_version": DEBUG_SCHEMA_VERSION, "kind": "compare",
-                "samples": self.samples, "seconds": self.seconds, "layers": self.rows,
+                "numerics": self.numerics, "samples": self.samples, "seconds": self.seconds,
+                "layers": self.rows,
                 "instrumented_outputs": self.instrumented_outputs, "warnings": self.warnings,
                 "unmatched": self.unmatched}
 
@@ -206,10 +211,13 @@ class CompareResult:
 # ----------------------------------------------------------------------------- running
 
 def _session_with_outputs(model: ir.Model, values: Iterable[ir.Value], path: Path,
-                          threads: int | None) -> Any:
+                          threads: int | None, numerics: str = "deployed") -> Any:
     """Save ``model`` with ``values`` added as graph outputs (the model itself is restored) and
-    open an ONNX Runtime session on the copy."""
-    from lbcc.calibration import _session
+    open an ONNX Runtime session on the copy. ``numerics="qdq"`` keeps ONNX Runtime to its basic
+    graph optimizations: QuantizeLinear/DequantizeLinear then run as written (float math on
+    exactly quantized values) instead of being fused into integer kernels."""
+    import onnxruntime as ort
+
     from lbcc.modelio import save_model
 
     n = len(model.graph.outputs)
@@ -222,34 +230,65 @@ def _session_with_outputs(model: ir.Model, values: Iterable[ir.Value], path: Pat
         save_model(model, path, external_data=True)
     finally:
         del model.graph.outputs[n:]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if numerics == "qdq":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
-        return _session(path, threads)
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise BadInputError(f"ONNX Runtime cannot run {path.stem!r} for the comparison: "
                             f"{str(exc)[:300]}", "Check that both models load in ONNX Runtime "
                             "(lbcc eval MODEL).") from None
 
 
+def _float_for_sites(float_model: Any, qmodel: ir.Model) -> ir.Model:
+    """The float model as captured when every weight site's layer is found in the quantized
+    model by the exporter's names (no normalization needed: a large model's constant folding
+    costs more than the comparison); else normalized like a compile."""
+    from lbcc.capture import capture
+
+    raw = capture(float_model)
+    if isinstance(float_model, ir.Model):
+        raw = ir.from_proto(ir.to_proto(raw))
+    names = site_layers(raw)
+    qnames = set(layer_outputs(qmodel))
+    if names and all(n in qnames for n in names):
+        return raw
+    return normalize(raw)
+
+
 def compare(float_model: Any, quant_model: Any, data: Any, *, tokenizer: Any = None,
             layers: str | Iterable[str] = "sites", max_samples: int | None = None,
-            threads: int | None = None, progress: bool = False) -> CompareResult:
+            threads: int | None = None, numerics: str = "deployed", check_fusions: bool = False,
+            progress: bool = False) -> CompareResult:
     """Per-layer SQNR, cosine similarity and max error of the quantized model's activations
     against the float model's, on the samples of ``data``, worst layers first.
 
     ``float_model`` / ``quant_model``: paths, ``onnx_ir.Model`` s or anything ``lbcc.capture``
-    takes; the float model is normalized like a compile does (layer names, fusions).
-    ``data``: a Feed, a ``.txt`` (+ ``tokenizer``), an ``.npz`` or ``"random:VOCAB"``.
+    takes; the float model is normalized like a compile does (layer names, fusions) unless its
+    weight layers already match by name. ``data``: a Feed, a ``.txt`` (+ ``tokenizer``), an
+    ``.npz`` or ``"random:VOCAB"``.
     ``layers``: ``"sites"`` (the float model's weight sites: MatMul / Gather with a weight, and the
     graph outputs), ``"all"`` (every layer name both models share; a norm that SmoothQuant rescaled
     legitimately differs) or an explicit list of layer names.
+    ``numerics``: ``"deployed"`` runs the quantized model as ONNX Runtime deploys it (integer
+    kernels); ``"qdq"`` runs its Q/DQ nodes as written (the quantization itself, without the
+    kernels' own error). ``check_fusions`` runs the unmodified model once more per sample for the
+    ``output:*`` rows (see the module docstring).
     """
     from lbcc.api import make_feed
     from lbcc.capture import capture
     from lbcc.progress import track
 
+    if numerics not in ("deployed", "qdq"):
+        raise BadInputError(f"numerics {numerics!r}: expected deployed or qdq.", "")
     t0 = time.perf_counter()
-    fmodel = normalize(float_model)
     qmodel = capture(quant_model)
+    fmodel = normalize(float_model) if layers != "sites" else _float_for_sites(float_model,
+                                                                                 qmodel)
     feed = make_feed(data, tokenizer, None, fmodel)
     if feed is None:
         raise BadInputError("compare needs samples to run the models on.",
@@ -290,9 +329,9 @@ def compare(float_model: Any, quant_model: Any, data: Any, *, tokenizer: Any = N
         fsess = _session_with_outputs(fmodel, [fouts[n] for n in matched],
                                       Path(tmp) / "float.onnx", threads)
         qsess = _session_with_outputs(qmodel, [qouts[n] for n in matched],
-                                      Path(tmp) / "quantized.onnx", threads)
-        psess = (_session_with_outputs(qmodel, [], Path(tmp) / "deployed.onnx", threads)
-                 if inner and outputs else None)
+                                      Path(tmp) / "quantized.onnx", threads, numerics)
+        psess = (_session_with_outputs(qmodel, [], Path(tmp) / "deployed.onnx", threads,
+                                       numerics) if check_fusions and inner and outputs else None)
         fnames = [fouts[n].name for n in matched]
         qnames = [qouts[n].name for n in matched]
         pnames = [qouts[n].name for n in outputs]
@@ -342,7 +381,7 @@ def compare(float_model: Any, quant_model: Any, data: Any, *, tokenizer: Any = N
                 "QLinearMatMul with a requantized output) lose accuracy the per-layer rows "
                 "cannot show")
     return CompareResult(rows=rows, samples=count, seconds=seconds, unmatched=unmatched,
-                         instrumented_outputs=inst, warnings=warnings)
+                         instrumented_outputs=inst, warnings=warnings, numerics=numerics)
 
 
 # ----------------------------------------------------------------------------- diff

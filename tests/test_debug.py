@@ -75,7 +75,7 @@ def test_pair_stats_streamed_equal_batch():
 
 def test_compare_matches_direct_computation(mlp_calib):
     result = lbcc.compile(M.mlp_model(), preset="w8a8", calibration=mlp_calib, progress=False)
-    cmp = debug.compare(M.mlp_model(), result.model, mlp_calib)
+    cmp = debug.compare(M.mlp_model(), result.model, mlp_calib, check_fusions=True)
     assert {r["layer"] for r in cmp} == {"fc1", "fc2", "output:y"}
     sqnrs = cmp.column("sqnr_db")
     assert sqnrs == sorted(sqnrs)  # worst first
@@ -121,12 +121,32 @@ def test_compare_names_the_broken_layer(mlp_calib):
     rec = recipe_from_dict(BREAK_FC2, default_base="w8a8")
     broken = lbcc.compile(M.mlp_model(), recipe=rec, calibration=mlp_calib, progress=False)
     healthy = lbcc.compile(M.mlp_model(), preset="w8a8", calibration=mlp_calib, progress=False)
-    bad = debug.compare(M.mlp_model(), broken.model, mlp_calib)
+    bad = debug.compare(M.mlp_model(), broken.model, mlp_calib, check_fusions=True)
     good = debug.compare(M.mlp_model(), healthy.model, mlp_calib)
     assert bad[0]["layer"] in ("fc2", "output:y")  # worst first
     assert bad["fc2"]["sqnr_db"] < good["fc2"]["sqnr_db"] - 8
     assert bad["fc1"]["sqnr_db"] == pytest.approx(good["fc1"]["sqnr_db"], abs=0.5)
     assert set(bad.instrumented_outputs) == {"output:y"}
+
+
+def test_compare_qdq_numerics_is_the_quantization_alone(mlp_calib):
+    """numerics="qdq" runs Q/DQ as written: its output error equals that of the QDQ graph run
+    with ONNX Runtime's graph optimizations off."""
+    import onnxruntime as ort
+
+    result = lbcc.compile(M.mlp_model(), preset="w8a8", calibration=mlp_calib, progress=False)
+    cmp = debug.compare(M.mlp_model(), result.model, mlp_calib, numerics="qdq")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(ir.to_proto(result.model).SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    x = np.load(mlp_calib)["x"]
+    ref = np.concatenate([M.run_ort(M.mlp_model(), {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    got = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    assert cmp["output:y"]["rel_error"] == pytest.approx(M.rel_err(ref, got), rel=1e-3)
+    assert cmp.to_json()["numerics"] == "qdq"
+    with pytest.raises(BadInputError, match="numerics"):
+        debug.compare(M.mlp_model(), result.model, mlp_calib, numerics="fast")
 
 
 def test_compare_errors_are_clear(mlp_path, mlp_calib, tied_path):
