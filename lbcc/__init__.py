@@ -36,10 +36,19 @@ _LAZY = {
     "BadInputError": ("lbcc.errors", "BadInputError"),
     "TargetError": ("lbcc.errors", "TargetError"),
     "AccuracyGateError": ("lbcc.errors", "AccuracyGateError"),
+    "gated_compile": ("lbcc.gates", "gated_compile"),
 }
 
 
+#: submodules reachable as attributes without an explicit import (``lbcc.debug.compare``)
+_SUBMODULES = ("debug", "bisect", "gates", "accuracy")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"lbcc.{name}")
     if name in _LAZY:
         import importlib
 

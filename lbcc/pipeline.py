@@ -189,21 +189,11 @@ class DumpIR(Instrument):
 
 
 def copy_model(model: ir.Model) -> ir.Model:
-    """A deep copy (proto round trip) that keeps every value's type and shape: a value that was
-    once a graph output (calibration adds and removes them) can lose its value_info in
-    serialization, and a pass resumed on the copy would then build shapeless nodes."""
-    copy_ = ir.from_proto(ir.to_proto(model))
-    live = {v.name: v for node in model.graph for v in node.outputs if v is not None}
-    for node in copy_.graph:
-        for v in node.outputs:
-            src = live.get(v.name) if v is not None else None
-            if src is None:
-                continue
-            if v.type is None and src.type is not None:
-                v.type = src.type
-            if v.shape is None and src.shape is not None:
-                v.shape = ir.Shape(list(src.shape))
-    return copy_
+    """A structural deep copy (``Model.clone``): new graph, nodes and values with their types and
+    shapes; tensors are shared, not copied, so a snapshot of a large model costs no weight memory
+    and external data stays where it is (a proto round trip would lose the external files' base
+    directory). Passes never modify a tensor's data in place; they register new initializers."""
+    return model.clone(deep_copy=True)
 
 
 class Snapshot(Instrument):
