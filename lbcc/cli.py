@@ -391,6 +391,47 @@ def debug_diff(
                                                    if k != "name"), highlight=False)
 
 
+@app.command(name="view")
+def view_(
+    source: str = typer.Argument(..., help="a model (.onnx, compiled or float) or a compile "
+                                           "report (.json)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="self-contained HTML page (no network)"),
+    report: Optional[Path] = typer.Option(None, "--report", help="the compile report JSON"),
+    compare: Optional[Path] = typer.Option(None, "--compare",
+                                           help="a `lbcc debug compare -o` JSON: measured error"),
+    dot: Optional[Path] = typer.Option(None, "--dot", help="also write Graphviz DOT here"),
+    svg: Optional[Path] = typer.Option(None, "--svg", help="also write the graph as SVG here"),
+    as_json: bool = typer.Option(False, "--json", help="print the view data as JSON"),
+) -> None:
+    """A picture of the layer graph: precision per layer, measured error, report on click."""
+    from lbcc.view import (VIEW_SCHEMA_VERSION, render_dot, render_html, render_svg, stats_line,
+                           view, write_atomic)
+
+    try:
+        if output is None and dot is None and svg is None and not as_json:
+            raise LbccError("nothing to write.", "Pass -o view.html, --dot FILE, --svg FILE or "
+                                                 "--json.")
+        data = view(source, report=report, compare=compare)
+        written = []
+        if output is not None:
+            written.append(write_atomic(output, render_html(data, title=Path(source).name)))
+        if dot is not None:
+            written.append(write_atomic(dot, render_dot(data)))
+        if svg is not None:
+            written.append(write_atomic(svg, render_svg(data)))
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+        return
+    if as_json:
+        _emit_json({"schema_version": VIEW_SCHEMA_VERSION, "kind": "view", **data,
+                    "written": [str(p) for p in written]}, None)
+        return
+    out.print(stats_line(data), highlight=False)
+    if written:
+        out.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
 def main() -> None:
     try:
         app()
