@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     result, gate = gated_compile(
         str(float_path), max_ppl_increase=args.max_ppl_increase, eval_text=args.eval_text,
         tokenizer=args.tokenizer, target=args.target, preset=args.preset,
-        calibration=args.calib, group_size=args.group_size, eval_tokens=args.eval_tokens, seq_len=args.eval_seq_len,
+        calibration=args.calib, group_size=args.group_size, eval_tokens=args.eval_tokens,
+        seq_len=args.eval_seq_len,
         auto_fallback=args.auto_fallback, progress=False, command=sys.argv)
     # 4. artefacts, report, manifest
     written = result.save(out / "model.onnx", report_path=out / "report.json")

@@ -71,7 +71,8 @@ class MetricProbe(Instrument):
             return
         deg = self.metric.degradation(value)
         self.rows.append({"pass": p.name, "index": record.index, "metric": _round(value),
-                          "degradation": _round(deg), "exceeds": bool(deg > self.tolerance), "raw": value,
+                          "degradation": _round(deg), "exceeds": bool(deg > self.tolerance),
+                          "raw": value,
                           "seconds": round(time.perf_counter() - start, 2)})
         self._say(f"after {p.name}: {self.metric.name} {value:.5g} ({deg:+.4f})")
 

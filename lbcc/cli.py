@@ -345,7 +345,8 @@ def debug_bisect(
                         recipe=recipe, target=target, calibration=calib, tokenizer=tokenizer,
                         metric=metric, tolerance=tolerance, eval_data=eval_text,
                         eval_samples=eval_samples, layers=not no_layers,
-                        say=(lambda s: None) if as_json else (lambda s: err.print(s, highlight=False)))
+                        say=(lambda s: None) if as_json
+                        else (lambda s: err.print(s, highlight=False)))
         if restored is not None and result.restored_run is not None:
             from lbcc.modelio import check_output_path, save_model
 

@@ -56,7 +56,8 @@ def _precision(nodes: list[ir.Node]) -> str:
                 return "int4 weights"
             if n.op_type == "GatherBlockQuantized":
                 return "int4 weights" if n.attributes.get_int("bits", 4) == 4 else "int8 weights"
-            if dt is not None and dt.name in ("INT8", "UINT8") and n.inputs[0].const_value is not None:
+            if dt is not None and dt.name in ("INT8", "UINT8") and \
+                    n.inputs[0].const_value is not None:
                 return "int8 weights"
     for n in nodes:  # an integer table read directly (int8 Gather of an embedding)
         if n.op_type in ("MatMul", "Gather"):

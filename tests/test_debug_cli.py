@@ -51,7 +51,8 @@ def lm_setup(tmp_path: Path, tokenizer_json: Path):
 def gate_args(model, out: Path, calib, evalt, tok, *extra) -> list:
     return ["compile", model, "-o", out / "q.onnx", "--report", out / "r.json", "-q",
             "--preset", "w4a16", "--group-size", "16", "--calib", calib, "--tokenizer", tok,
-            "--eval-text", evalt, "--eval-tokens", "1024", "--eval-seq-len", "64", "--max-ppl-increase", "0.0012", *extra]
+            "--eval-text", evalt, "--eval-tokens", "1024", "--eval-seq-len", "64",
+            "--max-ppl-increase", "0.0012", *extra]
 
 
 def test_debug_compare_json_and_table(mlp_path, mlp_calib, tmp_path):

@@ -24,7 +24,8 @@ def run_script(tmp_path: Path, tok: Path, max_increase: str, *extra: str):
     out = tmp_path / "artefacts"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(model), "--out", str(out), "--preset", "w4a16",
-         "--group-size", "16", "--calib", str(calib), "--tokenizer", str(tok), "--eval-text", str(evalt),
+         "--group-size", "16", "--calib", str(calib), "--tokenizer", str(tok),
+         "--eval-text", str(evalt),
          "--eval-tokens", "1024", "--eval-seq-len", "64", "--max-ppl-increase", max_increase,
          *extra], capture_output=True, text=True, timeout=600)
     return proc, out

@@ -20,7 +20,7 @@ import lbcc
 import models as M
 from lbcc import debug
 from lbcc.cli import app
-from lbcc.view import COLORS, build_view, layer_graph, render_dot, render_html
+from lbcc.view import COLORS, build_view, layer_graph
 
 runner = CliRunner()
 
