@@ -58,8 +58,23 @@ class MetricProbe(Instrument):
         self.rows: list[dict[str, Any]] = []
         self._say = progress
 
+    @staticmethod
+    def _fingerprint(model: ir.Model) -> tuple[int, dict[str, int]]:
+        """What the model computes, short of metadata: nodes (op, inputs, outputs, attributes)
+        and the identity of every weight tensor."""
+        nodes = hash(tuple(
+            (n.domain, n.op_type, tuple(v.name if v is not None else "" for v in n.inputs),
+             tuple(v.name for v in n.outputs), repr(sorted(n.attributes.items())))
+            for n in model.graph))
+        return nodes, {name: id(v.const_value) for name, v in model.graph.initializers.items()}
+
+    def before_pass(self, p: Pass, model: ir.Model, record: PassRecord) -> None:
+        self._before = self._fingerprint(model)
+
     def after_pass(self, p: Pass, model: ir.Model, record: PassRecord) -> None:
-        if not record.modified:
+        # a pass that only annotates (select-precision writes its plans into node metadata)
+        # computes the same function as before it: nothing to measure
+        if not record.modified or self._fingerprint(model) == self._before:
             return
         start = time.perf_counter()
         try:
