@@ -145,7 +145,8 @@ class Trials:
         else:
             self.base_value = metric.measure(self.base.model)
         self.trials: list[dict[str, Any]] = []
-        self._memo: dict[frozenset[str], tuple[PipelineRun, float]] = {}
+        #: metric per tried set (runs are not kept: each holds a compiled model)
+        self._memo: dict[frozenset[str], float] = {}
 
     def ok(self, value: float) -> bool:
         return self.metric.degradation(value) <= self.tolerance
@@ -155,13 +156,14 @@ class Trials:
         rec.layers = [LayerOverride(match=_escape(n), skip=True) for n in layers] + rec.layers
         return rec
 
-    def run(self, layers: list[str]) -> tuple[PipelineRun, float]:
-        """Compile with ``layers`` kept in float (resumed from the snapshot) and measure it."""
+    def run(self, layers: list[str]) -> tuple[PipelineRun | None, float]:
+        """Compile with ``layers`` kept in float (resumed from the snapshot) and measure it.
+        A set tried before that missed the tolerance is not compiled again (run None)."""
         from lbcc.api import build_pipeline
 
         key = frozenset(layers)
-        if key in self._memo:
-            return self._memo[key]
+        if key in self._memo and not self.ok(self._memo[key]):
+            return None, self._memo[key]
         start = time.perf_counter()
         rec = self.recipe_with_float(layers)
         pipe = build_pipeline(rec, self.target, PipelineContext(calibration=self.feed,
@@ -175,7 +177,7 @@ class Trials:
                             "seconds": round(time.perf_counter() - start, 2)})
         self.say(f"trial: {len(layers)} layer(s) in float -> {self.metric.name} {value:.5g} "
                  f"({deg:+.4f})")
-        self._memo[key] = (run, value)
+        self._memo[key] = value
         return run, value
 
     def search(self, prune_limit: int = 8, max_trials: int = 40) -> dict[str, Any]:
@@ -194,24 +196,23 @@ class Trials:
                        note="even with every candidate layer in float the tolerance is missed: "
                             "the loss comes from a pass that is not per-layer (e.g. smoothing)")
             return out
-        lo, hi = 0, len(names)  # prefix lo fails, prefix hi passes
-        cache = {hi: (best_run, best_value)}
+        lo, hi = 0, len(names)  # prefix lo fails, prefix hi passes (its run is best_run)
         while hi - lo > 1 and len(self.trials) < max_trials:
             mid = (lo + hi) // 2
             run, value = self.run(names[:mid])
             if self.ok(value):
-                hi, cache[mid] = mid, (run, value)
+                hi, best_run, best_value = mid, run, value
             else:
                 lo = mid
+            del run  # only the best passing compile is kept alive
         chosen = names[:hi]
-        best_run, best_value = cache[hi]
         if len(chosen) <= prune_limit:
             for name in list(chosen):
                 if len(chosen) == 1 or len(self.trials) >= max_trials:
                     break
                 trial = [n for n in chosen if n != name]
                 run, value = self.run(trial)
-                if self.ok(value):
+                if self.ok(value) and run is not None:
                     chosen, best_run, best_value = trial, run, value
         out.update(layers=chosen, run=best_run, metric=best_value, restored=True)
         return out
