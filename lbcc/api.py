@@ -73,8 +73,9 @@ def make_feed(calibration: Any, tokenizer: Any = None, recipe: Recipe | None = N
 def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None = None,
                    calibrate: bool | None = None) -> Pipeline:
     """The passes a recipe runs for a target, in order."""
-    from lbcc.passes import (Calibrate, CaptureNormalize, DetectOutliers, FuseORT, InsertQDQ,
-                             RoundWeightsGPTQ, RoundWeightsRTN, SelectPrecision, SmoothQuant)
+    from lbcc.passes import (AWQ, Calibrate, CaptureNormalize, DetectOutliers, FuseORT,
+                             InsertQDQ, RoundWeightsGPTQ, RoundWeightsRTN, SelectPrecision,
+                             SmoothQuant)
     from lbcc.passes.calibrate import ACTIVATION_STATS, compute_activation_stats
 
     context = context or PipelineContext()
@@ -87,8 +88,12 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
     if recipe.smoothing.method == "smoothquant":
         context.keep_rows = max(context.keep_rows, 512)
         passes.append(SmoothQuant(alpha=recipe.smoothing.alpha, step=recipe.smoothing.step))
+    elif recipe.smoothing.method == "awq":
+        context.keep_rows = max(context.keep_rows, 512)
+        passes.append(AWQ(recipe))
     gptq = recipe.weights.method == "gptq"
-    context.second_moments = context.second_moments or gptq
+    output_clip = recipe.weights.clip == "output" or any(o.clip == "output" for o in recipe.layers)
+    context.second_moments = context.second_moments or gptq or output_clip
     passes += [SelectPrecision(recipe), RoundWeightsGPTQ() if gptq else RoundWeightsRTN()]
     if recipe.activations.mode in ("static", "dynamic") or any(
             o.activations in ("static", "dynamic") for o in recipe.layers):

@@ -38,8 +38,10 @@ class WeightSpec:
     group_size: int | None = None  # None: one scale per output channel
     symmetric: bool = True
     #: "none": plain round-to-nearest; "mse": per-group clip-ratio search minimizing the error
-    #: weighted by E[x_k^2] of the layer input; "auto": "mse" when calibration statistics exist,
-    #: else "none" (a data-free MSE clip was measured to hurt 4-bit perplexity on SmolLM2)
+    #: weighted by E[x_k^2] of the layer input; "output": the clip ratio minimizing the layer's
+    #: output error on the calibration inputs (AWQ's clip search, needs X^T X); "auto": "mse" when
+    #: calibration statistics exist, else "none" (a data-free MSE clip was measured to hurt 4-bit
+    #: perplexity on SmolLM2)
     clip: str = "auto"
     #: rounding algorithm: "rtn" (round-to-nearest with the clip above) or "gptq"
     method: str = "rtn"
@@ -72,7 +74,8 @@ class CalibrationSpec:
 
 @dataclasses.dataclass
 class SmoothingSpec:
-    #: "none" or "smoothquant" (per-group alpha search unless ``alpha`` is set)
+    #: "none", "smoothquant" (W8A8: per-group alpha search unless ``alpha`` is set) or "awq"
+    #: (weight-only: AWQ's activation-aware scale search per group)
     method: str = "none"
     alpha: float | None = None
     step: float = 0.05
@@ -118,7 +121,7 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         return (self.activations.mode == "static" or self.weights.method == "gptq"
-                or self.smoothing.method != "none")
+                or self.smoothing.method != "none" or self.weights.clip == "output")
 
     def spec_for(self, layer: str) -> tuple[WeightSpec, str, str | None]:
         """(weight spec, activation mode, skip reason) for one layer after overrides."""
@@ -177,6 +180,10 @@ PRESETS["w8a8-sq"].smoothing.method = "smoothquant"
 PRESETS["w4a16-gptq"] = copy.deepcopy(PRESETS["w4a16"])
 PRESETS["w4a16-gptq"].name = "w4a16-gptq"
 PRESETS["w4a16-gptq"].weights.method = "gptq"
+PRESETS["w4a16-awq"] = copy.deepcopy(PRESETS["w4a16"])
+PRESETS["w4a16-awq"].name = "w4a16-awq"
+PRESETS["w4a16-awq"].smoothing.method = "awq"
+PRESETS["w4a16-awq"].weights.clip = "output"
 
 PRESET_HELP = {
     "w8a8": "static: uint8 activations per tensor (calibrated), int8 weights per channel, as QDQ",
@@ -185,6 +192,8 @@ PRESET_HELP = {
     "w4a16": "4-bit weights in groups of 128 as MatMulNBits (accuracy_level 4); float activations",
     "w4a16-gptq": "w4a16 with GPTQ rounding (needs calibration data)",
     "w8a8-sq": "w8a8 after SmoothQuant (alpha searched per norm -> linear group)",
+    "w4a16-awq": "w4a16 after AWQ: activation-aware scales folded into the graph, output-error "
+                 "clip search (needs calibration data)",
 }
 
 
@@ -271,13 +280,14 @@ def load_recipe(path: str | Path, default_base: str | None = None) -> Recipe:
 def validate(recipe: Recipe, where: str = "recipe") -> None:
     """Value checks independent of any target (a target checks what it can run separately)."""
     w, a = recipe.weights, recipe.activations
-    if recipe.smoothing.method not in ("none", "smoothquant"):
-        raise BadInputError(f"{where}: smoothing.method must be none or smoothquant, not "
+    if recipe.smoothing.method not in ("none", "smoothquant", "awq"):
+        raise BadInputError(f"{where}: smoothing.method must be none, smoothquant or awq, not "
                             f"{recipe.smoothing.method!r}.", "")
     if w.method not in ("rtn", "gptq"):
         raise BadInputError(f"{where}: weights.method must be rtn or gptq, not {w.method!r}.", "")
-    if w.clip not in ("none", "mse", "auto"):
-        raise BadInputError(f"{where}: weights.clip must be none, mse or auto, not {w.clip!r}.",
+    if w.clip not in ("none", "mse", "output", "auto"):
+        raise BadInputError(f"{where}: weights.clip must be none, mse, output or auto, not "
+                            f"{w.clip!r}.",
                             "")
     if a.mode not in ACTIVATION_MODES:
         raise BadInputError(f"{where}: activations.mode must be one of "

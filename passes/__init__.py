@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lbcc.passes.awq import AWQ
 from lbcc.passes.calibrate import Calibrate
 from lbcc.passes.cleanup import Cleanup
 from lbcc.passes.fusion import FuseORT
@@ -13,8 +14,8 @@ from lbcc.passes.rounding import RoundWeightsGPTQ, RoundWeightsRTN
 from lbcc.passes.smoothing import SmoothQuant
 
 PASSES = {cls.name: cls for cls in (CaptureNormalize, Calibrate, DetectOutliers, SelectPrecision,
-                                    RoundWeightsRTN, RoundWeightsGPTQ, SmoothQuant, InsertQDQ,
+                                    RoundWeightsRTN, RoundWeightsGPTQ, SmoothQuant, AWQ, InsertQDQ,
                                     FuseORT, Cleanup)}
 
-__all__ = ["PASSES", "Calibrate", "CaptureNormalize", "DetectOutliers", "Cleanup", "FuseORT", "InsertQDQ",
+__all__ = ["PASSES", "AWQ", "Calibrate", "CaptureNormalize", "DetectOutliers", "Cleanup", "FuseORT", "InsertQDQ",
            "RoundWeightsGPTQ", "RoundWeightsRTN", "SelectPrecision", "SmoothQuant"]
