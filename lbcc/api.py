@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -74,10 +75,11 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
                    calibrate: bool | None = None) -> Pipeline:
     """The passes a recipe runs for a target, in order."""
     from lbcc.passes import (AWQ, Calibrate, CaptureNormalize, DetectOutliers, FuseORT,
-                             InsertQDQ, RoundWeightsGPTQ, RoundWeightsRTN, SelectPrecision,
-                             SmoothQuant)
+                             InsertQDQ, MixedPrecision, RoundWeightsGPTQ, RoundWeightsRTN,
+                             SelectPrecision, SmoothQuant)
     from lbcc.passes.calibrate import ACTIVATION_STATS, compute_activation_stats
 
+    recipe = copy.deepcopy(recipe)  # passes may add per-layer rules (mixed precision)
     context = context or PipelineContext()
     context.analyses.providers[ACTIVATION_STATS] = compute_activation_stats
     if calibrate is None:
@@ -92,6 +94,11 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
         context.keep_rows = max(context.keep_rows, 512)
         passes.append(AWQ(recipe))
     gptq = recipe.weights.method == "gptq"
+    mp = recipe.mixed_precision
+    if mp.enabled:
+        passes.append(MixedPrecision(recipe, avg_bits=mp.avg_bits,
+                                     max_ppl_increase=mp.max_ppl_increase, samples=mp.samples,
+                                     tokens=mp.tokens))
     output_clip = recipe.weights.clip == "output" or any(o.clip == "output" for o in recipe.layers)
     context.second_moments = context.second_moments or gptq or output_clip
     passes += [SelectPrecision(recipe), RoundWeightsGPTQ() if gptq else RoundWeightsRTN()]

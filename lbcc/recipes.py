@@ -82,6 +82,22 @@ class SmoothingSpec:
 
 
 @dataclasses.dataclass
+class MixedPrecisionSpec:
+    """Per-layer 4 / 8 bits / float from measured sensitivity (the ``mixed-precision`` pass);
+    give one budget: ``avg_bits`` (stored bits per weight, scales included) or
+    ``max_ppl_increase`` (0.05 = 5 %, estimated from the summed KL)."""
+
+    avg_bits: float | None = None
+    max_ppl_increase: float | None = None
+    samples: int = 1  # calibration samples the sensitivity is measured on
+    tokens: int = 512  # tokens of each
+
+    @property
+    def enabled(self) -> bool:
+        return self.avg_bits is not None or self.max_ppl_increase is not None
+
+
+@dataclasses.dataclass
 class LayerOverride:
     match: str
     bits: int | None = None
@@ -90,6 +106,8 @@ class LayerOverride:
     clip: str | None = None
     activations: str | None = None
     skip: bool = False
+    #: why the layer is skipped, for the report (default: the rule that matched)
+    reason: str | None = None
 
     def matches(self, layer: str) -> bool:
         return fnmatch.fnmatchcase(layer, self.match)
@@ -115,13 +133,15 @@ class Recipe:
     activations: ActivationSpec = dataclasses.field(default_factory=ActivationSpec)
     calibration: CalibrationSpec = dataclasses.field(default_factory=CalibrationSpec)
     smoothing: SmoothingSpec = dataclasses.field(default_factory=SmoothingSpec)
+    mixed_precision: MixedPrecisionSpec = dataclasses.field(default_factory=MixedPrecisionSpec)
     layers: list[LayerOverride] = dataclasses.field(default_factory=list)
     quantize_embedding: bool = True
 
     @property
     def needs_calibration(self) -> bool:
         return (self.activations.mode == "static" or self.weights.method == "gptq"
-                or self.smoothing.method != "none" or self.weights.clip == "output")
+                or self.smoothing.method != "none" or self.weights.clip == "output"
+                or self.mixed_precision.enabled)
 
     def spec_for(self, layer: str) -> tuple[WeightSpec, str, str | None]:
         """(weight spec, activation mode, skip reason) for one layer after overrides."""
@@ -130,7 +150,7 @@ class Recipe:
             if not o.matches(layer):
                 continue
             if o.skip:
-                return w, act, f"skipped by recipe rule match={o.match!r}"
+                return w, act, o.reason or f"skipped by recipe rule match={o.match!r}"
             w, act = o.apply(w, act)
         return w, act, None
 
@@ -211,9 +231,9 @@ def preset(name: str, group_size: int | None = None) -> Recipe:
 
 
 _SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec,
-             "smoothing": SmoothingSpec}
+             "smoothing": SmoothingSpec, "mixed_precision": MixedPrecisionSpec}
 _TOP_KEYS = {"base", "name", "weights", "activations", "calibration", "smoothing", "layers",
-             "quantize_embedding"}
+             "quantize_embedding", "mixed_precision"}
 
 
 def _fields(cls: type) -> set[str]:
@@ -298,5 +318,20 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     if a.fallback not in ("dynamic-block", "none"):
         raise BadInputError(f"{where}: activations.fallback must be dynamic-block or none, not "
                             f"{a.fallback!r}.", "")
+    mp = recipe.mixed_precision
+    if mp.avg_bits is not None and mp.max_ppl_increase is not None:
+        raise BadInputError(f"{where}: [mixed_precision] takes one budget, avg_bits or "
+                            "max_ppl_increase, not both.", "Remove one of them.")
+    if mp.avg_bits is not None and not 4.0 <= float(mp.avg_bits) <= 32.0:
+        raise BadInputError(f"{where}: mixed_precision.avg_bits must be between 4 and 32, not "
+                            f"{mp.avg_bits!r}.", "E.g. avg_bits = 5.0 (bits per weight, scales "
+                            "included).")
+    if mp.max_ppl_increase is not None and not float(mp.max_ppl_increase) > 0:
+        raise BadInputError(f"{where}: mixed_precision.max_ppl_increase must be > 0, not "
+                            f"{mp.max_ppl_increase!r}.", "E.g. max_ppl_increase = 0.05 (5 %).")
+    if mp.enabled and w.bits != 4:
+        raise BadInputError(f"{where}: mixed precision chooses among 4 / 8 bits / float and "
+                            f"starts from 4-bit weights, not {w.bits}-bit.",
+                            "Use base = \"w4a16\" (or weights.bits = 4).")
     if recipe.calibration.samples < 1 or recipe.calibration.seq_len < 2:
         raise BadInputError(f"{where}: calibration needs samples >= 1 and seq_len >= 2.", "")

@@ -71,7 +71,7 @@ def resolve_clip(clip: str, obs: Any) -> str:
     if clip == "output" and (obs is None or obs.xtx is None):
         clip = "auto"
     if clip == "auto":
-        clip = "mse" if obs is not None else "none"
+        clip = "mse" if obs is not None and obs.channel_mean_square() is not None else "none"
     return clip
 
 
