@@ -24,6 +24,7 @@ import numpy as np
 #: clip ratios searched per group: 4-bit grids are coarse enough that clipping pays off far from
 #: 1; at 8 bits the optimum is always close to 1, so a short grid gives the same choice faster
 CLIP_GRID = {4: np.linspace(1.0, 0.55, 19, dtype=np.float32),
+             7: np.linspace(1.0, 0.8, 5, dtype=np.float32),
              8: np.linspace(1.0, 0.8, 5, dtype=np.float32)}
 
 

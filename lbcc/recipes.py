@@ -45,6 +45,13 @@ class WeightSpec:
     clip: str = "auto"
     #: rounding algorithm: "rtn" (round-to-nearest with the clip above) or "gptq"
     method: str = "rtn"
+    #: int8 weights of layers with per-tensor uint8 activations (static / dynamic) use the values
+    #: [-64, 63]: ONNX Runtime's x86 u8 x s8 kernels without VNNI (AVX2, AVX-512 without VNNI)
+    #: add pairs of products in 16 bits with saturation (vpmaddubsw), and 255 * 64 * 2 = 32640
+    #: stays below 2^15, so results are exact on every CPU (ORT's "reduce_range"). Measured on
+    #: SmolLM2 on an AVX2 CPU: full-range weights give perplexity 65,753 (collapsed). false: the
+    #: full int8 range, for CPUs with VNNI or ARM only.
+    saturation_safe: bool = True
 
 
 @dataclasses.dataclass

@@ -134,6 +134,9 @@ class SelectPrecision(Pass):
                         if acts.fallback == "dynamic-block":
                             plan["weight"] = {**weight, "group_size": acts.fallback_group_size,
                                               "bits": 8}
+            if (plan["activation"] in ("static", "dynamic") and w.saturation_safe
+                    and plan["weight"]["bits"] == 8 and plan["weight"]["symmetric"]):
+                plan["weight"] = {**plan["weight"], "value_bits": 7}
             set_plan(site.node, plan)
             entry.update(status="quantized", plan=plan)
             layers[site.node.name] = entry

@@ -32,7 +32,7 @@ from lbcc.passes.sites import Site, find_sites
 
 
 def _int_dtype(bits: int, symmetric: bool) -> Any:
-    if bits == 8:
+    if bits in (7, 8):  # 7: int8 storage of values in [-64, 63] (saturation-safe)
         return np.int8 if symmetric else np.uint8
     if bits == 4:
         return ml_dtypes.int4 if symmetric else ml_dtypes.uint4
@@ -92,8 +92,8 @@ class RoundWeightsRTN(Pass):
         """Quantize out-major ``w[N, K]``; ``obs`` is the input's observer, if calibrated."""
         importance = obs.channel_mean_square() if obs is not None else None
         clip = resolve_clip(spec["clip"], obs)
-        qw = quantize_weight(w, bits=spec["bits"], block_size=spec["group_size"],
-                             symmetric=spec["symmetric"], clip=clip,
+        qw = quantize_weight(w, bits=spec.get("value_bits", spec["bits"]),
+                             block_size=spec["group_size"], symmetric=spec["symmetric"], clip=clip,
                              importance=importance if clip == "mse" else None,
                              hessian=obs.xtx if clip == "output" else None)
         return qw, {"method": "rtn", "clip_used": clip,
@@ -207,7 +207,8 @@ class RoundWeightsGPTQ(RoundWeightsRTN):
             qw, how = super().round_weight(w, spec, obs)
             return qw, {**how, "note": "no input statistics: RTN"}
         clip = resolve_clip(spec["clip"], obs)
-        qw = gptq_quantize(w, obs.xtx, bits=spec["bits"], group_size=spec["group_size"],
+        qw = gptq_quantize(w, obs.xtx, bits=spec.get("value_bits", spec["bits"]),
+                           group_size=spec["group_size"],
                            symmetric=spec["symmetric"], percdamp=self.percdamp,
                            block_size=self.block_size, act_order=self.act_order, clip=clip)
         return qw, {"method": "gptq", "act_order": self.act_order, "percdamp": self.percdamp,

@@ -65,3 +65,31 @@ def test_well_behaved_inputs_stay_static(tmp_path):
     result = _compile(tmp_path, x, 22.0)
     modes = {r["plan"]["activation"] for r in result.report.layers if r["op"] == "MatMul"}
     assert modes == {"static"}
+
+
+def test_int8_weights_of_u8_activation_layers_are_saturation_safe(mlp_path, mlp_calib):
+    """ORT's x86 u8 x s8 kernels without VNNI saturate pairs of products in 16 bits: weights of
+    static / dynamic per-tensor layers keep to [-64, 63] unless the recipe opts out."""
+    import lbcc
+    from lbcc.calibration import NpzFeed
+    from lbcc.recipes import preset
+
+    def int8_weight_ranges(model):
+        out = []
+        for node in model.graph:
+            if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None:
+                q = node.inputs[0].const_value.numpy()
+                if q.dtype == np.int8 and q.ndim == 2:
+                    out.append((int(q.min()), int(q.max())))
+        return out
+
+    safe = lbcc.compile(str(mlp_path), preset="w8a8", calibration=NpzFeed(mlp_calib),
+                        progress=False, stop_after="round-weights-rtn")
+    ranges = int8_weight_ranges(safe.model)
+    assert ranges and all(lo >= -64 and hi <= 63 for lo, hi in ranges)
+    assert any(lo == -64 or hi == 63 for lo, hi in ranges)
+    recipe = preset("w8a8")
+    recipe.weights.saturation_safe = False
+    full = lbcc.compile(str(mlp_path), recipe=recipe, calibration=NpzFeed(mlp_calib),
+                        progress=False, stop_after="round-weights-rtn")
+    assert any(lo < -64 or hi > 63 for lo, hi in int8_weight_ranges(full.model))
