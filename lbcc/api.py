@@ -87,6 +87,8 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
     passes: list[Pass] = [CaptureNormalize(), FuseORT()]
     if calibrate:
         passes += [Calibrate(), DetectOutliers(recipe.activations.min_sqnr_db)]
+    if recipe.activations.criterion == "measured":
+        context.keep_rows = max(context.keep_rows, 512)
     if recipe.smoothing.method == "smoothquant":
         context.keep_rows = max(context.keep_rows, 512)
         passes.append(SmoothQuant(alpha=recipe.smoothing.alpha, step=recipe.smoothing.step))

@@ -66,6 +66,10 @@ class ActivationSpec:
     #: static int8 (22 dB measured on SmolLM2: 31 of 211 fall back, ppl 1.056x float; 25 dB: 53
     #: fall back, 1.049x; the input-SQNR criterion at 25 dB: 33 fall back, 1.060x)
     min_sqnr_db: float = 22.0
+    #: how the output SQNR of a per-tensor input is obtained: "estimate" (from the channel
+    #: statistics, treating channels as uncorrelated) or "measured" (the layer run quantized on
+    #: the kept calibration rows: -10 log10 ||XW - Q(X)Q(W)||^2 / ||XW||^2)
+    criterion: str = "estimate"
     #: what an outlier-dominated input gets instead: dynamic-block (int8 per block of 32 input
     #: channels, computed at run time) or none (weight-only)
     fallback: str = "dynamic-block"
@@ -207,6 +211,17 @@ PRESETS["w8a8-sq"].smoothing.method = "smoothquant"
 PRESETS["w4a16-gptq"] = copy.deepcopy(PRESETS["w4a16"])
 PRESETS["w4a16-gptq"].name = "w4a16-gptq"
 PRESETS["w4a16-gptq"].weights.method = "gptq"
+# outlier-aware W8A8: SmoothQuant (norm -> q/k/v, gate/up and up -> down groups, alpha searched
+# per group), then per layer static uint8 when its output SQNR measured on calibration rows is at
+# least 25 dB, else int8 per block at run time (the outlier report's "keep higher" layers)
+PRESETS["auto"] = copy.deepcopy(PRESETS["w8a8-sq"])
+PRESETS["auto"].name = "auto"
+PRESETS["auto"].activations.criterion = "measured"
+PRESETS["auto"].activations.min_sqnr_db = 25.0
+# bits placed by measured sensitivity: 4 / 8 / float per weight at 5 stored bits per weight
+PRESETS["w4a16-mixed"] = copy.deepcopy(PRESETS["w4a16"])
+PRESETS["w4a16-mixed"].name = "w4a16-mixed"
+PRESETS["w4a16-mixed"].mixed_precision.avg_bits = 5.0
 PRESETS["w4a16-awq"] = copy.deepcopy(PRESETS["w4a16"])
 PRESETS["w4a16-awq"].name = "w4a16-awq"
 PRESETS["w4a16-awq"].smoothing.method = "awq"
@@ -219,6 +234,10 @@ PRESET_HELP = {
     "w4a16": "4-bit weights in groups of 128 as MatMulNBits (accuracy_level 4); float activations",
     "w4a16-gptq": "w4a16 with GPTQ rounding (needs calibration data)",
     "w8a8-sq": "w8a8 after SmoothQuant (alpha searched per norm -> linear group)",
+    "auto": "outlier-aware w8a8: SmoothQuant, then static int8 where the measured layer SQNR "
+            ">= 25 dB, else int8 per block at run time (needs calibration data)",
+    "w4a16-mixed": "4 / 8 bits / float per weight from measured KL sensitivity, 5 bits per "
+                   "weight on average (needs calibration data)",
     "w4a16-awq": "w4a16 after AWQ: activation-aware scales folded into the graph, output-error "
                  "clip search (needs calibration data)",
 }
@@ -322,6 +341,9 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     if a.method not in ("mse", "minmax", "percentile"):
         raise BadInputError(f"{where}: activations.method must be mse, minmax or percentile, not "
                             f"{a.method!r}.", "")
+    if a.criterion not in ("estimate", "measured"):
+        raise BadInputError(f"{where}: activations.criterion must be estimate or measured, not "
+                            f"{a.criterion!r}.", "")
     if a.fallback not in ("dynamic-block", "none"):
         raise BadInputError(f"{where}: activations.fallback must be dynamic-block or none, not "
                             f"{a.fallback!r}.", "")
