@@ -74,13 +74,14 @@ def test_debug_compare_bad_input(mlp_path, tmp_path):
 
 
 def test_debug_bisect_cli(tmp_path):
-    x = M.mlp_inputs(samples=8)
-    x[..., 3] *= 300.0  # an outlier channel: per-tensor uint8 on fc1's input loses the rest
+    from test_debug import outlier_inputs, outlier_mlp
+
+    x = outlier_inputs()  # an outlier channel: per-tensor uint8 on fc1's input loses the rest
     np.savez(tmp_path / "calib.npz", x=x[:4])
     np.savez(tmp_path / "eval.npz", x=x[4:])
     recipe = tmp_path / "nofallback.toml"
     recipe.write_text('base = "w8a8"\n[activations]\nmin_sqnr_db = 0.0\n')
-    model = M.save(M.mlp_model(), tmp_path / "mlp.onnx")
+    model = M.save(outlier_mlp(), tmp_path / "mlp.onnx")
     restored = tmp_path / "restored.onnx"
     res = cli("debug", "bisect", model, "--recipe", recipe, "--calib", tmp_path / "calib.npz",
               "--eval-data", tmp_path / "eval.npz", "--metric", "output-error",
