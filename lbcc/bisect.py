@@ -329,8 +329,11 @@ def bisect(model: Any, *, preset: str | None = None, recipe: Any = None,
     else:
         parts.append(f"Culprit pass: {culprit or 'none found (only the final model exceeds)'}.")
         if lay and lay["restored"]:
+            shown = ", ".join(lay["culprits"][:8])
+            more = len(lay["culprits"]) - 8
             parts.append(f"Keeping {len(lay['culprits'])} layer(s) in float restores it "
-                         f"({lay['degradation']:+.2%}): {', '.join(lay['culprits'])}.")
+                         f"({lay['degradation']:+.2%}): {shown}"
+                         + (f", ... (+{more}; all in the JSON)." if more > 0 else "."))
         elif lay:
             parts.append("No set of layers kept in float restores it: " + lay.get("note", ""))
     data["summary"] = " ".join(parts)
