@@ -34,7 +34,9 @@ class CompileResult:
 
         path = Path(path)
         written = self.target.emit(self.model, path, external_data=external_data)
-        self.report.data["output"] = {"path": str(path), "bytes": model_size_bytes(path),
+        size = (sum(p.stat().st_size for p in written) if path.is_dir()  # a C source directory
+                else model_size_bytes(path))
+        self.report.data["output"] = {"path": str(path), "bytes": size,
                                       "files": [str(p) for p in written]}
         if report_path is not None:
             self.report.write_json(report_path)
@@ -121,6 +123,8 @@ def compile(source: Any, target: str = "ort-int8", preset: str | None = None,
     start = time.perf_counter()
     rec = resolve_recipe(preset, recipe, group_size)
     tgt = get_target(target)
+    if hasattr(tgt, "adapt_recipe"):  # target defaults for settings the recipe left open
+        rec = tgt.adapt_recipe(rec)
     check_recipe(rec, tgt)
     model = capture(source, example_inputs)
     feed = make_feed(calibration, tokenizer, rec, model)

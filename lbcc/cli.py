@@ -45,7 +45,7 @@ def _fail(exc: BaseException) -> None:
 @app.command()
 def compile(
     model: str = typer.Argument(..., help=".onnx file, Hugging Face directory or .gguf file"),
-    output: Path = typer.Option(..., "-o", "--output", help="Output .onnx path"),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .onnx path (a directory for --target c)"),
     target: str = typer.Option("ort-int8", "--target"),
     preset: Optional[str] = typer.Option(None, "--preset", help="w8a8 | w8a8-dynamic | w4a16"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="TOML recipe file"),
@@ -68,7 +68,12 @@ def compile(
     try:
         if preset is None and recipe is None:
             preset = "w8a8"
-        check_output_path(output)
+        from lbcc.target import get_target
+
+        if getattr(get_target(target), "output_is_directory", False):  # e.g. --target c
+            check_output_path(output / "model" if output.is_dir() else output)
+        else:
+            check_output_path(output)
         if report is not None:
             check_output_path(report)
         result = lbcc.compile(model, target=target, preset=preset, recipe=recipe,
