@@ -100,10 +100,11 @@ def model_c(program: Program, prefix: str, title: str) -> str:
              "#include <stddef.h>", "", "/* weights.c */"]
     for c in program.consts:
         lines.append(f"extern const {c.ctype} {c.symbol}[{c.size}];")
-    arena = max(program.arena_bytes, 1)
-    lines += ["", "/* the arena: every intermediate tensor at an offset chosen by the planner */",
-              f"static union {{ double align_; uint8_t bytes[{arena}]; }} lbcc_arena;", "",
-              f"int {prefix}_run({', '.join(_params(program))})", "{"]
+    if program.arena_bytes:
+        lines += ["", "/* the arena: every intermediate tensor at an offset chosen by the planner */",
+                  f"static union {{ double align_; uint8_t bytes[{program.arena_bytes}]; }} "
+                  "lbcc_arena;"]
+    lines += ["", f"int {prefix}_run({', '.join(_params(program))})", "{"]
     for t in [*program.inputs, *program.outputs]:
         lines.append(f"    (void){t.symbol};")
     for i, s in enumerate(program.steps):

@@ -24,8 +24,8 @@ import numpy as np
 
 from lbcc.errors import TargetError
 
-HOST_FLAGS = ["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic",
-              "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g"]
+HOST_FLAGS = ["-std=c99", "-O1", "-Wall", "-Wextra", "-Werror", "-pedantic",
+              "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 #: the Cortex-M cores the tests run on: QEMU machine, cpu and compiler flags
 CORES = {
     "cortex-m4": ("mps2-an386", ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard",
