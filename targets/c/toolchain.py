@@ -108,6 +108,8 @@ int main(void)
     SYST_RVR = 0xFFFFFFu;
     SYST_CVR = 0u;
     SYST_CSR = 7u; /* enable, tick interrupt, processor clock */
+    while (SYST_CVR == 0u) {{
+    }} /* the first reload: from here on, ticks count without a glitch */
 #endif
     for (;;) {{
         if ({reads})

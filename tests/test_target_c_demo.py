@@ -1,0 +1,102 @@
+"""Demo 1 of the c target: scikit-learn's digits, a small MLP trained here (seeded), compiled w8a8
+to C, and all 1,797 predictions compared with ONNX Runtime on the same int8 graph: on the host
+(gcc with sanitizers), on an emulated Cortex-M4 (hard float) and Cortex-M3 (soft float)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import lbcc
+from lbcc.targets.c import toolchain
+from lbcc.targets.c.check import bit_exact, mismatches, run_c, run_ort
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+N_TRAIN = 1200
+
+
+@pytest.fixture(scope="module")
+def digits():
+    datasets = pytest.importorskip("sklearn.datasets")
+    data = datasets.load_digits()
+    x = (data.data / 16.0).astype(np.float32)  # [1797, 64] in [0, 1]
+    return x, data.target.astype(np.int64)
+
+
+def digits_mlp_onnx(x: np.ndarray, y: np.ndarray, hidden: int = 32):
+    """An MLPClassifier (ReLU, seeded) trained on the first N_TRAIN images, as an ONNX graph
+    x[1, 64] -> Gemm -> Relu -> Gemm -> logits[1, 10]."""
+    from onnx import TensorProto, helper, numpy_helper
+    from sklearn.neural_network import MLPClassifier
+
+    clf = MLPClassifier(hidden_layer_sizes=(hidden,), activation="relu", max_iter=400,
+                        random_state=0)
+    clf.fit(x[:N_TRAIN], y[:N_TRAIN])
+    w1, w2 = (w.astype(np.float32) for w in clf.coefs_)
+    b1, b2 = (b.astype(np.float32) for b in clf.intercepts_)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="fc2")]
+    graph = helper.make_graph(
+        nodes, "digits_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        initializer=[numpy_helper.from_array(a, n) for a, n in
+                     ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="module")
+def compiled_mlp(digits, tmp_path_factory):
+    x, y = digits
+    tmp = tmp_path_factory.mktemp("digits")
+    np.savez(tmp / "calib.npz", x=x[:N_TRAIN:4])  # 300 training images
+    source = digits_mlp_onnx(x, y)
+    result = lbcc.compile(source, target="c", preset="w8a8", calibration=tmp / "calib.npz",
+                          progress=False)
+    result.save(tmp / "c")
+    ref = run_ort(result.model, [x[:, None]])[0]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(source.SerializeToString(), providers=["CPUExecutionProvider"])
+    float_logits = np.stack([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    print(f"digits MLP float32: accuracy {_accuracy(float_logits, y)}")
+    return result, ref, tmp
+
+
+def _accuracy(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    pred = logits.reshape(len(y), -1).argmax(axis=1)
+    return float((pred == y).mean()), float((pred[N_TRAIN:] == y[N_TRAIN:]).mean())
+
+
+def test_digits_mlp_host_all_images_bit_exact(digits, compiled_mlp):
+    x, y = digits
+    result, ref, tmp = compiled_mlp
+    (got,), _ = run_c(result.model, [x[:, None]], tmp / "host")
+    assert bit_exact(got, ref), f"{mismatches(got, ref)} logits differ from ORT"
+    assert np.array_equal(got.argmax(-1), ref.argmax(-1))
+    acc_all, acc_held_out = _accuracy(got, y)
+    print(f"digits MLP w8a8 in C: accuracy {acc_all:.4f} on all 1797, {acc_held_out:.4f} on the "
+          f"{len(y) - N_TRAIN} held out")
+    assert acc_held_out > 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not toolchain.have_arm_tools(), reason="needs arm-none-eabi-gcc and "
+                    f"qemu-system-arm (apt-get install {toolchain.APT_PACKAGES})")
+@pytest.mark.parametrize("core", ["cortex-m4", "cortex-m3"])
+def test_digits_mlp_cortex_m_all_images_bit_exact(digits, compiled_mlp, core):
+    x, y = digits
+    result, ref, tmp = compiled_mlp
+    (got,), run = run_c(result.model, [x[:, None]], tmp / core, core=core)
+    assert run.stats["samples"] == len(y)
+    assert bit_exact(got, ref), f"{mismatches(got, ref)} logits differ from ORT"
+    acc_all, acc_held_out = _accuracy(got, y)
+    print(f"digits MLP on {core}: accuracy {acc_all:.4f} (held out {acc_held_out:.4f}), "
+          f"{run.instructions_per_inference:.0f} instructions/inference, sizes {run.sizes}, "
+          f"stack {run.stats['stack_bytes']} B")
+    assert run.sizes["model_flash"] < 64 * 1024
+    assert run.stats["stack_bytes"] < 4096
