@@ -289,3 +289,55 @@ def test_whole_model_bit_exact_on_host(work, models_dir, source):
     assert sum(v for k, v in notes["ops"].items() if k.startswith("qmatmul")) == 2
     got = assert_exact(result.model, [x], out / "build")
     assert np.isfinite(got[0]).all()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_cli_compile_target_c_writes_sources_and_report(tmp_path, mlp_path, mlp_calib):
+    import json
+
+    from test_cli import lbcc_cli
+
+    out = tmp_path / "mlp_c"
+    result = lbcc_cli("compile", mlp_path, "--target", "c", "--preset", "w8a8", "--calib",
+                      mlp_calib, "-o", out, "--report", tmp_path / "r.json", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert {"model.h", "model.c", "weights.c", "lbcc_kernels.c", "lbcc_kernels.h",
+            "reference.onnx"} <= {p.name for p in out.iterdir()}
+    header = (out / "model.h").read_text()
+    assert "int lbcc_model_run(const float *in_x, float *out_y);" in header
+    assert "LBCC_MODEL_ARENA_BYTES" in header
+    report = json.loads((tmp_path / "r.json").read_text())
+    plan = next(p for p in report["passes"] if p["name"] == "plan-c")
+    assert plan["notes"]["arena_bytes"] > 0
+    assert report["output"]["bytes"] > 0
+
+
+def test_cli_target_c_rejects_4bit_weights(tmp_path, mlp_path):
+    from test_cli import assert_clean_failure, lbcc_cli
+
+    result = lbcc_cli("compile", mlp_path, "--target", "c", "--preset", "w4a16", "-o",
+                      tmp_path / "o")
+    assert_clean_failure(result, 2, "4-bit")
+
+
+def test_cli_target_c_names_an_op_it_cannot_run(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from test_cli import assert_clean_failure, lbcc_cli
+
+    w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Erf", ["h"], ["y"])],
+        "erf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    M.save(model, tmp_path / "erf.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((4, 16))
+             .astype(np.float32))
+    result = lbcc_cli("compile", tmp_path / "erf.onnx", "--target", "c", "--calib",
+                      tmp_path / "calib.npz", "-o", tmp_path / "o")
+    assert_clean_failure(result, 2, "Erf")
+    assert not (tmp_path / "o").exists()
