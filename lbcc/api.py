@@ -123,8 +123,6 @@ def compile(source: Any, target: str = "ort-int8", preset: str | None = None,
     start = time.perf_counter()
     rec = resolve_recipe(preset, recipe, group_size)
     tgt = get_target(target)
-    if hasattr(tgt, "adapt_recipe"):  # target defaults for settings the recipe left open
-        rec = tgt.adapt_recipe(rec)
     check_recipe(rec, tgt)
     model = capture(source, example_inputs)
     feed = make_feed(calibration, tokenizer, rec, model)

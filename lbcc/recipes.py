@@ -43,12 +43,6 @@ class WeightSpec:
     clip: str = "auto"
     #: rounding algorithm: "rtn" (round-to-nearest with the clip above) or "gptq"
     method: str = "rtn"
-    #: 8-bit symmetric weights on a 7-bit grid (int8 storage, values in [-64, 63]), as ONNX
-    #: Runtime's own quantizer's reduce_range: ORT's u8 x s8 kernel on x86 CPUs without VNNI
-    #: (AVX2 vpmaddubsw) saturates pairs of products at int16, so full-range int8 weights give
-    #: results that differ from the exact integer sum; with 7-bit weights no pair can saturate.
-    #: None: the target's default (c: True, to stay bit-exact with ONNX Runtime; ort-int8: False)
-    reduce_range: bool | None = None
 
 
 @dataclasses.dataclass

@@ -88,8 +88,7 @@ class SelectPrecision(Pass):
                 w, act, skip = self.recipe.spec_for(site.layer)
                 if skip is None:
                     tied_spec[site.weight.name] = {"bits": w.bits, "group_size": w.group_size,
-                                                   "symmetric": w.symmetric, "clip": w.clip,
-                                                   "reduce_range": bool(w.reduce_range)}
+                                                   "symmetric": w.symmetric, "clip": w.clip}
         for site in sites:
             w, act, skip = self.recipe.spec_for(site.layer)
             entry: dict[str, Any] = {"node": site.node.name, "op": site.node.op_type,
@@ -104,7 +103,7 @@ class SelectPrecision(Pass):
                 counts["skipped"] = counts.get("skipped", 0) + 1
                 continue
             weight = {"bits": w.bits, "group_size": w.group_size, "symmetric": w.symmetric,
-                      "clip": w.clip, "reduce_range": bool(w.reduce_range)}
+                      "clip": w.clip}
             if site.kind == "gather":
                 weight = tied_spec.get(site.weight.name, weight)
                 act = "none"

@@ -17,7 +17,6 @@ activations only by the rounding noise, so the activation statistics are declare
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import ml_dtypes
@@ -85,13 +84,9 @@ class RoundWeightsRTN(Pass):
         clip = spec["clip"]
         if clip == "auto":
             clip = "mse" if importance is not None else "none"
-        # reduce_range: 8-bit symmetric storage on the 7-bit grid [-64, 63] (see WeightSpec)
-        reduced = bool(spec.get("reduce_range")) and spec["bits"] == 8 and spec["symmetric"]
-        qw = quantize_weight(w, bits=7 if reduced else spec["bits"],
-                             block_size=spec["group_size"], symmetric=spec["symmetric"],
-                             clip=clip, importance=importance if clip == "mse" else None)
-        if reduced:
-            qw = dataclasses.replace(qw, bits=8)
+        qw = quantize_weight(w, bits=spec["bits"], block_size=spec["group_size"],
+                             symmetric=spec["symmetric"], clip=clip,
+                             importance=importance if clip == "mse" else None)
         return qw, {"method": "rtn", "clip_used": clip,
                     "importance_weighted": clip == "mse" and importance is not None}
 

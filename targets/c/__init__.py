@@ -10,7 +10,6 @@ reproduces: ONNX Runtime on that file gives bit-identical integer results.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +51,6 @@ class CTarget:
         quantizable_ops=frozenset({"MatMul", "Gemm", "Gather", "Conv"}),
         weight_layout_for_mode={"static": "channel"},
     )
-
-    def adapt_recipe(self, recipe: Any) -> Any:
-        """Weights on the 7-bit grid unless the recipe says otherwise (``reduce_range``): ONNX
-        Runtime's x86 u8 x s8 kernel without VNNI saturates pairs of full-range int8 products,
-        so only then is ORT, the reference, exact (and so bit-identical with this C)."""
-        if recipe.weights.reduce_range is None:
-            recipe = copy.deepcopy(recipe)
-            recipe.weights.reduce_range = True
-        return recipe
 
     def passes(self, recipe: Any) -> list:
         from lbcc.passes.cleanup import Cleanup
