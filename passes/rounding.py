@@ -32,7 +32,7 @@ from lbcc.passes.sites import Site, find_sites
 
 
 def _int_dtype(bits: int, symmetric: bool) -> Any:
-    if bits == 8:
+    if bits in (7, 8):  # 7: int8 storage of values in [-64, 63] (saturation-safe)
         return np.int8 if symmetric else np.uint8
     if bits == 4:
         return ml_dtypes.int4 if symmetric else ml_dtypes.uint4
@@ -65,6 +65,16 @@ def dequantize_node(qw: QuantizedWeight, stored_transposed: bool, graph: ir.Grap
     return ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{base}_dq")
 
 
+def resolve_clip(clip: str, obs: Any) -> str:
+    """The clip search a weight gets: ``auto`` is ``mse`` with statistics, else ``none``;
+    ``output`` needs the input's X^T X and degrades to ``mse`` / ``none`` without it."""
+    if clip == "output" and (obs is None or obs.xtx is None):
+        clip = "auto"
+    if clip == "auto":
+        clip = "mse" if obs is not None and obs.channel_mean_square() is not None else "none"
+    return clip
+
+
 def _scale_summary(scale: np.ndarray) -> dict[str, float]:
     return {"min": float(scale.min()), "median": float(np.median(scale)),
             "max": float(scale.max()), "count": int(scale.size)}
@@ -81,12 +91,11 @@ class RoundWeightsRTN(Pass):
                      ) -> tuple[QuantizedWeight, dict[str, Any]]:
         """Quantize out-major ``w[N, K]``; ``obs`` is the input's observer, if calibrated."""
         importance = obs.channel_mean_square() if obs is not None else None
-        clip = spec["clip"]
-        if clip == "auto":
-            clip = "mse" if importance is not None else "none"
-        qw = quantize_weight(w, bits=spec["bits"], block_size=spec["group_size"],
-                             symmetric=spec["symmetric"], clip=clip,
-                             importance=importance if clip == "mse" else None)
+        clip = resolve_clip(spec["clip"], obs)
+        qw = quantize_weight(w, bits=spec.get("value_bits", spec["bits"]),
+                             block_size=spec["group_size"], symmetric=spec["symmetric"], clip=clip,
+                             importance=importance if clip == "mse" else None,
+                             hessian=obs.xtx if clip == "output" else None)
         return qw, {"method": "rtn", "clip_used": clip,
                     "importance_weighted": clip == "mse" and importance is not None}
 
@@ -197,7 +206,10 @@ class RoundWeightsGPTQ(RoundWeightsRTN):
         if obs is None or obs.xtx is None:
             qw, how = super().round_weight(w, spec, obs)
             return qw, {**how, "note": "no input statistics: RTN"}
-        qw = gptq_quantize(w, obs.xtx, bits=spec["bits"], group_size=spec["group_size"],
+        clip = resolve_clip(spec["clip"], obs)
+        qw = gptq_quantize(w, obs.xtx, bits=spec.get("value_bits", spec["bits"]),
+                           group_size=spec["group_size"],
                            symmetric=spec["symmetric"], percdamp=self.percdamp,
-                           block_size=self.block_size, act_order=self.act_order)
-        return qw, {"method": "gptq", "act_order": self.act_order, "percdamp": self.percdamp}
+                           block_size=self.block_size, act_order=self.act_order, clip=clip)
+        return qw, {"method": "gptq", "act_order": self.act_order, "percdamp": self.percdamp,
+                    "clip_used": clip}
