@@ -100,3 +100,97 @@ def test_digits_mlp_cortex_m_all_images_bit_exact(digits, compiled_mlp, core):
           f"stack {run.stats['stack_bytes']} B")
     assert run.sizes["model_flash"] < 64 * 1024
     assert run.stats["stack_bytes"] < 4096
+
+
+# ----------------------------------------------------------------------------- the digits CNN
+
+def digits_cnn_onnx(x: np.ndarray, y: np.ndarray, epochs: int = 60):
+    """A small CNN trained here with torch (seeded, full batch, on the first N_TRAIN images):
+    x[1, 1, 8, 8] -> Conv 3x3 (8) -> Relu -> MaxPool 2 -> depthwise Conv 3x3 -> Relu
+    -> Conv 1x1 (16) -> Relu -> MaxPool 2 -> Reshape [1, 64] -> Gemm -> logits[1, 10]."""
+    torch = pytest.importorskip("torch")
+    from onnx import TensorProto, helper, numpy_helper
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                        nn.Conv2d(8, 16, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(64, 10))
+    xt = torch.from_numpy(x[:N_TRAIN].reshape(-1, 1, 8, 8))
+    yt = torch.from_numpy(y[:N_TRAIN])
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(xt), yt)
+        loss.backward()
+        opt.step()
+    p = {k: v.detach().numpy().astype(np.float32) for k, v in net.state_dict().items()}
+    mp = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    nodes = [helper.make_node("Conv", ["x", "0.weight", "0.bias"], ["c1"], name="conv1",
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", **mp),
+             helper.make_node("Conv", ["p1", "3.weight", "3.bias"], ["c2"], name="dwconv",
+                              pads=[1, 1, 1, 1], group=8),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "5.weight", "5.bias"], ["c3"], name="pwconv"),
+             helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+             helper.make_node("MaxPool", ["r3"], ["p3"], name="pool2", **mp),
+             helper.make_node("Reshape", ["p3", "flat"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "9.weight", "9.bias"], ["logits"], name="fc",
+                              transB=1)]
+    inits = [numpy_helper.from_array(v, k) for k, v in p.items()]
+    inits.append(numpy_helper.from_array(np.array([1, 64], np.int64), "flat"))
+    graph = helper.make_graph(
+        nodes, "digits_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="module")
+def compiled_cnn(digits, tmp_path_factory):
+    x, y = digits
+    tmp = tmp_path_factory.mktemp("digits_cnn")
+    images = x.reshape(-1, 1, 1, 8, 8)
+    np.savez(tmp / "calib.npz", x=images[:N_TRAIN:4, 0])
+    source = digits_cnn_onnx(x, y)
+    result = lbcc.compile(source, target="c", preset="w8a8", calibration=tmp / "calib.npz",
+                          progress=False)
+    result.save(tmp / "c")
+    ref = run_ort(result.model, [images])[0]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(source.SerializeToString(), providers=["CPUExecutionProvider"])
+    float_logits = np.stack([sess.run(None, {"x": images[i]})[0] for i in range(len(x))])
+    print(f"digits CNN float32: accuracy {_accuracy(float_logits, y)}")
+    return result, ref, tmp, images
+
+
+def test_digits_cnn_is_integer_and_bit_exact_on_host(digits, compiled_cnn):
+    x, y = digits
+    result, ref, tmp, images = compiled_cnn
+    ops = result.report.data["passes"][-1]["notes"]["ops"]
+    assert ops.get("qconv2d -> 8-bit (QLinearConv)") == 3, ops
+    assert ops.get("maxpool") == 2
+    (got,), _ = run_c(result.model, [images], tmp / "host")
+    assert bit_exact(got, ref), f"{mismatches(got, ref)} logits differ from ORT"
+    acc_all, acc_held_out = _accuracy(got, y)
+    print(f"digits CNN w8a8 in C: accuracy {acc_all:.4f} on all 1797, {acc_held_out:.4f} held out")
+    assert acc_held_out > 0.85
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not toolchain.have_arm_tools(), reason="needs arm-none-eabi-gcc and "
+                    f"qemu-system-arm (apt-get install {toolchain.APT_PACKAGES})")
+def test_digits_cnn_cortex_m4_all_images_bit_exact(digits, compiled_cnn):
+    x, y = digits
+    result, ref, tmp, images = compiled_cnn
+    (got,), run = run_c(result.model, [images], tmp / "m4", core="cortex-m4")
+    assert bit_exact(got, ref), f"{mismatches(got, ref)} logits differ from ORT"
+    acc_all, acc_held_out = _accuracy(got, y)
+    print(f"digits CNN on cortex-m4: accuracy {acc_all:.4f} (held out {acc_held_out:.4f}), "
+          f"{run.instructions_per_inference:.0f} instructions/inference, sizes {run.sizes}, "
+          f"stack {run.stats['stack_bytes']} B")

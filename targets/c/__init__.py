@@ -54,8 +54,14 @@ class CTarget:
 
     def passes(self, recipe: Any) -> list:
         from lbcc.passes.cleanup import Cleanup
+        from lbcc.targets.c.convs import HoistQuantize, QuantizeConv
 
-        return [Cleanup(), PlanC()]
+        convs = []
+        if recipe.activations.mode == "static":
+            acts = recipe.activations
+            convs.append(QuantizeConv(method=acts.method, percentile=acts.percentile,
+                                      saturation_safe=recipe.weights.saturation_safe))
+        return [*convs, HoistQuantize(), Cleanup(), PlanC()]
 
     def emit(self, model: ir.Model, path: Path, prefix: str = "lbcc_model",
              reference: bool = True, **_: Any) -> list[Path]:
