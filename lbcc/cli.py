@@ -213,6 +213,39 @@ def inspect(
         out.print(table)
 
 
+@app.command(name="measure-c")
+def measure_c(
+    directory: Path = typer.Argument(..., help="output directory of lbcc compile --target c"),
+    core: List[str] = typer.Option(["cortex-m4"], "--core",
+                                   help="cortex-m4 (mps2-an386) and/or cortex-m3 (mps2-an385)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Flash, RAM and instructions per inference of generated C on an emulated Cortex-M."""
+    try:
+        from lbcc.targets.c.toolchain import CORES, measure
+
+        for c in core:
+            if c not in CORES:
+                raise LbccError(f"unknown core {c!r}.", f"Use one of: {', '.join(CORES)}.")
+        results = [measure(directory, c) for c in core]
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+        return
+    if as_json:
+        out.print_json(json.dumps(results))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{directory} on emulated Cortex-M (QEMU -icount shift=0)")
+    for col in ("core", "flash B", "RAM B (arena+data, stack)", "instructions/inference"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(f"{r['core']} ({r['machine']})", str(r["flash_bytes"]),
+                      f"{r['ram_bytes']} ({r['static_ram_bytes']}, {r['stack_bytes']})",
+                      f"{r['instructions_per_inference']:,.0f}")
+    out.print(table)
+
+
 def main() -> None:
     try:
         app()

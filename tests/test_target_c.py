@@ -341,3 +341,26 @@ def test_cli_target_c_names_an_op_it_cannot_run(tmp_path):
                       tmp_path / "calib.npz", "-o", tmp_path / "o")
     assert_clean_failure(result, 2, "Erf")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_cli_measure_c_reports_flash_ram_and_instructions(tmp_path, mlp_path, mlp_calib):
+    import json
+
+    from lbcc.targets.c import toolchain
+    from test_cli import assert_clean_failure, lbcc_cli
+
+    if not toolchain.have_arm_tools():
+        pytest.skip(f"needs arm-none-eabi-gcc and qemu-system-arm ({toolchain.APT_PACKAGES})")
+    out = tmp_path / "mlp_c"
+    assert lbcc_cli("compile", mlp_path, "--target", "c", "--calib", mlp_calib, "-o", out,
+                    "-q").exit_code == 0
+    result = lbcc_cli("measure-c", out, "--core", "cortex-m4", "--json")
+    assert result.exit_code == 0, result.stderr
+    (m4,) = json.loads(result.stdout)
+    manifest = json.loads((out / "lbcc_model.json").read_text())
+    assert m4["flash_bytes"] > manifest["weight_bytes"] > 0
+    assert m4["static_ram_bytes"] >= manifest["arena_bytes"] > 0
+    assert 0 < m4["stack_bytes"] < 2048
+    assert m4["instructions_per_inference"] > 8 * (64 * 96 + 96 * 48)  # one per MAC at least
+    assert_clean_failure(lbcc_cli("measure-c", tmp_path), 2, "lbcc_model.json")

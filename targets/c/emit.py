@@ -6,7 +6,8 @@
   straight-line kernel calls;
 - ``weights.c``: every constant as a ``const`` array (the linker places them in flash); floats
   are written as hexadecimal literals, so the values are exact;
-- ``lbcc_kernels.c`` / ``lbcc_kernels.h``: the kernels, copied from this package.
+- ``lbcc_kernels.c`` / ``lbcc_kernels.h``: the kernels, copied from this package;
+- ``lbcc_model.json``: the entry point's arguments, arena and weight sizes, kernel counts.
 
 Files are written atomically (temporary file + rename).
 """
@@ -14,6 +15,7 @@ Files are written atomically (temporary file + rename).
 from __future__ import annotations
 
 import collections
+import json
 import os
 import tempfile
 from importlib import resources
@@ -23,6 +25,8 @@ from lbcc.targets.c.cformat import c_float, c_values
 from lbcc.targets.c.program import Program, Tensor
 
 RUNTIME_FILES = ("lbcc_kernels.c", "lbcc_kernels.h")
+#: what the generated code takes and holds, for tools (``lbcc measure-c``, test harnesses)
+MANIFEST = "lbcc_model.json"
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -134,6 +138,10 @@ def write(program: Program, out_dir: Path, prefix: str = "lbcc_model",
              "weights.c": weights_c(program, title)}
     for name in RUNTIME_FILES:
         files[name] = runtime_source(name)
+    files[MANIFEST] = json.dumps({"prefix": prefix, **summary(program), "args": [
+        {"name": t.name, "symbol": t.symbol, "ctype": t.ctype, "shape": list(t.shape),
+         "size": t.size, "direction": "in" if t.kind == "input" else "out"}
+        for t in [*program.inputs, *program.outputs]]}, indent=1) + "\n"
     paths = []
     for name, text in files.items():
         atomic_write(out_dir / name, text)

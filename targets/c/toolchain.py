@@ -265,3 +265,47 @@ def unpack_outputs(data: bytes, specs: list[tuple[np.dtype, tuple[int, ...]]]
     return [np.stack(o) if o else np.zeros((0, *s), d) for o, (d, s) in zip(outs, specs)]
 
 
+
+
+def measure(src_dir: Path, core: str = "cortex-m4", samples: int = 1) -> dict:
+    """Flash, RAM and instructions per inference of the generated C in ``src_dir`` on ``core``.
+
+    Builds a copy (``src_dir`` is left as it is) with a harness fed zeros, runs it in QEMU and
+    returns: ``flash_bytes`` (code + const weights of model.c, weights.c and the kernels, from
+    arm-none-eabi-size), ``ram_bytes`` (their .data + .bss, i.e. the arena, plus the stack
+    high-water mark of one inference), ``instructions_per_inference`` (QEMU -icount).
+    """
+    import json
+    import tempfile
+
+    from lbcc.targets.c.emit import MANIFEST
+
+    src_dir = Path(src_dir)
+    manifest_path = src_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise TargetError(f"{str(src_dir)!r} holds no {MANIFEST}: not an lbcc c-target output.",
+                          "Run lbcc compile MODEL --target c -o DIR first.")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    args = manifest["args"]
+    with tempfile.TemporaryDirectory(prefix="lbcc-measure-") as tmp:
+        work = Path(tmp)
+        for f in src_dir.iterdir():
+            if f.suffix in (".c", ".h"):
+                shutil.copy(f, work / f.name)
+        write_harness(work, [(a["ctype"], a["symbol"], a["size"]) for a in args
+                             if a["direction"] == "in"],
+                      [(a["ctype"], a["symbol"], a["size"]) for a in args
+                       if a["direction"] == "out"], prefix=manifest["prefix"])
+        itemsize = {"float": 4, "uint8_t": 1, "int8_t": 1, "int32_t": 4, "int64_t": 8}
+        zeros = bytes(samples * sum(a["size"] * itemsize[a["ctype"]] for a in args
+                                    if a["direction"] == "in"))
+        build_arm(work, core)
+        run = run_qemu(work, zeros, core)
+    sizes = run.sizes
+    return {"core": core, "machine": CORES[core][0],
+            "flash_bytes": sizes["model_flash"], "ram_bytes": sizes["model_ram"]
+            + run.stats.get("stack_bytes", 0), "arena_bytes": manifest["arena_bytes"],
+            "weight_bytes": manifest["weight_bytes"],
+            "static_ram_bytes": sizes["model_ram"], "stack_bytes": run.stats.get("stack_bytes", 0),
+            "instructions_per_inference": run.instructions_per_inference,
+            "harness_elf_flash_bytes": sizes["elf_flash"]}
