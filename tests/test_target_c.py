@@ -291,6 +291,36 @@ def test_whole_model_bit_exact_on_host(work, models_dir, source):
     assert np.isfinite(got[0]).all()
 
 
+def test_weight_only_recipe_runs_float_with_int8_weights_dequantized(work, models_dir):
+    """activations.mode = none: the int8 weights are dequantized at compile time (exactly as
+    DequantizeLinear does) and the MatMuls run in float, within float32 summation-order error
+    of numpy. (Not ORT: it rewrites DQ(int8) + MatMul into MatMulNBits, 1e-2 away.)"""
+    from lbcc.recipes import recipe_from_dict
+
+    recipe = recipe_from_dict({"activations": {"mode": "none"}}, default_base="w8a8")
+    result = lbcc.compile(models_dir / "mlp.onnx", target="c", recipe=recipe, progress=False)
+    ops = result.report.data["passes"][-1]["notes"]["ops"]
+    assert ops.get("matmul f32") == 2 and not any(k.startswith("q") for k in ops)
+    init = {k: v.const_value.numpy() for k, v in result.model.graph.initializers.items()}
+    w1, w2 = (init[f"w{i}_q"].astype(np.float32) * init[f"w{i}_scale"] for i in (1, 2))
+    x = M.mlp_inputs(samples=3, seed=5)[:, None]
+    (got,), _ = run_c(result.model, [x], work())
+    np.testing.assert_allclose(got, np.maximum((x + init["b0"]) @ w1, 0) @ w2, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_compile_is_deterministic(tmp_path, models_dir):
+    """Same model, calibration and preset: the same C sources, byte for byte."""
+    texts = []
+    for run in ("a", "b"):
+        result = lbcc.compile(models_dir / "mlp.onnx", target="c", preset="w8a8",
+                              calibration=models_dir / "mlp_calib.npz", progress=False)
+        result.save(tmp_path / run)
+        texts.append({f: (tmp_path / run / f).read_bytes()
+                      for f in ("model.h", "model.c", "weights.c", "lbcc_model.json")})
+    assert texts[0] == texts[1]
+
+
 # ----------------------------------------------------------------------------- command line
 
 def test_cli_compile_target_c_writes_sources_and_report(tmp_path, mlp_path, mlp_calib):

@@ -139,9 +139,6 @@ class Lowering:
         self.const_cache[key] = t
         return t
 
-    def new(self, like: ir.Value) -> Tensor:
-        return self.tensor(like)
-
     def add(self, op: str, node: ir.Node, inputs: list[Tensor], outputs: list[Tensor],
             render: Callable[[Callable[[Tensor], str]], str], inplace=(), exactness="exact",
             info: dict | None = None):
@@ -387,9 +384,14 @@ class Lowering:
             s = _const(node.inputs[1]).astype(np.float32)
             z = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None \
                 else np.zeros_like(s, np.int32)
-            if s.size != 1:
+            axis = node.attributes.get_int("axis", 1) % q.ndim
+            block = node.attributes.get_int("block_size", 0)
+            if block:  # blocked: scale [.., K/g, ..] repeats g times along the axis
+                s = np.repeat(s, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+                z = np.repeat(z, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+            elif s.size != 1:
                 shape = [1] * q.ndim
-                shape[node.attributes.get_int("axis", 1) % q.ndim] = s.size
+                shape[axis] = s.size
                 s, z = s.reshape(shape), z.reshape(shape)
             deq = ((q - z.astype(np.int32)).astype(np.float32) * s).astype(np.float32)
             self.tensors[id(node.outputs[0])] = self.const(deq, node.outputs[0].name)
