@@ -294,6 +294,22 @@ class Lowering:
                 claimed[id(dq)] = claimed.get(id(dq), 0) + 1
             if q is not None:
                 self.skip.add(id(q[0]))
+        for node in self.graph:  # embeddings: Gather rows of an int8 table, scale per row
+            if node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 0:
+                continue
+            p = node.inputs[0].producer()
+            if p is None or p.op_type != "DequantizeLinear" or p.attributes.get_int("block_size", 0):
+                continue
+            q, s = _const(p.inputs[0]), _const(p.inputs[1])
+            z = _const(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2] is not None else None
+            if (q is None or s is None or q.dtype != np.int8 or q.ndim != 2
+                    or (z is not None and np.any(z != 0))
+                    or (s.size != 1 and (p.attributes.get_int("axis", 1) % 2 != 0
+                                         or s.size != q.shape[0]))):
+                continue
+            scales = np.broadcast_to(s.reshape(-1).astype(np.float32), (q.shape[0],))
+            self.fused[id(node)] = {"table": q, "scales": np.ascontiguousarray(scales)}
+            claimed[id(p)] = claimed.get(id(p), 0) + 1
         for node in self.graph:
             if node.op_type in ("DequantizeLinear", "Transpose") and id(node) in claimed:
                 if claimed[id(node)] == len(list(node.outputs[0].uses())) and \
@@ -511,6 +527,18 @@ class Lowering:
                  inplace=[(0, 0)], exactness=ULP_NOTE.format("libm expf"))
 
     def _op_Gather(self, node: ir.Node) -> None:
+        m = self.fused.get(id(node))
+        if m is not None:  # int8 rows, dequantized as DequantizeLinear does: (float)q * s[row]
+            table = self.const(m["table"], f"{node.name}_table")
+            scales = self.const(m["scales"], f"{node.name}_row_scales")
+            ids, y = self.tensor(node.inputs[1]), self.tensor(node.outputs[0])
+            if ids.dtype != "s64":
+                raise TargetError(f"Gather {node.name!r}: only int64 indices.", "")
+            rows, cols = m["table"].shape
+            self.add("gather int8 rows", node, [table, scales, ids], [y],
+                     lambda r: f"lbcc_gather_dq_s8({r(table)}, {r(scales)}, {r(ids)}, {r(y)}, "
+                               f"{cols}, {ids.size}, {rows});")
+            return
         table, ids, y = (self.tensor(v) for v in (node.inputs[0], node.inputs[1],
                                                   node.outputs[0]))
         if node.attributes.get_int("axis", 0) != 0 or ids.dtype != "s64":

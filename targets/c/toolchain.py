@@ -241,7 +241,8 @@ def run_qemu(src_dir: Path, inputs: bytes, core: str = "cortex-m4", timeout: flo
     if proc.returncode:
         raise TargetError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{proc.stdout[-2000:]}"
                           f"{proc.stderr[-2000:]}", "")
-    return RunResult(out.read_bytes(), proc.stdout, _stats(proc.stdout), arm_sizes(src_dir, core))
+    return RunResult(out.read_bytes() if out.is_file() else b"", proc.stdout, _stats(proc.stdout),
+                     arm_sizes(src_dir, core))
 
 
 def pack_inputs(arrays: list[np.ndarray]) -> bytes:

@@ -351,6 +351,21 @@ void lbcc_gather_rows(const void *table, const int64_t *ids, void *y, size_t row
     }
 }
 
+void lbcc_gather_dq_s8(const int8_t *table, const float *scales, const int64_t *ids, float *y,
+                       int32_t cols, int32_t n_ids, int32_t n_rows)
+{
+    int32_t i, c;
+    for (i = 0; i < n_ids; ++i) {
+        int64_t r = ids[i] < 0 ? ids[i] + n_rows : ids[i];
+        const int8_t *row;
+        if (r < 0 || r >= n_rows)
+            r = 0; /* out of range ids read row 0 rather than memory outside the table */
+        row = table + (size_t)r * (size_t)cols;
+        for (c = 0; c < cols; ++c)
+            y[(size_t)i * (size_t)cols + (size_t)c] = (float)row[c] * scales[r];
+    }
+}
+
 void lbcc_argmax_last_f32(const float *x, int64_t *y, int32_t rows, int32_t cols)
 {
     int32_t r, c;

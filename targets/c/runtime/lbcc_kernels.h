@@ -78,6 +78,9 @@ void lbcc_maxpool_q8(const lbcc_pool_shape *s, const void *x, int is_signed, voi
 /* ---- misc */
 void lbcc_gather_rows(const void *table, const int64_t *ids, void *y, size_t row_bytes,
                       int32_t n_ids, int32_t n_rows);
+/* embedding rows of an int8 table with one scale per row: y[i][c] = (float)q[ids[i]][c] * s[ids[i]] */
+void lbcc_gather_dq_s8(const int8_t *table, const float *scales, const int64_t *ids, float *y,
+                       int32_t cols, int32_t n_ids, int32_t n_rows);
 void lbcc_argmax_last_f32(const float *x, int64_t *y, int32_t rows, int32_t cols);
 
 #endif /* LBCC_KERNELS_H */
