@@ -444,3 +444,40 @@ int main(void)
     path = Path(src_dir) / "harness.c"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python samples/stories260k_c.py OUT_DIR [--ctx 128] [--tokens 64]: compile stories260K
+    w8a8 for the c target (calibrated on TinyStories train text) and write a generation harness;
+    then build it for the host or, with the ARM toolchain, run it on an emulated Cortex-M4."""
+    import argparse
+
+    import lbcc
+    from lbcc.calibration import Feed
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=64)
+    a = ap.parse_args(argv)
+    m, tok = read_model(), Tokenizer.read()
+    text = (SHARED / "tinystories" / "TinyStories-train.first-2MiB.txt").read_text()
+    calib = tok.encode(text.split("<|endoftext|>")[0].strip())[:a.ctx]
+    scales = kv_scales_for(m, calib)
+
+    class _Feed(StepFeed, Feed):
+        pass
+
+    result = lbcc.compile(step_graph(m, a.ctx, scales), target="c", recipe=recipe(),
+                          calibration=_Feed(m, calib, a.ctx, scales, stride=4), progress=False)
+    result.save(a.out)
+    write_generate_harness(a.out, m, a.ctx, n_gen=a.tokens)
+    print(f"wrote {a.out}: model.h model.c weights.c lbcc_kernels.c harness.c\n"
+          f"host:  cd {a.out} && gcc -std=c99 -O2 *.c -o gen -lm && ./gen\n"
+          f"Cortex-M4: lbcc measure-c {a.out}  (or build harness.c with targets/c/arm/, see "
+          "README)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
