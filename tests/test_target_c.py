@@ -108,6 +108,32 @@ def test_qconv_matches_ort(work, c_in, c_mult, size, k, stride, pad, depthwise, 
     assert_exact(model, [x], work())
 
 
+@PROP
+@given(op=st.sampled_from(["Add", "Mul"]), rank=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_quantized_add_mul_match_ort(work, op, rank, seed):
+    """Q(Add/Mul(DQ(a), DQ(b))), with broadcasting: ORT's QLinearAdd equals DQ, float add, Q;
+    its x86 QLinearMul is rne(float((a-za)(b-zb)) * (sa*sb/sy) + zy) (lbcc_qmul_q8)."""
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(d) for d in rng.integers(1, 6, rank))
+    other = _broadcastable(rng, shape)
+    inits: dict = {}
+    nodes = G.act_qdq("a", rng.uniform(0.005, 0.05), int(rng.integers(0, 256)), False, inits)
+    nodes += G.act_qdq("b", rng.uniform(0.005, 0.05), int(rng.integers(0, 256)), False, inits)
+    nodes.append(helper.make_node(op, ["a_dq", "b_dq"], ["c"]))
+    inits["y_s"] = np.float32(rng.uniform(0.01, 0.06) if op == "Add" else rng.uniform(5e-4, 5e-3))
+    inits["y_z"] = np.array(rng.integers(0, 256), np.uint8)
+    nodes.append(helper.make_node("QuantizeLinear", ["c", "y_s", "y_z"], ["y"]))
+    model = G.finish(nodes, [("a", np.float32, shape), ("b", np.float32, other)],
+                     [("y", np.uint8, shape)], inits)
+    if op == "Mul":
+        assert any(s.op.startswith("qmul") for s in lower(model).steps)
+    a = (rng.standard_normal((3, *shape)) * 2).astype(np.float32)
+    b = (rng.standard_normal((3, *other)) * 2).astype(np.float32)
+    assert_exact(model, [a, b], work())
+
+
 # ----------------------------------------------------------------------------- float kernels
 
 def _broadcastable(rng, shape):

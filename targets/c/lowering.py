@@ -294,6 +294,17 @@ class Lowering:
                 claimed[id(dq)] = claimed.get(id(dq), 0) + 1
             if q is not None:
                 self.skip.add(id(q[0]))
+        for node in self.graph:  # Q(Mul(DQ(a), DQ(b))) -> QLinearMul
+            if node.op_type != "Mul":
+                continue
+            a, b = self._act_dq(node.inputs[0]), self._act_dq(node.inputs[1])
+            q = self._requant_q(node.outputs[0])
+            if a is None or b is None or q is None or a[1][2] != b[1][2]:
+                continue
+            self.fused[id(node)] = {"a": a, "b": b, "q": q}
+            for dq in (a[0], b[0]):
+                claimed[id(dq)] = claimed.get(id(dq), 0) + 1
+            self.skip.add(id(q[0]))
         for node in self.graph:  # embeddings: Gather rows of an int8 table, scale per row
             if node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 0:
                 continue
@@ -441,7 +452,27 @@ class Lowering:
                  lambda r: f"lbcc_matmul_f32({r(a)}, {r(b)}, {r(y)}, {batch}, {m}, {k}, {n}, "
                            f"{sa}, {sb});", exactness=ULP_NOTE.format("summation order"))
 
+    def _qmul(self, node: ir.Node, m: dict) -> None:
+        """QLinearMul as ONNX Runtime's x86 kernel computes it (see lbcc_qmul_q8)."""
+        (_, (s_a, z_a, dt)), (_, (s_b, z_b, _)), (qnode, (s_y, z_y, dt_y)) = m["a"], m["b"], m["q"]
+        a = self.tensor(node.inputs[0].producer().inputs[0])
+        b = self.tensor(node.inputs[1].producer().inputs[0])
+        y = self.tensor(qnode.outputs[0])
+        ratio = np.float32(np.float32(s_a) * np.float32(s_b)) / np.float32(s_y)
+        shape = list(y.shape) or [1]
+        sa = broadcast_strides(a.shape, y.shape) or [0]
+        sb = broadcast_strides(b.shape, y.shape) or [0]
+        rank = len(shape)
+        self.add("qmul -> 8-bit (QLinearMul)", node, [a, b], [y],
+                 lambda r: (f"{{ static const int32_t sa[] = {c_int_list(sa)}, sb[] = "
+                            f"{c_int_list(sb)}, sh[] = {c_int_list(shape)};\n"
+                            f"      lbcc_qmul_q8({r(a)}, sa, {z_a}, {r(b)}, sb, {z_b}, "
+                            f"{int(dt == 's8')}, {c_float(ratio)}, {r(y)}, {int(dt_y == 's8')}, "
+                            f"{z_y}, sh, {rank}); }}"))
+
     def _op_binary(self, node: ir.Node) -> None:
+        if node.op_type == "Mul" and id(node) in self.fused:
+            return self._qmul(node, self.fused[id(node)])
         a, b, y = (self.tensor(v) for v in (node.inputs[0], node.inputs[1], node.outputs[0]))
         if y.dtype != "f32":
             raise TargetError(f"{node.op_type} {node.name!r}: only float32 elementwise "

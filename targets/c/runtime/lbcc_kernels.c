@@ -49,6 +49,11 @@ void lbcc_dequantize_s8(const int8_t *x, float *y, int32_t n, float scale, int32
         y[i] = (float)((int32_t)x[i] - zp) * scale;
 }
 
+static int32_t lbcc_load8(const void *x, int is_signed, size_t i)
+{
+    return is_signed ? (int32_t)((const int8_t *)x)[i] : (int32_t)((const uint8_t *)x)[i];
+}
+
 /* sum_k a[k] * w[k] with a uint8 or int8: the raw product; the zero-point term is subtracted by
  * the caller as a_zp * wsum (integer arithmetic, exact either way) */
 static int32_t lbcc_dot(const void *a, int a_signed, const int8_t *w, int32_t k)
@@ -106,10 +111,6 @@ void lbcc_qmatmul_q8(const void *a, int a_signed, int32_t a_zp, const int8_t *w,
     }
 }
 
-static int32_t lbcc_load8(const void *x, int is_signed, size_t i)
-{
-    return is_signed ? (int32_t)((const int8_t *)x)[i] : (int32_t)((const uint8_t *)x)[i];
-}
 
 void lbcc_qconv2d(const lbcc_conv_shape *s, const void *x, int x_signed, int32_t x_zp,
                   const int8_t *w, const int32_t *bias32, const float *mult,
@@ -154,6 +155,40 @@ void lbcc_qconv2d(const lbcc_conv_shape *s, const void *x, int x_signed, int32_t
                                                                       0, 255);
                 }
         }
+}
+
+void lbcc_qmul_q8(const void *a, const int32_t *a_strides, int32_t a_zp, const void *b,
+                  const int32_t *b_strides, int32_t b_zp, int in_signed, float ratio, void *y,
+                  int y_signed, int32_t y_zp, const int32_t *shape, int rank)
+{
+    int32_t idx[LBCC_MAX_RANK];
+    size_t ia = 0, ib = 0, total = 1, o;
+    int d;
+    for (d = 0; d < rank; ++d) {
+        idx[d] = 0;
+        total *= (size_t)shape[d];
+    }
+    for (o = 0; o < total; ++o) {
+        const int32_t prod = (lbcc_load8(a, in_signed, ia) - a_zp) * (lbcc_load8(b, in_signed, ib) - b_zp);
+        /* ORT: cvtps(mul(prod, ratio) + zp), saturated: two roundings, then to nearest even */
+        float v = (float)prod * ratio + (float)y_zp;
+        const float lo = y_signed ? -128.0f : 0.0f, hi = y_signed ? 127.0f : 255.0f;
+        v = v > lo ? v : lo;
+        v = v < hi ? v : hi;
+        if (y_signed)
+            ((int8_t *)y)[o] = (int8_t)lbcc_rne(v);
+        else
+            ((uint8_t *)y)[o] = (uint8_t)lbcc_rne(v);
+        for (d = rank - 1; d >= 0; --d) {
+            ia += (size_t)a_strides[d];
+            ib += (size_t)b_strides[d];
+            if (++idx[d] < shape[d])
+                break;
+            ia -= (size_t)a_strides[d] * (size_t)shape[d];
+            ib -= (size_t)b_strides[d] * (size_t)shape[d];
+            idx[d] = 0;
+        }
+    }
 }
 
 void lbcc_matmul_f32(const float *a, const float *b, float *y, int32_t batch, int32_t m,

@@ -36,6 +36,12 @@ void lbcc_qmatmul_q8(const void *a, int a_signed, int32_t a_zp, const int8_t *w,
                      const int32_t *wsum, const float *mult, void *y, int y_signed, int32_t y_zp,
                      int32_t m, int32_t k, int32_t n);
 
+/* ---- QLinearMul (ONNX Runtime's x86 kernel), broadcasting through strides:
+ * y = sat(rne((float)((a - a_zp) * (b - b_zp)) * ratio + (float)y_zp)), ratio = s_a * s_b / s_y */
+void lbcc_qmul_q8(const void *a, const int32_t *a_strides, int32_t a_zp, const void *b,
+                  const int32_t *b_strides, int32_t b_zp, int in_signed, float ratio, void *y,
+                  int y_signed, int32_t y_zp, const int32_t *shape, int rank);
+
 /* ---- integer 2-D convolution, NCHW, groups (depthwise: group == c_in == c_out)
  * w is [c_out][c_in / group][kh][kw]; wsum[o] = sum of w[o]; bias32 (may be NULL) is the int32
  * bias of QLinearConv (already on the a_s * w_s scale). Output either requantized 8-bit
