@@ -112,6 +112,8 @@ def digits_cnn_onnx(x: np.ndarray, y: np.ndarray, epochs: int = 60):
     from onnx import TensorProto, helper, numpy_helper
 
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic, and 5x faster than 2 contended threads here
     nn = torch.nn
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
@@ -125,6 +127,7 @@ def digits_cnn_onnx(x: np.ndarray, y: np.ndarray, epochs: int = 60):
         loss = nn.functional.cross_entropy(net(xt), yt)
         loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
     p = {k: v.detach().numpy().astype(np.float32) for k, v in net.state_dict().items()}
     mp = {"kernel_shape": [2, 2], "strides": [2, 2]}
     nodes = [helper.make_node("Conv", ["x", "0.weight", "0.bias"], ["c1"], name="conv1",

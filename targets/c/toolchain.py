@@ -207,25 +207,57 @@ def build_arm(src_dir: Path, core: str = "cortex-m4", opt: str = "-O2") -> Path:
             raise TargetError(f"arm-none-eabi-gcc failed on {src}:\n{proc.stderr[-4000:]}", "")
         objs.append(obj)
     proc = _run(["arm-none-eabi-gcc", *cpu_flags, *flags, "-nostartfiles", "-T", str(script),
-                 "-Wl,--gc-sections", *objs, "-o", elf, "-lm"], src_dir)
+                 "-Wl,--gc-sections", f"-Wl,-Map={core}.map", *objs, "-o", elf, "-lm"], src_dir)
     if proc.returncode:
         raise TargetError(f"linking {elf} failed:\n{proc.stderr[-4000:]}", "")
     return src_dir / elf
 
 
+def linked_model_bytes(map_path: Path, objects: list[str]) -> dict[str, int]:
+    """Flash and RAM bytes that ``objects`` contribute to the linked image, from the linker map
+    (after --gc-sections, so kernels the model does not call are not counted): input sections at
+    addresses below 0x20000000 are flash, above are RAM; .data counts in both (its load image
+    is in flash)."""
+    import re
+
+    text = map_path.read_text(encoding="utf-8", errors="replace")
+    text = text[text.find("Linker script and memory map"):]
+    flash = ram = 0
+    section = ""
+    for line in text.splitlines():
+        m = re.match(r"^ (\.\S+)", line)
+        if m:
+            section = m.group(1)
+        m = re.search(r"0x([0-9a-f]+)\s+0x([0-9a-f]+)\s+(\S+\.o)\s*$", line)
+        if not m or Path(m.group(3)).name not in objects:
+            continue
+        addr, size = int(m.group(1), 16), int(m.group(2), 16)
+        if addr >= 0x20000000:
+            ram += size
+            if section.startswith(".data"):
+                flash += size
+        else:
+            flash += size
+    return {"flash": flash, "ram": ram}
+
+
 def arm_sizes(src_dir: Path, core: str = "cortex-m4") -> dict[str, int]:
-    """Bytes from ``arm-none-eabi-size`` (Berkeley format): the model's own objects (model.c,
-    weights.c, kernels) and the whole ELF (with harness, startup and newlib)."""
+    """The model's share of the linked image (model.c, weights.c, the kernels it calls; from the
+    linker map), ``arm-none-eabi-size`` of its object files (all kernels) and of the whole ELF
+    (with harness, startup and newlib)."""
     def size(files: list[str]) -> dict[str, int]:
         proc = _run(["arm-none-eabi-size", "-B", "-t", *files], src_dir)
         last = proc.stdout.strip().splitlines()[-1].split()
         return {"text": int(last[0]), "data": int(last[1]), "bss": int(last[2])}
 
-    model = size([f"{core}_{Path(s).stem}.o" for s in MODEL_SOURCES])
+    objects = [f"{core}_{Path(s).stem}.o" for s in MODEL_SOURCES]
+    model = size(objects)
     elf = size([f"{core}.elf"])
-    return {"model_flash": model["text"] + model["data"], "model_ram": model["data"] + model["bss"],
-            "model_text": model["text"], "elf_flash": elf["text"] + elf["data"],
-            "elf_ram_static": elf["data"] + elf["bss"]}
+    linked = linked_model_bytes(src_dir / f"{core}.map", objects)
+    return {"model_flash": linked["flash"], "model_ram": linked["ram"],
+            "objects_flash": model["text"] + model["data"],
+            "objects_ram": model["data"] + model["bss"],
+            "elf_flash": elf["text"] + elf["data"], "elf_ram_static": elf["data"] + elf["bss"]}
 
 
 def run_qemu(src_dir: Path, inputs: bytes, core: str = "cortex-m4", timeout: float = 600
