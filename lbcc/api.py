@@ -105,7 +105,9 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
                                      tokens=mp.tokens))
     output_clip = recipe.weights.clip == "output" or any(o.clip == "output" for o in recipe.layers)
     context.second_moments = context.second_moments or gptq or output_clip
-    passes += [SelectPrecision(recipe), RoundWeightsGPTQ() if gptq else RoundWeightsRTN()]
+    rounding = RoundWeightsGPTQ(sequential=recipe.weights.sequential) if gptq \
+        else RoundWeightsRTN()
+    passes += [SelectPrecision(recipe), rounding]
     if recipe.activations.mode in ("static", "dynamic") or any(
             o.activations in ("static", "dynamic") for o in recipe.layers):
         passes.append(InsertQDQ())

@@ -45,6 +45,10 @@ class WeightSpec:
     clip: str = "auto"
     #: rounding algorithm: "rtn" (round-to-nearest with the clip above) or "gptq"
     method: str = "rtn"
+    #: GPTQ only: each block's X^T X measured on the model with the earlier blocks already
+    #: rounded (the paper's sequential procedure; one calibration pass per block) instead of all
+    #: from the float model in one pass
+    sequential: bool = False
     #: int8 weights of layers with per-tensor uint8 activations (static / dynamic) use the values
     #: [-64, 63]: ONNX Runtime's x86 u8 x s8 kernels without VNNI (AVX2, AVX-512 without VNNI)
     #: add pairs of products in 16 bits with saturation (vpmaddubsw), and 255 * 64 * 2 = 32640
