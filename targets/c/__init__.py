@@ -1,7 +1,9 @@
 """Target ``c``: portable C99 for microcontrollers, bit-exact with ONNX Runtime on integer ops.
 
 The target takes the graph that ``insert-qdq`` leaves (the QDQ graph ``ort-int8`` would hand ONNX
-Runtime, before any ORT-specific lowering), lowers it to a program of kernel calls
+Runtime, before any ORT-specific lowering), quantizes convolutions (``quantize-conv``), moves
+QuantizeLinear above MaxPool/Reshape as ORT does (``hoist-quantize``), lowers it to a program of
+kernel calls
 (:mod:`.lowering`), gives every intermediate tensor an offset in one static arena
 (:mod:`.planner`) and writes ``model.h``, ``model.c``, ``weights.c`` and the kernel runtime into
 an output directory (:mod:`.emit`). ``reference.onnx`` beside them is the exact graph the C code

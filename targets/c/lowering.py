@@ -9,6 +9,13 @@ are the ones ONNX Runtime's QDQ transformer fuses (x: activation, q: int8 consta
 - ``MatMul(DQ(x), Transpose(DQ(q[N, K])))`` (a tied lm_head) is the same with the weight already
   stored one row per output;
 - ``Q(Conv(DQ(x), DQ(q), DQ(b_int32)))`` -> QLinearConv (requantized as above, int32 bias);
+- ``Q(Mul(DQ(a), DQ(b)))`` -> QLinearMul, ``y = sat(rne((float)((a-z_a)(b-z_b)) * r + z_y))``,
+  r = s_a s_b / s_y (ORT's x86 kernel); ``Q(Add(DQ(a), DQ(b)))`` (QLinearAdd) equals the plain
+  dequantize, float add, quantize, and runs as that;
+- ``Gather(DQ(q[V, D], s[V]), ids)`` -> int8 rows times their scale (an embedding; a tied lm_head
+  reads the same constant, stored once);
+- a Relu/Clip whose only use is such a Q and that clamps no more than it is dropped first, as
+  ORT's ReluQuantFusion / ClipQuantFusion do;
 
 with ``acc = sum_k (x[m, k] - z_x) * q[n, k]`` in int32 and every product of scales computed in
 float32 at compile time exactly as ONNX Runtime computes it. QuantizeLinear and DequantizeLinear of
