@@ -21,7 +21,7 @@ from lbcc.targets.c.lowering import lower
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 #: property tests: each example builds one C program (~1 s with the sanitizers)
-PROP = settings(max_examples=6, deadline=None, derandomize=True, print_blob=True,
+PROP = settings(max_examples=5, deadline=None, derandomize=True, print_blob=True,
                 phases=[Phase.explicit, Phase.reuse, Phase.generate],  # no slow shrinking
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
