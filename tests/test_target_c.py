@@ -420,3 +420,28 @@ def test_cli_measure_c_reports_flash_ram_and_instructions(tmp_path, mlp_path, ml
     assert 0 < m4["stack_bytes"] < 2048
     assert m4["instructions_per_inference"] > 8 * (64 * 96 + 96 * 48)  # one per MAC at least
     assert_clean_failure(lbcc_cli("measure-c", tmp_path), 2, "lbcc_model.json")
+
+
+STRICT = ["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-Wshadow",
+          "-Wconversion", "-Wsign-conversion", "-Wcast-qual", "-Wstrict-prototypes",
+          "-Wmissing-prototypes", "-Wdouble-promotion", "-Wundef"]
+
+
+def test_generated_c_is_clean_under_strict_firmware_warnings(tmp_path, models_dir):
+    """What firmware builds often turn on (-Wconversion, -Wshadow, ...), as errors, for the host
+    and, when the cross compiler is here, Cortex-M4 (SIMD32 path) and Cortex-M3."""
+    import subprocess
+
+    from lbcc.targets.c import toolchain
+
+    result = lbcc.compile(models_dir / "mlp.onnx", target="c", preset="w8a8",
+                          calibration=models_dir / "mlp_calib.npz", progress=False)
+    result.save(tmp_path)
+    sources = ["model.c", "weights.c", "lbcc_kernels.c"]
+    compilers = [["gcc"]]
+    if toolchain.have_arm_tools():
+        compilers += [["arm-none-eabi-gcc", *flags] for _, flags in toolchain.CORES.values()]
+    for cc in compilers:
+        proc = subprocess.run([*cc, *STRICT, "-c", *sources], cwd=tmp_path, capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, f"{cc}: {proc.stderr[-3000:]}"

@@ -79,11 +79,12 @@ static int32_t lbcc_dot4(const void *a, int a_signed, const int8_t *w, int32_t k
     int32_t acc = 0, i;
     for (i = 0; i + 4 <= k; i += 4) {
         const uint32_t av = lbcc_load4((const uint8_t *)a + i), wv = lbcc_load4(w + i);
-        const uint32_t a02 = a_signed ? (uint32_t)__sxtb16(av) : (uint32_t)__uxtb16(av);
-        const uint32_t a13 = a_signed ? (uint32_t)__sxtb16(lbcc_ror8(av))
-                                      : (uint32_t)__uxtb16(lbcc_ror8(av));
-        acc = __smlad(a02, (uint32_t)__sxtb16(wv), acc);
-        acc = __smlad(a13, (uint32_t)__sxtb16(lbcc_ror8(wv)), acc);
+        const int16x2_t a02 = a_signed ? __sxtb16((int8x4_t)av)
+                                       : (int16x2_t)__uxtb16((uint8x4_t)av);
+        const int16x2_t a13 = a_signed ? __sxtb16((int8x4_t)lbcc_ror8(av))
+                                       : (int16x2_t)__uxtb16((uint8x4_t)lbcc_ror8(av));
+        acc = __smlad(a02, __sxtb16((int8x4_t)wv), acc);
+        acc = __smlad(a13, __sxtb16((int8x4_t)lbcc_ror8(wv)), acc);
     }
     *done = i;
     return acc;
