@@ -35,7 +35,9 @@ class CompileResult:
 
         path = Path(path)
         written = self.target.emit(self.model, path, external_data=external_data)
-        self.report.data["output"] = {"path": str(path), "bytes": model_size_bytes(path),
+        size = (sum(p.stat().st_size for p in written) if path.is_dir()  # a C source directory
+                else model_size_bytes(path))
+        self.report.data["output"] = {"path": str(path), "bytes": size,
                                       "files": [str(p) for p in written]}
         if report_path is not None:
             self.report.write_json(report_path)

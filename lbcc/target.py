@@ -43,6 +43,7 @@ class Target(Protocol):
 
 
 _REGISTRY = {"ort-int8": "lbcc.targets.ort_int8:OrtInt8Target"}
+_REGISTRY["c"] = "lbcc.targets.c:CTarget"
 
 
 def available_targets() -> list[str]:
