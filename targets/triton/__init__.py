@@ -1,0 +1,1 @@
+"""Target ``triton``: a Python module of fused low-bit Triton kernels for NVIDIA GPUs."""

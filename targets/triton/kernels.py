@@ -1,0 +1,232 @@
+"""Triton kernels of the ``triton`` target: low-bit linear layers for LLM inference.
+
+All weight-only kernels read the one packed layout of :mod:`packing` (``qweight`` int32
+``[N, Kp/E]``, K contiguous; float16 ``scales`` and, when asymmetric, uint8 ``zeros`` per
+``[N, group]``) and compute ``y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])`` with
+``W[n, k] = (u[n, k] - z[n, g(k)]) * s[n, g(k)]``, ``g(k) = k // group``.
+
+* :func:`_wq_gemv_kernel` (decode, M = 1 .. a few): CUDA-core FMAs, dequantization folded
+  into the group sum: ``y += s * (sum_k u*x - z * sum_k x)`` per group, float32 accumulation;
+  one program per (row of x, block of N, K split); the rows of x are the fastest grid axis, so
+  the programs that read the same weights run together and the later ones hit L2.
+* :func:`_wq_matmul_kernel` (M > 1): tensor-core tiles; the weight tile is dequantized to
+  float16 inside the main loop (``(u - z)`` exact, one rounding for ``* s``: the same float16
+  weights as :func:`packing.dequantize`), ``tl.dot`` accumulates in float32; optional split-K
+  (float16 atomic adds into a zeroed output).
+* :func:`_quant_rows_kernel` (W8A8): per-token dynamic int8 activations, optionally fused with
+  RMSNorm: ``h = x * rsqrt(mean(x^2) + eps) * gamma``; ``s_m = max_k |h| / 127``,
+  ``q = rint(h * (127 / max_k |h|))`` (round half to even), int8.
+* :func:`_w8a8_matmul_kernel`: int8 x int8 tensor-core tiles with int32 accumulation (exact),
+  epilogue ``y = acc * s_a[m] * s_w[n] (+ bias)`` in float32, stored as float16.
+
+Every kernel also runs under ``TRITON_INTERPRET=1`` on the CPU (the CI tests do that).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even for |v| < 2**22: adding and removing 1.5 * 2**23 leaves no fraction bits
+    (float32 addition rounds to nearest even); the interpreter has no libdevice.rint."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+                    M, N, K, KW, G, stride_xm, stride_ym,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT_K: tl.constexpr):
+    E: tl.constexpr = 32 // BITS
+    BW: tl.constexpr = BLOCK_K // E
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    rn = tl.where(nmask, offs_n, 0)
+    offs_w = tl.arange(0, BW)
+    offs_e = tl.arange(0, E)
+    shifts = offs_e * BITS
+    blocks = (KW * E) // BLOCK_K
+    per_split = tl.cdiv(blocks, SPLIT_K)
+    b0 = pid_k * per_split
+    b1 = tl.minimum(b0 + per_split, blocks)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    x_row = x_ptr + pid_m * stride_xm
+    for b in range(b0, b1):
+        k0 = b * BLOCK_K
+        words = tl.load(qw_ptr + rn[:, None] * KW + (k0 // E + offs_w)[None, :])
+        u = ((words[:, :, None] >> shifts[None, None, :]) & MASK).to(tl.float32)
+        kk = k0 + offs_w[:, None] * E + offs_e[None, :]
+        x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+        d = tl.sum(tl.sum(u * x[None, :, :], axis=2), axis=1)
+        xs = tl.sum(tl.sum(x, axis=1), axis=0)
+        g = k0 // GROUP
+        s = tl.load(s_ptr + rn * G + g).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rn * G + g).to(tl.float32)
+        else:
+            z = (1 << (BITS - 1)) * 1.0
+        acc += s * (d - z * xs)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)
+    out = acc.to(y_ptr.dtype.element_ty)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + pid_m * stride_ym + offs_n, out, mask=nmask)
+    else:
+        tl.atomic_add(y_ptr + pid_m * stride_ym + offs_n, out, mask=nmask)
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering of output tiles: GROUP_M row-tiles share each column-tile in L2."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+                      M, N, K, KW, G, stride_xm, stride_ym,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    E: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.where(offs_m < M, offs_m, 0)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    shift = ((offs_k % E) * BITS)[:, None]
+    blocks = (KW * E) // BLOCK_K
+    per_split = tl.cdiv(blocks, SPLIT_K)
+    b0 = pid_k * per_split
+    b1 = tl.minimum(b0 + per_split, blocks)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b in range(b0, b1):
+        kk = b * BLOCK_K + offs_k
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=kk[None, :] < K,
+                    other=0.0)
+        words = tl.load(qw_ptr + rn[None, :] * KW + (kk // E)[:, None])
+        u = (words >> shift) & MASK
+        g = (b * BLOCK_K) // GROUP
+        s = tl.load(s_ptr + rn * G + g)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rn * G + g).to(tl.int32)
+            w = (u - z[None, :]).to(tl.float16) * s[None, :]
+        else:
+            w = (u - HALF).to(tl.float16) * s[None, :]
+        acc = tl.dot(a, w, acc)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    out = acc.to(y_ptr.dtype.element_ty)
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(ptrs, out, mask=mask)
+    else:
+        tl.atomic_add(ptrs, out, mask=mask)
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, gamma_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, eps,
+                       HAS_NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    r = 1.0
+    if HAS_NORM:
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            ss += x * x
+        r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            x = x * r * tl.load(gamma_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(
+                tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    m = tl.max(amax, axis=0)
+    m = tl.where(m > 0, m, 1.0)
+    inv = 127.0 / m
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            x = x * r * tl.load(gamma_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(
+                tl.float32)
+        q = tl.minimum(tl.maximum(_rint(x * inv), -127.0), 127.0)
+        tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
+    tl.store(s_ptr + row, m / 127.0)
+
+
+@triton.jit
+def _w8a8_matmul_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K,
+                        stride_am, stride_ym, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.where(offs_m < M, offs_m, 0)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=kk[None, :] < K, other=0)
+        w = tl.load(w_ptr + rn[None, :] * K + kk[:, None], mask=kk[:, None] < K, other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if OUT_INT32:
+        tl.store(ptrs, acc, mask=mask)
+    else:
+        sa = tl.load(sa_ptr + rm).to(tl.float32)
+        sw = tl.load(sw_ptr + rn).to(tl.float32)
+        y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, G,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float16 ``W[n, k] = (u - z) * s`` for ``k < K`` (the large-M path: W then cuBLAS)."""
+    E: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    words = tl.load(qw_ptr + offs_n[:, None] * KW + (offs_k // E)[None, :], mask=mask, other=0)
+    u = (words >> ((offs_k % E) * BITS)[None, :]) & MASK
+    gi = offs_n[:, None] * G + (offs_k // GROUP)[None, :]
+    s = tl.load(s_ptr + gi, mask=mask, other=0.0)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + gi, mask=mask, other=0).to(tl.int32)
+        w = (u - z).to(tl.float16) * s
+    else:
+        w = (u - HALF).to(tl.float16) * s
+    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=mask)
