@@ -5,8 +5,8 @@ All weight-only kernels read the one packed layout of :mod:`packing` (``qweight`
 ``[N, group]``) and compute ``y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])`` with
 ``W[n, k] = (u[n, k] - z[n, g(k)]) * s[n, g(k)]``, ``g(k) = k // group``.
 
-* :func:`_wq_gemv_kernel` (decode, M = 1 .. a few): CUDA-core FMAs, dequantization folded
-  into the group sum: ``y += s * (sum_k u*x - z * sum_k x)`` per group, float32 accumulation;
+* :func:`_wq_gemv_kernel` (decode, M = 1 .. a few): CUDA-core FMAs in float32,
+  ``y += s * sum_k (u - z) * x`` per group (codes to floats by the 2**23 bit trick);
   one program per (row of x, block of N, K split); the rows of x are the fastest grid axis, so
   the programs that read the same weights run together and the later ones hit L2.
 * :func:`_wq_matmul_kernel` (M > 1): tensor-core tiles; the weight tile is dequantized to
@@ -41,9 +41,14 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SPLIT_K: tl.constexpr):
+    # Codes become floats without an int->float conversion: OR-ing a code u < 2**23 into the
+    # bits of 2**23 (0x4B000000) gives the float32 2**23 + u; subtracting 2**23 + z is exact.
+    # The word tile stays [BLOCK_N, BLOCK_K / E] (16-byte loads); nibble j of every word meets
+    # x[k0 + w*E + j]; the per-group scale multiplies the group's partial sums once.
     E: tl.constexpr = 32 // BITS
     BW: tl.constexpr = BLOCK_K // E
     MASK: tl.constexpr = (1 << BITS) - 1
+    MAGIC: tl.constexpr = 0x4B000000
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -51,29 +56,29 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     nmask = offs_n < N
     rn = tl.where(nmask, offs_n, 0)
     offs_w = tl.arange(0, BW)
-    offs_e = tl.arange(0, E)
-    shifts = offs_e * BITS
     blocks = (KW * E) // BLOCK_K
     per_split = tl.cdiv(blocks, SPLIT_K)
     b0 = pid_k * per_split
     b1 = tl.minimum(b0 + per_split, blocks)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
     for b in range(b0, b1):
         k0 = b * BLOCK_K
         words = tl.load(qw_ptr + rn[:, None] * KW + (k0 // E + offs_w)[None, :])
-        u = ((words[:, :, None] >> shifts[None, None, :]) & MASK).to(tl.float32)
-        kk = k0 + offs_w[:, None] * E + offs_e[None, :]
-        x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-        d = tl.sum(tl.sum(u * x[None, :, :], axis=2), axis=1)
-        xs = tl.sum(tl.sum(x, axis=1), axis=0)
         g = k0 // GROUP
         s = tl.load(s_ptr + rn * G + g).to(tl.float32)
         if HAS_ZERO:
-            z = tl.load(z_ptr + rn * G + g).to(tl.float32)
+            zoff = (tl.load(z_ptr + rn * G + g).to(tl.float32) + 8388608.0)[:, None]
         else:
-            z = (1 << (BITS - 1)) * 1.0
-        acc += s * (d - z * xs)
+            zoff = 8388608.0 + (1 << (BITS - 1))
+        part = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+        for j in tl.static_range(E):
+            kk = k0 + offs_w * E + j
+            xj = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+            f = (((words >> (j * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)
+            part += (f - zoff) * xj[None, :]
+        acc2 += part * s[:, None]
+    acc = tl.sum(acc2, axis=1)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + rn).to(tl.float32)
@@ -82,6 +87,27 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
         tl.store(y_ptr + pid_m * stride_ym + offs_n, out, mask=nmask)
     else:
         tl.atomic_add(y_ptr + pid_m * stride_ym + offs_n, out, mask=nmask)
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr):
+    """int32 words [R, W] -> codes [R, W * 32/BITS] in natural order (code j of word w at
+    column w*E + j): nibble planes interleaved pairwise, so no word is loaded twice."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    a0 = words & MASK
+    a1 = (words >> BITS) & MASK
+    a2 = (words >> (2 * BITS)) & MASK
+    a3 = (words >> (3 * BITS)) & MASK
+    if BITS == 4:
+        a4 = (words >> 16) & MASK
+        a5 = (words >> 20) & MASK
+        a6 = (words >> 24) & MASK
+        a7 = (words >> 28) & MASK
+        out = tl.interleave(tl.interleave(tl.interleave(a0, a4), tl.interleave(a2, a6)),
+                            tl.interleave(tl.interleave(a1, a5), tl.interleave(a3, a7)))
+    else:
+        out = tl.interleave(tl.interleave(a0, a2), tl.interleave(a1, a3))
+    return out
 
 
 @triton.jit
@@ -114,7 +140,7 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     rm = tl.where(offs_m < M, offs_m, 0)
     rn = tl.where(offs_n < N, offs_n, 0)
     offs_k = tl.arange(0, BLOCK_K)
-    shift = ((offs_k % E) * BITS)[:, None]
+    offs_w = tl.arange(0, BLOCK_K // E)
     blocks = (KW * E) // BLOCK_K
     per_split = tl.cdiv(blocks, SPLIT_K)
     b0 = pid_k * per_split
@@ -124,16 +150,16 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
         kk = b * BLOCK_K + offs_k
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=kk[None, :] < K,
                     other=0.0)
-        words = tl.load(qw_ptr + rn[None, :] * KW + (kk // E)[:, None])
-        u = (words >> shift) & MASK
+        words = tl.load(qw_ptr + rn[:, None] * KW + (b * (BLOCK_K // E) + offs_w)[None, :])
+        u = _unpack(words, BITS)
         g = (b * BLOCK_K) // GROUP
         s = tl.load(s_ptr + rn * G + g)
         if HAS_ZERO:
             z = tl.load(z_ptr + rn * G + g).to(tl.int32)
-            w = (u - z[None, :]).to(tl.float16) * s[None, :]
+            w = (u - z[:, None]).to(tl.float16) * s[:, None]
         else:
-            w = (u - HALF).to(tl.float16) * s[None, :]
-        acc = tl.dot(a, w, acc)
+            w = (u - HALF).to(tl.float16) * s[:, None]
+        acc = tl.dot(a, tl.trans(w), acc)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
@@ -149,33 +175,44 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
 @triton.jit
 def _quant_rows_kernel(x_ptr, gamma_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, eps,
                        HAS_NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row. BLOCK_K >= K: the row is read once and kept in registers;
+    otherwise it is read in blocks, once per pass (sum of squares, max, codes)."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
-    r = 1.0
-    if HAS_NORM:
-        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    if BLOCK_K >= K:
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
+            x = x * r * tl.load(gamma_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        m = tl.max(tl.abs(x), axis=0)
+        m = tl.where(m > 0, m, 1.0)
+        q = tl.minimum(tl.maximum(_rint(x * (127.0 / m)), -127.0), 127.0)
+        tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=offs < K)
+    else:
+        r = 1.0
+        if HAS_NORM:
+            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                ss += x * x
+            r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            ss += x * x
-        r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        if HAS_NORM:
-            x = x * r * tl.load(gamma_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(
-                tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    m = tl.max(amax, axis=0)
-    m = tl.where(m > 0, m, 1.0)
-    inv = 127.0 / m
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        if HAS_NORM:
-            x = x * r * tl.load(gamma_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(
-                tl.float32)
-        q = tl.minimum(tl.maximum(_rint(x * inv), -127.0), 127.0)
-        tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
+            if HAS_NORM:
+                x = x * r * tl.load(gamma_ptr + k0 + offs, mask=k0 + offs < K,
+                                    other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        m = tl.max(amax, axis=0)
+        m = tl.where(m > 0, m, 1.0)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                x = x * r * tl.load(gamma_ptr + k0 + offs, mask=k0 + offs < K,
+                                    other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(_rint(x * (127.0 / m)), -127.0), 127.0)
+            tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
     tl.store(s_ptr + row, m / 127.0)
 
 
@@ -213,20 +250,23 @@ def _w8a8_matmul_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K,
 def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, G,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """float16 ``W[n, k] = (u - z) * s`` for ``k < K`` (the large-M path: W then cuBLAS)."""
+    """float16 ``W[n, k] = (u - z) * s`` for ``k < K`` (the large-M path: W then cuBLAS).
+    BLOCK_K divides GROUP: one scale per row and tile."""
     E: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     HALF: tl.constexpr = 1 << (BITS - 1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    words = tl.load(qw_ptr + offs_n[:, None] * KW + (offs_k // E)[None, :], mask=mask, other=0)
-    u = (words >> ((offs_k % E) * BITS)[None, :]) & MASK
-    gi = offs_n[:, None] * G + (offs_k // GROUP)[None, :]
-    s = tl.load(s_ptr + gi, mask=mask, other=0.0)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    kb = tl.program_id(1)
+    words = tl.load(qw_ptr + rn[:, None] * KW + (kb * (BLOCK_K // E)
+                                                  + tl.arange(0, BLOCK_K // E))[None, :])
+    u = _unpack(words, BITS)
+    g = (kb * BLOCK_K) // GROUP
+    s = tl.load(s_ptr + rn * G + g)
     if HAS_ZERO:
-        z = tl.load(z_ptr + gi, mask=mask, other=0).to(tl.int32)
-        w = (u - z).to(tl.float16) * s
+        z = tl.load(z_ptr + rn * G + g).to(tl.int32)
+        w = (u - z[:, None]).to(tl.float16) * s[:, None]
     else:
-        w = (u - HALF).to(tl.float16) * s
+        w = (u - HALF).to(tl.float16) * s[:, None]
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=mask)

@@ -2,8 +2,8 @@
 
 ``wq_linear`` (W4A16 / W8A16), ``quant_rows`` + ``w8a8_linear`` (W8A8), ``dequantize``.
 The tuner times a small set of candidates per (GPU, op, M bucket, N, K, bits, group) on the
-first call with real inputs (never while a CUDA graph is being captured: then the default is
-used) and keeps the winner in a JSON file (``$LBCC_TRITON_CACHE`` or
+first call with real inputs, as CUDA-graph replays over copies of the weights that exceed L2
+(never while a CUDA graph is being captured: then the default is used) and keeps the winner in a JSON file (``$LBCC_TRITON_CACHE`` or
 ``~/.cache/lbcc/triton-tune.json``). On the CPU (``TRITON_INTERPRET=1``) the defaults are used.
 """
 
@@ -96,8 +96,13 @@ class Tuner:
             pass  # a read-only home: keep the table in memory only
 
     def pick(self, key: tuple, device: torch.device, candidates: list[dict], default: dict,
-             run) -> dict:
-        """The best of ``candidates`` for ``key`` (``run(cfg)`` launches one); cached."""
+             make_fns) -> dict:
+        """The fastest of ``candidates`` for ``key``; cached in memory and on disk.
+
+        ``make_fns()`` returns ``(fns_for, n)``: ``fns_for(cfg)`` gives callables that each run
+        the op once with ``cfg`` on one of several copies of the weights (so the timing does not
+        read them from L2); each candidate is timed as CUDA-graph replays of those calls.
+        """
         if device.type != "cuda" or not self.enabled:
             return default
         full = "|".join([torch.cuda.get_device_name(device), *map(str, key)])
@@ -106,19 +111,50 @@ class Tuner:
             return table[full]
         if torch.cuda.is_current_stream_capturing():
             return default
+        fns_for = make_fns()
         best, best_t = default, float("inf")
         for cfg in candidates:
             try:
-                t = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20,
-                                            return_mode="median")
+                t = graph_time_us(fns_for(cfg))
             except Exception:  # a config the compiler rejects (shared memory, registers)
+                torch.cuda.synchronize()
                 continue
             if t < best_t:
                 best, best_t = cfg, t
         with self._lock:
-            table[full] = dict(best, us=round(best_t * 1e3, 2))
+            table[full] = dict(best, us=round(best_t, 2))
             self._save()
         return table[full]
+
+
+def graph_time_us(fns, calls: int | None = None, replays: int = 10) -> float:
+    """Median µs per call of ``fns`` (cycled), ``calls`` launches captured in one CUDA graph."""
+    for f in fns:  # compile and allocate outside the capture
+        f()
+    torch.cuda.synchronize()
+    calls = calls or max(2 * len(fns), 8)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def rotation_copies(nbytes: int, device: torch.device) -> int:
+    """How many copies of ``nbytes`` of weights exceed 4x the L2 cache (2 .. 32)."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(2, min(32, -(-4 * l2 // max(nbytes, 1)) + 1))
 
 
 TUNER = Tuner()
@@ -186,17 +222,25 @@ def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
         if not _fits(default, group, bits):
             default = dict(default, BLOCK_K=group)
         key = ("wq", m_bucket(m), n, k, bits, group, zeros is not None)
-        config = TUNER.pick(key, x.device, cands, default,
-                            lambda c: _launch_wq(c, x2, qw, scales, zeros, bias,
-                                                 torch.empty_like(y), bits, group))
+
+        def make_fns():
+            r = rotation_copies(qw.numel() * 4 + scales.numel() * 2, x.device)
+            sets = [(qw, scales, zeros)] + [
+                (qw.clone(), scales.clone(), None if zeros is None else zeros.clone())
+                for _ in range(r - 1)]
+            out = torch.empty_like(y)
+            return lambda c: [lambda q=q, s=s, z=z: _launch_wq(c, x2, q, s, z, bias, out, bits,
+                                                               group) for q, s, z in sets]
+        config = TUNER.pick(key, x.device, cands, default, make_fns)
     _launch_wq(config, x2, qw, scales, zeros, bias, y, bits, group)
     return y.reshape(*lead, n)
 
 
 def dequantize(qw: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-               group: int, k: int, block_n: int = 32, block_k: int = 64) -> torch.Tensor:
+               group: int, k: int, block_n: int = 32, block_k: int = 128) -> torch.Tensor:
     """float16 ``W [N, k]`` from packed weights (bit-identical to ``packing.dequantize``)."""
     n, kw = qw.shape
+    block_k = min(block_k, group)
     w = torch.empty((n, k), dtype=torch.float16, device=qw.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     K._dequant_kernel[grid](qw, scales, zeros if zeros is not None else scales, w, n, k, kw,
@@ -210,7 +254,7 @@ def dequantize(qw: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | Non
 
 
 def quant_rows(x: torch.Tensor, gamma: torch.Tensor | None = None, eps: float = 1e-6,
-               block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+               block_k: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 ``(q [M, K], s [M] float32)``, optionally of ``RMSNorm(x) * gamma``."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -222,7 +266,7 @@ def quant_rows(x: torch.Tensor, gamma: torch.Tensor | None = None, eps: float = 
     bk = min(block_k, triton.next_power_of_2(k))
     K._quant_rows_kernel[(m,)](x2, gamma if gamma is not None else x2, q, s, k, x2.stride(0),
                                q.stride(0), eps, HAS_NORM=gamma is not None, BLOCK_K=bk,
-                               num_warps=4 if bk <= 1024 else 8)
+                               num_warps=4 if bk <= 1024 else (8 if bk <= 4096 else 16))
     return q, s
 
 
@@ -251,9 +295,13 @@ def w8a8_linear(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Te
     y = torch.empty((m, n), dtype=out_dtype, device=q.device)
     if config is None:
         key = ("w8a8", m_bucket(m), n, q.shape[1])
-        config = TUNER.pick(key, q.device, W8A8_CONFIGS, DEFAULT_W8A8,
-                            lambda c: _launch_w8a8(c, q, sa, w, sw, bias, torch.empty_like(y),
-                                                   out_int32))
+
+        def make_fns():
+            sets = [w] + [w.clone() for _ in range(rotation_copies(w.numel(), q.device) - 1)]
+            out = torch.empty_like(y)
+            return lambda c: [lambda w_=w_: _launch_w8a8(c, q, sa, w_, sw, bias, out, out_int32)
+                              for w_ in sets]
+        config = TUNER.pick(key, q.device, W8A8_CONFIGS, DEFAULT_W8A8, make_fns)
     return _launch_w8a8(config, q, sa, w, sw, bias, y, out_int32)
 
 
