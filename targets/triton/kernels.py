@@ -111,6 +111,18 @@ def _unpack(words, BITS: tl.constexpr):
 
 
 @triton.jit
+def _codes_to_half(u, z_ptrs, HAS_ZERO: tl.constexpr, HALF: tl.constexpr):
+    """float16 ``u - z`` (exact) without an int->float conversion: the bits 0x6400 | u are the
+    float16 1024 + u (u < 1024), and (1024 + u) - (1024 + z) is exact."""
+    h = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    if HAS_ZERO:
+        z = tl.load(z_ptrs).to(tl.float16)
+        return h - (z + 1024.0)[:, None]
+    else:
+        return h - (1024.0 + HALF)
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped ordering of output tiles: GROUP_M row-tiles share each column-tile in L2."""
     pid = tl.program_id(0)
@@ -154,11 +166,7 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
         u = _unpack(words, BITS)
         g = (b * BLOCK_K) // GROUP
         s = tl.load(s_ptr + rn * G + g)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + rn * G + g).to(tl.int32)
-            w = (u - z[:, None]).to(tl.float16) * s[:, None]
-        else:
-            w = (u - HALF).to(tl.float16) * s[:, None]
+        w = _codes_to_half(u, z_ptr + rn * G + g, HAS_ZERO, HALF) * s[:, None]
         acc = tl.dot(a, tl.trans(w), acc)
     if HAS_BIAS:
         if pid_k == 0:
@@ -262,11 +270,7 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, G,
     u = _unpack(words, BITS)
     g = (kb * BLOCK_K) // GROUP
     s = tl.load(s_ptr + rn * G + g)
-    if HAS_ZERO:
-        z = tl.load(z_ptr + rn * G + g).to(tl.int32)
-        w = (u - z[:, None]).to(tl.float16) * s[:, None]
-    else:
-        w = (u - HALF).to(tl.float16) * s[:, None]
+    w = _codes_to_half(u, z_ptr + rn * G + g, HAS_ZERO, HALF) * s[:, None]
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=mask)

@@ -34,12 +34,15 @@ def _mm(bm, bn, bk, sk, nw, ns, gm=8):
             "GROUP_M": gm, "num_warps": nw, "num_stages": ns}
 
 
+# GEMV: a thread's x loads are shared by the rows it holds, so tall tiles (BLOCK_N 64 .. 256)
+# with split-K for parallelism do fewer loads per weight than short ones.
 GEMV_CONFIGS = [_gemv(bn, bk, sk, nw, ns)
-                for bn in (8, 16, 32) for bk in (64, 128, 256) for sk in (1, 2)
-                for nw, ns in ((4, 3), (4, 5), (8, 4))]
+                for bn in (32, 64, 128, 256) for bk in (64, 128) for sk in (1, 2, 4)
+                for nw, ns in ((2, 3), (4, 3), (4, 5), (8, 3))
+                if not (bn == 256 and nw == 2)]
 SMALL_MM_CONFIGS = [_mm(16, bn, bk, sk, nw, ns)
-                    for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4)
-                    for nw, ns in ((4, 3), (4, 5))]
+                    for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)
+                    for nw, ns in ((4, 3), (4, 5), (8, 4))]
 LARGE_MM_CONFIGS = ([_mm(bm, bn, bk, 1, nw, ns)
                      for bm, bn, bk, nw, ns in ((64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                                                 (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
