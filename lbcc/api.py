@@ -34,7 +34,9 @@ class CompileResult:
 
         path = Path(path)
         written = self.target.emit(self.model, path, external_data=external_data)
-        self.report.data["output"] = {"path": str(path), "bytes": model_size_bytes(path),
+        size = model_size_bytes(path) if path.is_file() else \
+            sum(p.stat().st_size for p in written if p.is_file())  # a directory (triton)
+        self.report.data["output"] = {"path": str(path), "bytes": size,
                                       "files": [str(p) for p in written]}
         if report_path is not None:
             self.report.write_json(report_path)

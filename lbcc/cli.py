@@ -68,7 +68,8 @@ def compile(
     try:
         if preset is None and recipe is None:
             preset = "w8a8"
-        check_output_path(output)
+        if target != "triton":  # the triton target writes a directory and checks it itself
+            check_output_path(output)
         if report is not None:
             check_output_path(report)
         result = lbcc.compile(model, target=target, preset=preset, recipe=recipe,

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 import triton
 
+# lbcc:strip-begin
 from . import kernels as K
+# lbcc:strip-end
 
 # ---------------------------------------------------------------------------------------------
 # candidate configurations
