@@ -188,6 +188,32 @@ def _head_dim(graph: ir.Graph, q_node: ir.Node, rope_cos: np.ndarray | None) -> 
                       "q_proj's output into heads).", "")
 
 
+MAX_POSITIONS = 8192
+
+
+def rotary_tables(graph: ir.Graph) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """cos/sin ``[positions, head_dim/2]`` of the rotary embedding (rotate-half form), or None.
+
+    From a fused ``RotaryEmbedding``'s caches, else from the ``inv_freq`` initializer a
+    Hugging Face export keeps: ``cos[p, i] = cos(p * inv_freq[i])``. A graph with Cos/Sin but
+    neither is refused (its rotary form is unknown).
+    """
+    rope = [n for n in graph if n.op_type == "RotaryEmbedding"]
+    if rope:
+        if rope[0].attributes.get_int("interleaved", 0):
+            raise TargetError("interleaved rotary embeddings are not supported.", "")
+        return _const(rope[0].inputs[2]), _const(rope[0].inputs[3])
+    inv = [v for k, v in graph.initializers.items() if k.endswith("rotary_emb.inv_freq")]
+    if inv:
+        f = np.arange(MAX_POSITIONS, dtype=np.float64)[:, None] * \
+            inv[0].const_value.numpy().astype(np.float64)[None, :]
+        return np.cos(f).astype(np.float32), np.sin(f).astype(np.float32)
+    if any(n.op_type in ("Cos", "Sin") for n in graph):
+        raise TargetError("the graph computes a rotary embedding lbcc cannot read (neither a "
+                          "RotaryEmbedding node nor a rotary_emb.inv_freq initializer).", "")
+    return None, None
+
+
 def extract(model: ir.Model, plan_activation: dict[str, str]) -> tuple[dict, dict]:
     """(manifest, tensors) of a Llama-family decoder; TargetError for anything else."""
     from lbcc.passes.precision import plan_of
@@ -222,15 +248,7 @@ def extract(model: ir.Model, plan_activation: dict[str, str]) -> tuple[dict, dic
                           "The triton target emits decoder LMs with input_ids -> logits.")
     n_layers = 1 + max(int(k.split(".")[1]) for k in linears if k.startswith("layers."))
     norms = _norm_nodes(graph)
-    rope = [n for n in graph if n.op_type == "RotaryEmbedding"]
-    if not rope and any(n.op_type in ("Cos", "Sin") for n in graph):
-        raise TargetError("the graph computes a rotary embedding that was not fused into "
-                          "RotaryEmbedding.", "")
-    cos = sin = None
-    if rope:
-        if rope[0].attributes.get_int("interleaved", 0):
-            raise TargetError("interleaved rotary embeddings are not supported.", "")
-        cos, sin = _const(rope[0].inputs[2]), _const(rope[0].inputs[3])
+    cos, sin = rotary_tables(graph)
     tensors: dict[str, np.ndarray] = {}
     man: dict[str, Any] = {"linears": {}, "fusion_groups": []}
 
