@@ -100,9 +100,10 @@ def copies_for(nbytes: int) -> int:
 
 
 def quantize_gpu(w: torch.Tensor, bits: int, group: int, symmetric: bool):
-    """(codes uint8 [N,K], scales f16 [N,K/g], zeros u8 [N,K/g] or None); RTN, see packing.py."""
+    """(codes uint8 [N,Kp] (K padded to whole groups), scales f16 [N,K/g], zeros u8 [N,K/g] or None); RTN, see packing.py."""
     n, k = w.shape
-    g = w.float().reshape(n, k // group, group)
+    kp = -(-k // group) * group  # K padded to whole groups (the padding quantizes to code z)
+    g = F.pad(w.float(), (0, kp - k)).reshape(n, kp // group, group)
     qmax = (1 << bits) - 1
     if symmetric:
         s = g.abs().amax(-1) / ((1 << (bits - 1)) - 1)
@@ -114,7 +115,7 @@ def quantize_gpu(w: torch.Tensor, bits: int, group: int, symmetric: bool):
     if not symmetric:
         z = (-lo / s.float()).round().clamp(0, qmax)
     u = (g / s.float()[..., None]).round().add(z[..., None]).clamp(0, qmax)
-    return u.reshape(n, k).to(torch.uint8), s, (None if symmetric else z.to(torch.uint8))
+    return u.reshape(n, kp).to(torch.uint8), s, (None if symmetric else z.to(torch.uint8))
 
 
 def pack_gpu(codes: torch.Tensor, bits: int) -> torch.Tensor:

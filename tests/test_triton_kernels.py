@@ -168,3 +168,45 @@ def test_quant_rows_single_pass_matches_blocked():
         q2, s2 = ops.quant_rows(x, gamma, block_k=64)
         np.testing.assert_array_equal(q1.numpy(), q2.numpy())
         np.testing.assert_allclose(s1.numpy(), s2.numpy(), rtol=1e-6)
+
+
+def test_rms_norm_fused():
+    rng = np.random.default_rng(16)
+    x = torch.from_numpy((rng.standard_normal((5, 96)) * 3).astype(np.float16))
+    g = torch.from_numpy((1 + 0.1 * rng.standard_normal(96)).astype(np.float16))
+    y = ops.rms_norm_fused(x, g, 1e-5).float().numpy()
+    xf = x.float().numpy()
+    ref = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + 1e-5) * g.float().numpy()
+    assert rel_err(y, ref) < FLOAT_TOL
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_rope_and_cache(rope):
+    """q rotated into q_out; k rotated and v copied into the cache rows at their positions."""
+    rng = np.random.default_rng(17)
+    b, t, nh, nkv, hd, L = 2, 3, 4, 2, 16, 8
+    qkv = torch.from_numpy(rng.standard_normal((b * t, (nh + 2 * nkv) * hd)).astype(np.float16))
+    pos = torch.tensor([2, 3, 4])
+    f = np.arange(16)[:, None] * (10000.0 ** (-np.arange(0, hd, 2) / hd))[None, :]
+    cos = torch.from_numpy(np.cos(f).astype(np.float32)) if rope else None
+    sin = torch.from_numpy(np.sin(f).astype(np.float32)) if rope else None
+    cache = torch.zeros((2, b, nkv, L, hd), dtype=torch.float16)
+    q = ops.rope_and_cache(qkv, pos, cos, sin, cache, t, nh, nkv, hd)
+
+    def rot(x, p):  # x [rows, heads, hd]
+        if not rope:
+            return x
+        c, s = np.cos(f[p])[:, None, :], np.sin(f[p])[:, None, :]
+        x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+        return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    x = qkv.float().numpy()
+    p_rows = pos.numpy()[np.arange(b * t) % t]
+    qr = rot(x[:, :nh * hd].reshape(-1, nh, hd), p_rows)
+    kr = rot(x[:, nh * hd:(nh + nkv) * hd].reshape(-1, nkv, hd), p_rows)
+    vr = x[:, (nh + nkv) * hd:].reshape(-1, nkv, hd)
+    assert rel_err(q.float().numpy(), qr) < FLOAT_TOL
+    c = cache.float().numpy()
+    for r in range(b * t):
+        assert rel_err(c[0, r // t, :, p_rows[r]], kr[r]) < FLOAT_TOL
+        np.testing.assert_array_equal(c[1, r // t, :, p_rows[r]], vr[r])
+    assert (c[:, :, :, :2] == 0).all() and (c[:, :, :, 5:] == 0).all()

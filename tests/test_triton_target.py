@@ -198,3 +198,32 @@ def test_cli_rejects_unsupported_recipe(mlp_path, tmp_path):
     r = CliRunner().invoke(app, ["compile", str(mlp_path), "--target", "triton", "--recipe",
                                  str(rec), "-o", str(tmp_path / "mod")])
     assert r.exit_code == 2, (r.exit_code, r.stderr)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_match_ort_int8(smollm2, tmp_path):
+    """The sample model at w4a16: 32 greedy tokens of the emitted module (torch path on the
+    CPU) equal those of the ort-int8 graph of the same compile; prompt logits within 2e-2."""
+    import lbcc
+    import torch
+    from tokenizers import Tokenizer
+
+    lbcc.compile(smollm2["onnx"], target="triton", preset="w4a16", progress=False).save(
+        tmp_path / "out")
+    lbcc.compile(smollm2["onnx"], target="ort-int8", preset="w4a16", progress=False).save(
+        tmp_path / "ort.onnx")
+    tok = Tokenizer.from_file(str(smollm2["tokenizer"]))
+    prompt = np.array([tok.encode("The capital of France is").ids], np.int64)
+    model = load_emitted(tmp_path / "out").load(tmp_path / "out", "cpu")
+    ours = model.generate(torch.from_numpy(prompt), max_new_tokens=32, cuda_graph=False).numpy()
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "ort.onnx"), providers=["CPUExecutionProvider"])
+    seq = prompt
+    for i in range(32):
+        logits = sess.run(None, {"input_ids": seq})[0]
+        if i == 0:
+            got = model.forward(torch.from_numpy(prompt)).float().numpy()
+            assert rel(got, logits) < PARITY_TOL
+        seq = np.concatenate([seq, logits[:, -1].argmax(-1)[:, None]], 1)
+    np.testing.assert_array_equal(ours, seq)

@@ -69,11 +69,15 @@ class TritonTarget:
         manifest, tensors = extract(model, {})
         manifest = {"format": "lbcc-triton", "version": FORMAT_VERSION, **manifest}
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
         try:
             save_file({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())},
                       str(tmp / "weights.safetensors"))
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
             (tmp / "model.py").write_text(render_module())
+            for p in (tmp, *tmp.iterdir()):  # mkdtemp makes them private; use the umask
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
             if out.exists():
                 old = out.with_name(out.name + ".old")
                 shutil.rmtree(old, ignore_errors=True)

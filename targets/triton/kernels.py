@@ -274,3 +274,48 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, G,
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=mask)
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, g_ptr, y_ptr, K, stride_x, stride_y, eps, BLOCK_K: tl.constexpr):
+    """``y = x * rsqrt(mean(x^2) + eps) * gamma`` per row, float32 inside (one launch)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    m = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, (x * r * g).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr,
+                       T, stride_qkv, s_kv, s_b, s_h, s_l,
+                       NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
+                       HAS_ROPE: tl.constexpr):
+    """The epilogue of the fused qkv GEMM, one program per (token row, head): rotary on q and k
+    (rotate-half: ``[x1*c - x2*s, x2*c + x1*s]``), q to ``q [R, NH, HD]``, k and v written into
+    the cache ``[2, B, NKV, L, HD]`` at the token's position."""
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    HALF: tl.constexpr = HD // 2
+    offs = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + r % T)
+    base = qkv_ptr + r * stride_qkv + h * HD
+    x1 = tl.load(base + offs).to(tl.float32)
+    x2 = tl.load(base + HALF + offs).to(tl.float32)
+    y1 = x1
+    y2 = x2
+    if HAS_ROPE:
+        if h < NH + NKV:
+            c = tl.load(cos_ptr + pos * HALF + offs)
+            s = tl.load(sin_ptr + pos * HALF + offs)
+            y1 = x1 * c - x2 * s
+            y2 = x2 * c + x1 * s
+    if h < NH:
+        out = q_ptr + (r * NH + h) * HD
+    else:
+        kv = (h - NH) // NKV  # 0: k, 1: v
+        out = cache_ptr + kv * s_kv + (r // T) * s_b + ((h - NH) % NKV) * s_h + pos * s_l
+    tl.store(out + offs, y1.to(q_ptr.dtype.element_ty))
+    tl.store(out + HALF + offs, y2.to(q_ptr.dtype.element_ty))

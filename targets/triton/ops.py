@@ -39,12 +39,11 @@ def _mm(bm, bn, bk, sk, nw, ns, gm=8):
 # GEMV: a thread's x loads are shared by the rows it holds, so tall tiles (BLOCK_N 64 .. 256)
 # with split-K for parallelism do fewer loads per weight than short ones.
 GEMV_CONFIGS = [_gemv(bn, bk, sk, nw, ns)
-                for bn in (32, 64, 128, 256) for bk in (64, 128) for sk in (1, 2, 4)
-                for nw, ns in ((2, 3), (4, 3), (4, 5), (8, 3))
-                if not (bn == 256 and nw == 2)]
+                for bn in (32, 64, 128, 256) for bk in (64, 128) for sk in (1, 2, 4, 8)
+                for nw, ns in ((4, 3), (8, 3), (4, 5))]
 SMALL_MM_CONFIGS = [_mm(16, bn, bk, sk, nw, ns)
-                    for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)
-                    for nw, ns in ((4, 3), (4, 5), (8, 4))]
+                    for bn in (64, 128) for bk in (64, 128) for sk in (2, 4, 8)
+                    for nw, ns in ((4, 3), (4, 5))]
 LARGE_MM_CONFIGS = ([_mm(bm, bn, bk, 1, nw, ns)
                      for bm, bn, bk, nw, ns in ((64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                                                 (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
@@ -110,7 +109,7 @@ class Tuner:
         """
         if device.type != "cuda" or not self.enabled:
             return default
-        full = "|".join([torch.cuda.get_device_name(device), *map(str, key)])
+        full = "|".join([_device_name(device), *map(str, key)])
         table = self._load()
         if full in table:
             return table[full]
@@ -162,6 +161,16 @@ def rotation_copies(nbytes: int, device: torch.device) -> int:
     return max(2, min(32, -(-4 * l2 // max(nbytes, 1)) + 1))
 
 
+_NAMES: dict = {}
+
+
+def _device_name(device: torch.device) -> str:
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _NAMES:
+        _NAMES[i] = torch.cuda.get_device_name(i)
+    return _NAMES[i]
+
+
 TUNER = Tuner()
 
 
@@ -201,8 +210,14 @@ def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, y, bits, group):
 
 
 def _fits(cfg: dict, group: int, bits: int) -> bool:
+    """BLOCK_K divides the group (one scale per row and step); GEMV steps are as long as the
+    group allows, up to 128 (shorter ones were never faster on an H200)."""
     bk = cfg.get("BLOCK_K")
-    return bk is None or (bk <= group and group % bk == 0 and bk >= 32 // bits)
+    if bk is None:
+        return True
+    if cfg["kind"] == "gemv" and bk != min(128, group):
+        return False
+    return bk <= group and group % bk == 0 and bk >= 32 // bits
 
 
 def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
@@ -319,5 +334,37 @@ def w8a8_linear_fp(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
     return w8a8_linear(q, sa, w, sw, bias).reshape(*lead, w.shape[0])
 
 
+
+# ---------------------------------------------------------------------------------------------
+# decoder epilogues / prologues
+
+
+def rms_norm_fused(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2) + eps) * gamma`` per row in one launch."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty_like(x2)
+    bk = triton.next_power_of_2(k)
+    K._rmsnorm_kernel[(x2.shape[0],)](x2, gamma, y, k, x2.stride(0), y.stride(0), eps,
+                                      BLOCK_K=bk, num_warps=4 if bk <= 2048 else 8)
+    return y.reshape(x.shape)
+
+
+def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos, sin, cache: torch.Tensor,
+                   t: int, nh: int, nkv: int, hd: int) -> torch.Tensor:
+    """Rotary on q, k of ``qkv [B*T, (NH + 2 NKV) * HD]``; k, v into ``cache [2, B, NKV, L, HD]``
+    at ``positions [T]``; returns q ``[B*T, NH, HD]``."""
+    rows = qkv.shape[0]
+    q = torch.empty((rows, nh, hd), dtype=qkv.dtype, device=qkv.device)
+    has_rope = cos is not None
+    K._rope_cache_kernel[(rows, nh + 2 * nkv)](
+        qkv, positions, cos if has_rope else qkv, sin if has_rope else qkv, q, cache, t,
+        qkv.stride(0), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
+        NH=nh, NKV=nkv, HD=hd, HAS_ROPE=has_rope, num_warps=1)
+    return q
+
+
 __all__ = ["wq_linear", "dequantize", "quant_rows", "w8a8_linear", "w8a8_linear_fp", "TUNER",
-           "Tuner", "m_bucket"]
+           "Tuner", "m_bucket", "rms_norm_fused", "rope_and_cache"]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 # lbcc:strip-begin
-from .ops import quant_rows, w8a8_linear, wq_linear
+from .ops import quant_rows, rms_norm_fused, rope_and_cache, w8a8_linear, wq_linear
 # lbcc:strip-end
 
 
@@ -51,7 +51,7 @@ class Linear:
             q, sa = quant_rows(x, gamma, eps)  # RMSNorm fused into the quantization
             return w8a8_linear(q, sa, self.weight, self.wscale).reshape(*lead, self.n)
         if gamma is not None:
-            x = rms_norm(x, gamma, eps)
+            x = rms_norm_fused(x, gamma, eps)
         if self.kind == "wq":
             return wq_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group)
         return F.linear(x, self.weight)
@@ -158,8 +158,9 @@ class Model:
         positions = pos + torch.arange(t, device=self.device)
         h = self.embed_tokens(input_ids)
         nh, nkv, hd = c["heads"], c["kv_heads"], c["head_dim"]
+        kernels = self.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
         cos = sin = None
-        if self.cos is not None:
+        if self.cos is not None and not kernels:
             cos = self.cos.index_select(0, positions).repeat(b, 1)  # [B*T, hd/2]
             sin = self.sin.index_select(0, positions).repeat(b, 1)
         L = kv_cache.max_len
@@ -168,13 +169,17 @@ class Model:
         eps = c["eps"]
         for i, lay in enumerate(self.layers):
             qkv = lay["qkv"](h, lay["in_norm"], eps).reshape(b * t, -1)
-            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], -1)
-            q, k, v = q.reshape(b * t, nh, hd), k.reshape(b * t, nkv, hd), v.reshape(b * t, nkv, hd)
-            if cos is not None:
-                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             cache = kv_cache.kv[i]
-            cache[0].index_copy_(2, positions, k.reshape(b, t, nkv, hd).transpose(1, 2))
-            cache[1].index_copy_(2, positions, v.reshape(b, t, nkv, hd).transpose(1, 2))
+            if kernels:  # one launch: rotary on q, k; k, v into the cache
+                q = rope_and_cache(qkv, positions, self.cos, self.sin, cache, t, nh, nkv, hd)
+            else:
+                q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], -1)
+                q, k = q.reshape(b * t, nh, hd), k.reshape(b * t, nkv, hd)
+                v = v.reshape(b * t, nkv, hd)
+                if cos is not None:
+                    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+                cache[0].index_copy_(2, positions, k.reshape(b, t, nkv, hd).transpose(1, 2))
+                cache[1].index_copy_(2, positions, v.reshape(b, t, nkv, hd).transpose(1, 2))
             qh = q.reshape(b, t, nh, hd).transpose(1, 2)
             o = F.scaled_dot_product_attention(qh, cache[0], cache[1], attn_mask=mask,
                                                enable_gqa=nh != nkv)
