@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest does too)
 
 import numpy as np
 import pytest

@@ -31,6 +31,13 @@ from conftest import LLAMA_VOCAB  # noqa: E402
 PARITY_TOL = 2e-2
 
 
+@pytest.fixture
+def torch_path(monkeypatch):
+    """The emitted module's plain-torch path (without TRITON_INTERPRET it does not launch
+    kernels on a CPU)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
 def load_emitted(out: Path):
     spec = importlib.util.spec_from_file_location(f"emitted_{abs(hash(str(out)))}",
                                                   out / "model.py")
@@ -79,7 +86,7 @@ def test_emitted_files_and_manifest(compiled):
     assert man["embedding"]["tied"]
 
 
-def test_parity_with_ort_int8_torch_path(compiled):
+def test_parity_with_ort_int8_torch_path(compiled, torch_path):
     import torch
 
     ids, out, ort_path = compiled
@@ -131,7 +138,7 @@ def test_parity_with_ort_int8_interpreted_kernels(compiled, tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.95
 
 
-def test_w8a8_dynamic_emits_int8_layers(tiny_llama_capture, tmp_path):
+def test_w8a8_dynamic_emits_int8_layers(tiny_llama_capture, tmp_path, torch_path):
     """w8a8-dynamic: int8 per-channel weights with per-token activations (the runtime's
     numerics, finer than ONNX Runtime's per-tensor ones); block-quantized overrides become
     8-bit weight-only groups. The activation quantization differs from ONNX Runtime's, so the
@@ -201,29 +208,57 @@ def test_cli_rejects_unsupported_recipe(mlp_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_tokens_match_ort_int8(smollm2, tmp_path):
-    """The sample model at w4a16: 32 greedy tokens of the emitted module (torch path on the
-    CPU) equal those of the ort-int8 graph of the same compile; prompt logits within 2e-2."""
+def test_smollm2_greedy_tokens_match_reference(smollm2, tmp_path, torch_path):
+    """The sample model at w4a16: the emitted module (torch path on the CPU) against the Hugging
+    Face float32 model holding the same dequantized weights: prompt logits within 2e-2 and 32
+    identical greedy tokens.
+
+    Not against the ort-int8 graph here: on SmolLM2 that graph (already in its
+    DequantizeLinear form, before ONNX Runtime's kernels) differs from this same-weights
+    reference by 4e-2 .. 4e-1 relative per position (K = 576 is not a multiple of the group
+    size 128), while the emitted module is within 7e-3; on the tiny Llama both agree.
+    """
     import lbcc
     import torch
     from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
 
-    lbcc.compile(smollm2["onnx"], target="triton", preset="w4a16", progress=False).save(
-        tmp_path / "out")
-    lbcc.compile(smollm2["onnx"], target="ort-int8", preset="w4a16", progress=False).save(
-        tmp_path / "ort.onnx")
-    tok = Tokenizer.from_file(str(smollm2["tokenizer"]))
-    prompt = np.array([tok.encode("The capital of France is").ids], np.int64)
-    model = load_emitted(tmp_path / "out").load(tmp_path / "out", "cpu")
-    ours = model.generate(torch.from_numpy(prompt), max_new_tokens=32, cuda_graph=False).numpy()
-    import onnxruntime as ort
+    out = tmp_path / "out"
+    lbcc.compile(smollm2["onnx"], target="triton", preset="w4a16", progress=False).save(out)
+    emitted = load_emitted(out)
+    model = emitted.load(out, "cpu")
+    man = json.loads((out / "manifest.json").read_text())
 
-    sess = ort.InferenceSession(str(tmp_path / "ort.onnx"), providers=["CPUExecutionProvider"])
-    seq = prompt
-    for i in range(32):
-        logits = sess.run(None, {"input_ids": seq})[0]
-        if i == 0:
-            got = model.forward(torch.from_numpy(prompt)).float().numpy()
-            assert rel(got, logits) < PARITY_TOL
-        seq = np.concatenate([seq, logits[:, -1].argmax(-1)[:, None]], 1)
-    np.testing.assert_array_equal(ours, seq)
+    def deq(name):
+        e, t = man["linears"][name], model.t
+        return emitted.torch_dequantize(t[name + ".qweight"], t[name + ".scales"],
+                                        t.get(name + ".zeros"), e["bits"], e["group"],
+                                        e["in"]).float()
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm2["hf_dir"], dtype=torch.float32).eval()
+    c = man["config"]
+    nq, nkv = c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"]
+    with torch.no_grad():
+        for i, lay in enumerate(hf.model.layers):
+            w = deq(f"layers.{i}.qkv")
+            lay.self_attn.q_proj.weight.copy_(w[:nq])
+            lay.self_attn.k_proj.weight.copy_(w[nq:nq + nkv])
+            lay.self_attn.v_proj.weight.copy_(w[nq + nkv:])
+            w = deq(f"layers.{i}.gate_up")
+            half = w.shape[0] // 2
+            lay.mlp.gate_proj.weight.copy_(w[:half])
+            lay.mlp.up_proj.weight.copy_(w[half:])
+            lay.self_attn.o_proj.weight.copy_(deq(f"layers.{i}.o_proj"))
+            lay.mlp.down_proj.weight.copy_(deq(f"layers.{i}.down_proj"))
+        hf.model.embed_tokens.weight.copy_(deq("lm_head"))  # tied
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+        tok = Tokenizer.from_file(str(smollm2["tokenizer"]))
+        prompt = torch.tensor([tok.encode("The capital of France is").ids])
+        ref_logits = hf(prompt).logits.numpy()
+        ref = prompt  # plain greedy argmax, past end-of-text too (generate() would stop there)
+        for _ in range(32):
+            ref = torch.cat([ref, hf(ref).logits[:, -1:].argmax(-1)], 1)
+    got = model.forward(prompt).float().numpy()
+    assert rel(got, ref_logits) < PARITY_TOL
+    ours = model.generate(prompt, max_new_tokens=32, cuda_graph=False)
+    np.testing.assert_array_equal(ours.numpy(), ref.numpy())
