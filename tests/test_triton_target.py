@@ -255,9 +255,13 @@ def test_smollm2_greedy_tokens_match_reference(smollm2, tmp_path, torch_path):
         tok = Tokenizer.from_file(str(smollm2["tokenizer"]))
         prompt = torch.tensor([tok.encode("The capital of France is").ids])
         ref_logits = hf(prompt).logits.numpy()
-        ref = prompt  # plain greedy argmax, past end-of-text too (generate() would stop there)
-        for _ in range(32):
-            ref = torch.cat([ref, hf(ref).logits[:, -1:].argmax(-1)], 1)
+        # plain greedy argmax, past end-of-text too (generate() would stop there)
+        out = hf(prompt, use_cache=True)
+        ref = [prompt, out.logits[:, -1:].argmax(-1)]
+        for _ in range(31):
+            out = hf(ref[-1], past_key_values=out.past_key_values, use_cache=True)
+            ref.append(out.logits[:, -1:].argmax(-1))
+        ref = torch.cat(ref, 1)
     got = model.forward(prompt).float().numpy()
     assert rel(got, ref_logits) < PARITY_TOL
     ours = model.generate(prompt, max_new_tokens=32, cuda_graph=False)
