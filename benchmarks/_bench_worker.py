@@ -8,8 +8,7 @@ never import ``onnxruntime.quantization``.
     python benchmarks/_bench_worker.py JOB --float model.onnx --out out.onnx --result job.json \
         [--calib valid.txt --tokenizer HF_DIR --calib-samples 16 --seq-len 512]
 
-JOB is one of: ort-static, ort-static-all, ort-dynamic, ort-nbits-rtn4, lbcc-w8a8,
-lbcc-w8a8-dynamic, lbcc-w8a8-sq, lbcc-w4a16, lbcc-w4a16-gptq.
+JOB is one of the keys of ``JOBS`` below (``--help`` lists them).
 The result JSON holds the seconds spent inside the job (load + quantize + save, without interpreter
 start-up and imports), the settings used, and for lbcc the compile report's summary.
 """
@@ -58,16 +57,19 @@ def ort_static(args: argparse.Namespace) -> dict[str, Any]:
 
     # "default": ORT's own choice (every op type its QDQ registry knows, Gather included)
     op_types = None if args.op_types == "default" else args.op_types.split(",")
+    extra = {"SmoothQuant": True, "SmoothQuantAlpha": 0.5} if args.smooth_quant else {}
     settings = dict(quant_format="QDQ", activation_type="QUInt8", weight_type="QInt8",
                     per_channel=True, calibrate_method="MinMax",
-                    op_types_to_quantize=op_types or "default",
-                    use_external_data_format=True, calibration_windows=len(windows),
-                    calibration_seq_len=args.seq_len, preprocessing=None)
+                    op_types_to_quantize=op_types or "default", reduce_range=args.reduce_range,
+                    extra_options=extra, use_external_data_format=True,
+                    calibration_windows=len(windows), calibration_seq_len=args.seq_len,
+                    preprocessing=None)
     start = time.perf_counter()
     quantize_static(str(args.float), str(args.out), Reader(), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=op_types, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax)
+                    reduce_range=args.reduce_range, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, use_external_data_format=True,
+                    calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
     return {"job_seconds": time.perf_counter() - start, "settings": settings}
 
 
@@ -82,31 +84,65 @@ def ort_dynamic(args: argparse.Namespace) -> dict[str, Any]:
                              use_external_data_format=True, preprocessing=None)}
 
 
-def ort_nbits(args: argparse.Namespace) -> dict[str, Any]:
+def ort_nbits(args: argparse.Namespace, algorithm: str = "default") -> dict[str, Any]:
+    """ORT's MatMulNBitsQuantizer, 4-bit, block 128, with one of its algorithms."""
     import logging
 
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 MatMulNBitsQuantizer)
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig, GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig,
+        KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
     # one INFO line per skipped node otherwise
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
     start = time.perf_counter()
-    # The "DEFAULT" algorithm is ORT's own block-wise round-to-nearest (the "RTN" algorithm name
-    # would route through Intel Neural Compressor instead). is_symmetric keeps its default (False).
-    config = DefaultWeightOnlyQuantConfig(block_size=128, accuracy_level=4, bits=4,
-                                          quant_format=QuantFormat.QOperator)
+    settings: dict[str, Any] = dict(bits=4, block_size=128, accuracy_level=4,
+                                    quant_format="QOperator (MatMulNBits)", external_data=True,
+                                    preprocessing=None)
+    if algorithm == "default":
+        # ORT's own block-wise round-to-nearest (the "RTN" algorithm name routes through its
+        # Intel Neural Compressor code instead). is_symmetric keeps its default (False).
+        config = DefaultWeightOnlyQuantConfig(block_size=128, accuracy_level=4, bits=4,
+                                              quant_format=QuantFormat.QOperator)
+        settings.update(algorithm="DEFAULT (RTN)", is_symmetric=config.is_symmetric)
+    elif algorithm == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=128, bits=4)
+        settings.update(algorithm="HQQ (half-quadratic optimization of scale / zero point)")
+    elif algorithm == "k_quant":
+        config = KQuantWeightOnlyQuantConfig()
+        settings.update(algorithm="k_quant (ORT's port of llama.cpp-style k-quant search)")
+    elif algorithm == "gptq":
+        windows = _calibration_windows(args.calib, args.tokenizer, args.calib_samples,
+                                       args.seq_len)
+        import onnx
+
+        input_name = onnx.load(str(args.float), load_external_data=False).graph.input[0].name
+
+        from onnxruntime.quantization import CalibrationDataReader
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self._it = iter(windows)
+
+            def get_next(self):
+                x = next(self._it, None)
+                return None if x is None else {input_name: x}
+
+            def rewind(self) -> None:
+                self._it = iter(windows)
+
+        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=128)
+        settings.update(algorithm="GPTQ (ORT's Intel Neural Compressor port)",
+                        calibration_windows=len(windows))
+    else:
+        raise SystemExit(f"unknown MatMulNBits algorithm {algorithm!r}")
     quant = MatMulNBitsQuantizer(str(args.float), bits=4, block_size=128, accuracy_level=4,
                                  algo_config=config)
     quant.process()
     quant.model.save_model_to_file(str(args.out), use_external_data_format=True)
-    return {"job_seconds": time.perf_counter() - start,
-            "settings": dict(algorithm="DEFAULT (RTN)", bits=4, block_size=128,
-                             is_symmetric=config.is_symmetric, accuracy_level=4,
-                             op_types_to_quantize=sorted(config.op_types_to_quantize),
-                             quant_format="QOperator (MatMulNBits)", external_data=True,
-                             preprocessing=None)}
+    settings["op_types_to_quantize"] = sorted(config.op_types_to_quantize or ())
+    return {"job_seconds": time.perf_counter() - start, "settings": settings}
 
 
 def lbcc_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
@@ -115,17 +151,18 @@ def lbcc_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
 
     group_size = 128 if preset.startswith("w4a16") else None
     calibration = tokenizer = None
-    # w8a8 needs calibration (static ranges); w4a16 uses it for the importance-weighted clip
-    # search (the README's quick start does the same); w8a8-dynamic needs none
-    if preset in ("w8a8", "w8a8-sq", "w4a16", "w4a16-gptq"):
+    # every preset but w8a8-dynamic and plain RTN uses the calibration text (w4a16 for the
+    # importance-weighted clip search, as the README's quick start does)
+    if preset not in ("w8a8-dynamic", "w4a16-rtn"):
         calibration, tokenizer = str(args.calib), str(args.tokenizer)
     start = time.perf_counter()
-    recipe = make_preset(preset, group_size=group_size)
-    if recipe.calibration.samples == args.calib_samples and recipe.calibration.seq_len == args.seq_len:
-        kwargs: dict[str, Any] = dict(preset=preset, group_size=group_size)
-    else:  # the preset with another calibration amount
-        recipe.calibration.samples, recipe.calibration.seq_len = args.calib_samples, args.seq_len
-        kwargs = dict(recipe=recipe)
+    if preset == "w4a16-rtn":  # plain round-to-nearest: the baseline GPTQ / AWQ are measured on
+        recipe = make_preset("w4a16", group_size=group_size)
+        recipe.name, recipe.weights.clip = "w4a16-rtn", "none"
+    else:
+        recipe = make_preset(preset, group_size=group_size)
+    recipe.calibration.samples, recipe.calibration.seq_len = args.calib_samples, args.seq_len
+    kwargs: dict[str, Any] = dict(recipe=recipe)
     result = lbcc.compile(str(args.float), target="ort-int8", calibration=calibration,
                           tokenizer=tokenizer, progress=False, command=sys.argv, **kwargs)
     report_path = args.out.with_suffix(".report.json")
@@ -133,6 +170,7 @@ def lbcc_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
     data = result.report.data
     return {"job_seconds": time.perf_counter() - start,
             "settings": dict(preset=preset, group_size=group_size, target="ort-int8",
+                             recipe=recipe.to_json(),
                              calibration=data.get("calibration")),
             "report": str(report_path),
             "lbcc_report": {k: data.get(k) for k in ("seconds", "peak_rss_mb", "sizes", "summary",
@@ -143,13 +181,19 @@ JOBS = {
     "ort-static": ort_static,
     # the configuration the issue's baseline figures were measured with: ORT picks the op types
     "ort-static-all": lambda a: ort_static(argparse.Namespace(**{**vars(a), "op_types": "default"})),
+    # ORT's documented remedy on x86 without VNNI: 7-bit weights
+    "ort-static-rr": lambda a: ort_static(argparse.Namespace(**{**vars(a), "reduce_range": True})),
+    # ORT's SmoothQuant (needs the neural-compressor package)
+    "ort-static-sq": lambda a: ort_static(argparse.Namespace(**{**vars(a), "smooth_quant": True,
+                                                                "reduce_range": True})),
     "ort-dynamic": ort_dynamic,
     "ort-nbits-rtn4": ort_nbits,
-    "lbcc-w8a8": lambda a: lbcc_preset(a, "w8a8"),
-    "lbcc-w8a8-dynamic": lambda a: lbcc_preset(a, "w8a8-dynamic"),
-    "lbcc-w4a16": lambda a: lbcc_preset(a, "w4a16"),
-    "lbcc-w4a16-gptq": lambda a: lbcc_preset(a, "w4a16-gptq"),
-    "lbcc-w8a8-sq": lambda a: lbcc_preset(a, "w8a8-sq"),
+    "ort-nbits-hqq": lambda a: ort_nbits(a, "hqq"),
+    "ort-nbits-kquant": lambda a: ort_nbits(a, "k_quant"),
+    "ort-nbits-gptq": lambda a: ort_nbits(a, "gptq"),
+    **{f"lbcc-{p}": (lambda a, p=p: lbcc_preset(a, p)) for p in (
+        "w8a8", "w8a8-dynamic", "w8a8-sq", "auto", "w4a16-rtn", "w4a16", "w4a16-gptq",
+        "w4a16-awq", "w4a16-mixed")},
 }
 
 
@@ -165,6 +209,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--op-types", default="MatMul",
                    help="ort-static: comma-separated op types to quantize, or 'default'")
+    p.add_argument("--reduce-range", action="store_true", help="ort-static: 7-bit weights")
+    p.add_argument("--smooth-quant", action="store_true", help="ort-static: its SmoothQuant")
     args = p.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     res = JOBS[args.job](args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -34,8 +35,8 @@ class CompileResult:
 
         path = Path(path)
         written = self.target.emit(self.model, path, external_data=external_data)
-        size = model_size_bytes(path) if path.is_file() else \
-            sum(p.stat().st_size for p in written if p.is_file())  # a directory (triton)
+        size = (sum(p.stat().st_size for p in written) if path.is_dir()  # a C source directory
+                else model_size_bytes(path))
         self.report.data["output"] = {"path": str(path), "bytes": size,
                                       "files": [str(p) for p in written]}
         if report_path is not None:
@@ -75,10 +76,12 @@ def make_feed(calibration: Any, tokenizer: Any = None, recipe: Recipe | None = N
 def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None = None,
                    calibrate: bool | None = None) -> Pipeline:
     """The passes a recipe runs for a target, in order."""
-    from lbcc.passes import (Calibrate, CaptureNormalize, DetectOutliers, FuseORT, InsertQDQ,
-                             RoundWeightsGPTQ, RoundWeightsRTN, SelectPrecision, SmoothQuant)
+    from lbcc.passes import (AWQ, Calibrate, CaptureNormalize, DetectOutliers, FuseORT,
+                             InsertQDQ, MixedPrecision, RoundWeightsGPTQ, RoundWeightsRTN,
+                             SelectPrecision, SmoothQuant)
     from lbcc.passes.calibrate import ACTIVATION_STATS, compute_activation_stats
 
+    recipe = copy.deepcopy(recipe)  # passes may add per-layer rules (mixed precision)
     context = context or PipelineContext()
     context.analyses.providers[ACTIVATION_STATS] = compute_activation_stats
     if calibrate is None:
@@ -86,12 +89,25 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
     passes: list[Pass] = [CaptureNormalize(), FuseORT()]
     if calibrate:
         passes += [Calibrate(), DetectOutliers(recipe.activations.min_sqnr_db)]
+    if recipe.activations.criterion == "measured":
+        context.keep_rows = max(context.keep_rows, 512)
     if recipe.smoothing.method == "smoothquant":
         context.keep_rows = max(context.keep_rows, 512)
         passes.append(SmoothQuant(alpha=recipe.smoothing.alpha, step=recipe.smoothing.step))
+    elif recipe.smoothing.method == "awq":
+        context.keep_rows = max(context.keep_rows, 512)
+        passes.append(AWQ(recipe))
     gptq = recipe.weights.method == "gptq"
-    context.second_moments = context.second_moments or gptq
-    passes += [SelectPrecision(recipe), RoundWeightsGPTQ() if gptq else RoundWeightsRTN()]
+    mp = recipe.mixed_precision
+    if mp.enabled:
+        passes.append(MixedPrecision(recipe, avg_bits=mp.avg_bits,
+                                     max_ppl_increase=mp.max_ppl_increase, samples=mp.samples,
+                                     tokens=mp.tokens))
+    output_clip = recipe.weights.clip == "output" or any(o.clip == "output" for o in recipe.layers)
+    context.second_moments = context.second_moments or gptq or output_clip
+    rounding = RoundWeightsGPTQ(sequential=recipe.weights.sequential) if gptq \
+        else RoundWeightsRTN()
+    passes += [SelectPrecision(recipe), rounding]
     if recipe.activations.mode in ("static", "dynamic") or any(
             o.activations in ("static", "dynamic") for o in recipe.layers):
         passes.append(InsertQDQ())

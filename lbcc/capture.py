@@ -36,7 +36,8 @@ def capture(source: Any, example_inputs: tuple | None = None, *,
     """Turn ``source`` into an ``ir.Model``.
 
     ``source``: an ``ir.Model``, an ``onnx.ModelProto``, a path to an ``.onnx`` / ``.gguf`` file or
-    to a Hugging Face model directory, or a ``torch.nn.Module`` (then ``example_inputs`` is needed).
+    to a Hugging Face model directory, a Hugging Face causal LM object (exported as
+    ``input_ids -> logits``), or a ``torch.nn.Module`` (then ``example_inputs`` is needed).
     """
     if isinstance(source, ir.Model):
         return source
@@ -56,6 +57,8 @@ def capture(source: Any, example_inputs: tuple | None = None, *,
         return load_model(path)
     torch = _require_torch()
     if isinstance(source, torch.nn.Module):
+        if example_inputs is None and _is_hf_causal_lm(source):
+            return export_causal_lm(source)
         if example_inputs is None:
             raise BadInputError("capturing a torch.nn.Module needs example inputs.",
                                 "Pass example_inputs=(tensor, ...) matching forward().")
@@ -63,6 +66,16 @@ def capture(source: Any, example_inputs: tuple | None = None, *,
     raise BadInputError(f"cannot capture a {type(source).__name__}.",
                         "Pass an .onnx path, a HF directory, a .gguf file, a torch.nn.Module "
                         "or an onnx_ir.Model.")
+
+
+def _is_hf_causal_lm(module: Any) -> bool:
+    """A transformers model with a language-modeling head (``AutoModelForCausalLM`` output)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(module, PreTrainedModel) and hasattr(module, "get_output_embeddings") \
+        and module.get_output_embeddings() is not None
 
 
 def from_torch(module: Any, example_inputs: tuple, *, dynamic_shapes: Any = None,

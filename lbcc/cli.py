@@ -45,7 +45,7 @@ def _fail(exc: BaseException) -> None:
 @app.command()
 def compile(
     model: str = typer.Argument(..., help=".onnx file, Hugging Face directory or .gguf file"),
-    output: Path = typer.Option(..., "-o", "--output", help="Output .onnx path"),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .onnx path (a directory for --target c)"),
     target: str = typer.Option("ort-int8", "--target"),
     preset: Optional[str] = typer.Option(None, "--preset", help="w8a8 | w8a8-dynamic | w4a16"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="TOML recipe file"),
@@ -68,7 +68,11 @@ def compile(
     try:
         if preset is None and recipe is None:
             preset = "w8a8"
-        if target != "triton":  # the triton target writes a directory and checks it itself
+        from lbcc.target import get_target
+
+        if getattr(get_target(target), "output_is_directory", False):  # e.g. --target c
+            check_output_path(output / "model" if output.is_dir() else output)
+        else:
             check_output_path(output)
         if report is not None:
             check_output_path(report)
@@ -207,6 +211,39 @@ def inspect(
                           str(r["channels_over_20x_median"]), f"{r['output_sqnr_db']:.1f}",
                           f"{r['smoothed_sqnr_db']:.1f}", short.get(r["verdict"], r["verdict"]))
         out.print(table)
+
+
+@app.command(name="measure-c")
+def measure_c(
+    directory: Path = typer.Argument(..., help="output directory of lbcc compile --target c"),
+    core: List[str] = typer.Option(["cortex-m4"], "--core",
+                                   help="cortex-m4 (mps2-an386) and/or cortex-m3 (mps2-an385)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Flash, RAM and instructions per inference of generated C on an emulated Cortex-M."""
+    try:
+        from lbcc.targets.c.toolchain import CORES, measure
+
+        for c in core:
+            if c not in CORES:
+                raise LbccError(f"unknown core {c!r}.", f"Use one of: {', '.join(CORES)}.")
+        results = [measure(directory, c) for c in core]
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+        return
+    if as_json:
+        out.print_json(json.dumps(results))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{directory} on emulated Cortex-M (QEMU -icount shift=0)")
+    for col in ("core", "flash B", "RAM B (arena+data, stack)", "instructions/inference"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(f"{r['core']} ({r['machine']})", str(r["flash_bytes"]),
+                      f"{r['ram_bytes']} ({r['static_ram_bytes']}, {r['stack_bytes']})",
+                      f"{r['instructions_per_inference']:,.0f}")
+    out.print(table)
 
 
 def main() -> None:

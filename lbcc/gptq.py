@@ -26,7 +26,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
 
     ``clip="mse"`` chooses each group's grid (scale, zero point) first by the clip-ratio search
     of :func:`lbcc.numerics.quantize_weight`, weighted by diag(H) = the inputs' mean squares;
-    ``"none"`` uses the plain min/max grid of the paper.
+    ``"output"`` by the output error d^T H_g d (AWQ's clip search); ``"none"`` uses the plain
+    min/max grid of the paper.
     """
     w = np.array(w, dtype=np.float64)
     n, k = w.shape
@@ -37,7 +38,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
     gs = k if group_size is None else int(group_size)
     # quantization grid per (row, group), from the original weights (static groups)
     grid = quantize_weight(w.astype(np.float32), bits=bits, block_size=gs, symmetric=symmetric,
-                           clip=clip, importance=np.diag(h).astype(np.float32))
+                           clip=clip, importance=np.diag(h).astype(np.float32),
+                           hessian=h if clip == "output" else None)
     scale = grid.scale.astype(np.float64)
     zero = grid.zero_point.astype(np.float64) if grid.zero_point is not None else None
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)

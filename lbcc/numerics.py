@@ -7,9 +7,12 @@ per-channel is one block per row.
 Symmetric:   q = clamp(round(w / s), -2^(b-1), 2^(b-1)-1),  s = r * max|w_g| / (2^(b-1)-1)
 Asymmetric:  q = clamp(round(w / s) + z, 0, 2^b-1),  s = r * (max(w_g,0) - min(w_g,0)) / (2^b-1),
              z = round(-r * min(w_g,0) / s)
-The clip ratio r is 1 for plain round-to-nearest, or chosen per group from a grid to minimize the
-(importance-weighted) reconstruction error  sum_k h_k (w_k - dq(q_k))^2, where h_k is E[x_k^2] of
-the layer's input when calibration statistics exist and 1 otherwise.
+The clip ratio r is 1 for plain round-to-nearest, or chosen per group from a grid to minimize
+- ``clip="mse"``: the (importance-weighted) reconstruction error  sum_k h_k (w_k - dq(q_k))^2,
+  where h_k is E[x_k^2] of the layer's input when calibration statistics exist and 1 otherwise;
+- ``clip="output"``: the layer's output error on the calibration inputs (AWQ's clipping search,
+  Lin et al. 2024), for output channel n and group g with d = w_ng - dq(q_ng):
+  ||X_g d||^2 = d^T (X_g^T X_g) d, using the diagonal block of H = X^T X for that group.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 #: clip ratios searched per group: 4-bit grids are coarse enough that clipping pays off far from
 #: 1; at 8 bits the optimum is always close to 1, so a short grid gives the same choice faster
 CLIP_GRID = {4: np.linspace(1.0, 0.55, 19, dtype=np.float32),
+             7: np.linspace(1.0, 0.8, 5, dtype=np.float32),
              8: np.linspace(1.0, 0.8, 5, dtype=np.float32)}
 
 
@@ -75,13 +79,25 @@ def _quantize_blocks(wb: np.ndarray, bits: int, symmetric: bool, ratio: np.ndarr
     return q, scale, zp
 
 
+def _hessian_blocks(hessian: np.ndarray, k: int, block_size: int) -> np.ndarray:
+    """The diagonal ``[B, B]`` blocks of ``hessian[K, K]`` as ``[nb, B, B]`` (last one padded)."""
+    nb = -(-k // block_size)
+    out = np.zeros((nb, block_size, block_size), np.float32)
+    for b in range(nb):
+        lo, hi = b * block_size, min((b + 1) * block_size, k)
+        out[b, : hi - lo, : hi - lo] = hessian[lo:hi, lo:hi]
+    return out
+
+
 def quantize_weight(w: np.ndarray, bits: int, block_size: int | None = None,
                     symmetric: bool = True, clip: str = "none",
-                    importance: np.ndarray | None = None) -> QuantizedWeight:
+                    importance: np.ndarray | None = None,
+                    hessian: np.ndarray | None = None) -> QuantizedWeight:
     """Quantize ``w[N, K]`` per channel (``block_size=None``) or per block of K.
 
     ``clip="mse"`` searches the clip ratio per block on :data:`CLIP_GRID`, minimizing the
-    importance-weighted squared error; ``importance[K]`` defaults to ones.
+    importance-weighted squared error; ``importance[K]`` defaults to ones. ``clip="output"``
+    minimizes the output error ``d^T H_g d`` with ``hessian[K, K]`` (proportional to X^T X).
     """
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
@@ -89,15 +105,24 @@ def quantize_weight(w: np.ndarray, bits: int, block_size: int | None = None,
     n, k = w.shape
     bs = k if block_size is None else int(block_size)
     wb = _blocks(w, bs)
-    if clip == "mse":
-        h = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
-        hb = _blocks(h[None, :], bs)[0]  # [nb, B]; padding has zero importance
+    if clip == "output" and hessian is None:
+        raise ValueError("clip='output' needs the inputs' hessian (X^T X)")
+    if clip in ("mse", "output"):
+        if clip == "output":
+            hblocks = _hessian_blocks(np.asarray(hessian, np.float32), k, bs)
+        else:
+            h = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
+            hb = _blocks(h[None, :], bs)[0]  # [nb, B]; padding has zero importance
         best_err = np.full(wb.shape[:2], np.inf, dtype=np.float32)
         best_ratio = np.ones(wb.shape[:2], dtype=np.float32)
         for r in CLIP_GRID.get(bits, CLIP_GRID[4]):
             q, s, z = _quantize_blocks(wb, bits, symmetric, r)
             deq = (q - (z[..., None] if z is not None else 0.0)) * s[..., None]
-            err = (((wb - deq) ** 2) * hb[None]).sum(axis=-1)
+            if clip == "output":
+                d = np.ascontiguousarray((wb - deq).transpose(1, 0, 2), np.float32)  # [nb, N, B]
+                err = ((d @ hblocks) * d).sum(axis=-1).T
+            else:
+                err = (((wb - deq) ** 2) * hb[None]).sum(axis=-1)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_ratio = np.where(better, r, best_ratio)
@@ -105,7 +130,7 @@ def quantize_weight(w: np.ndarray, bits: int, block_size: int | None = None,
     elif clip == "none":
         q, scale, zp = _quantize_blocks(wb, bits, symmetric, np.float32(1.0))
     else:
-        raise ValueError(f"unknown clip method {clip!r} (use 'none' or 'mse')")
+        raise ValueError(f"unknown clip method {clip!r} (use 'none', 'mse' or 'output')")
     q = q.reshape(n, -1)[:, :k]
     int_dtype = np.int8 if symmetric else np.uint8
     return QuantizedWeight(q=q.astype(int_dtype), scale=scale.astype(np.float32),

@@ -38,11 +38,24 @@ class WeightSpec:
     group_size: int | None = None  # None: one scale per output channel
     symmetric: bool = True
     #: "none": plain round-to-nearest; "mse": per-group clip-ratio search minimizing the error
-    #: weighted by E[x_k^2] of the layer input; "auto": "mse" when calibration statistics exist,
-    #: else "none" (a data-free MSE clip was measured to hurt 4-bit perplexity on SmolLM2)
+    #: weighted by E[x_k^2] of the layer input; "output": the clip ratio minimizing the layer's
+    #: output error on the calibration inputs (AWQ's clip search, needs X^T X); "auto": "mse" when
+    #: calibration statistics exist, else "none" (a data-free MSE clip was measured to hurt 4-bit
+    #: perplexity on SmolLM2)
     clip: str = "auto"
     #: rounding algorithm: "rtn" (round-to-nearest with the clip above) or "gptq"
     method: str = "rtn"
+    #: GPTQ only: each block's X^T X measured on the model with the earlier blocks already
+    #: rounded (the paper's sequential procedure; one calibration pass per block) instead of all
+    #: from the float model in one pass
+    sequential: bool = False
+    #: int8 weights of layers with per-tensor uint8 activations (static / dynamic) use the values
+    #: [-64, 63]: ONNX Runtime's x86 u8 x s8 kernels without VNNI (AVX2, AVX-512 without VNNI)
+    #: add pairs of products in 16 bits with saturation (vpmaddubsw), and 255 * 64 * 2 = 32640
+    #: stays below 2^15, so results are exact on every CPU (ORT's "reduce_range"). Measured on
+    #: SmolLM2 on an AVX2 CPU: full-range weights give perplexity 65,753 (collapsed). false: the
+    #: full int8 range, for CPUs with VNNI or ARM only.
+    saturation_safe: bool = True
 
 
 @dataclasses.dataclass
@@ -57,6 +70,10 @@ class ActivationSpec:
     #: static int8 (22 dB measured on SmolLM2: 31 of 211 fall back, ppl 1.056x float; 25 dB: 53
     #: fall back, 1.049x; the input-SQNR criterion at 25 dB: 33 fall back, 1.060x)
     min_sqnr_db: float = 22.0
+    #: how the output SQNR of a per-tensor input is obtained: "estimate" (from the channel
+    #: statistics, treating channels as uncorrelated) or "measured" (the layer run quantized on
+    #: the kept calibration rows: -10 log10 ||XW - Q(X)Q(W)||^2 / ||XW||^2)
+    criterion: str = "estimate"
     #: what an outlier-dominated input gets instead: dynamic-block (int8 per block of 32 input
     #: channels, computed at run time) or none (weight-only)
     fallback: str = "dynamic-block"
@@ -72,10 +89,27 @@ class CalibrationSpec:
 
 @dataclasses.dataclass
 class SmoothingSpec:
-    #: "none" or "smoothquant" (per-group alpha search unless ``alpha`` is set)
+    #: "none", "smoothquant" (W8A8: per-group alpha search unless ``alpha`` is set) or "awq"
+    #: (weight-only: AWQ's activation-aware scale search per group)
     method: str = "none"
     alpha: float | None = None
     step: float = 0.05
+
+
+@dataclasses.dataclass
+class MixedPrecisionSpec:
+    """Per-layer 4 / 8 bits / float from measured sensitivity (the ``mixed-precision`` pass);
+    give one budget: ``avg_bits`` (stored bits per weight, scales included) or
+    ``max_ppl_increase`` (0.05 = 5 %, estimated from the summed KL)."""
+
+    avg_bits: float | None = None
+    max_ppl_increase: float | None = None
+    samples: int = 1  # calibration samples the sensitivity is measured on
+    tokens: int = 512  # tokens of each
+
+    @property
+    def enabled(self) -> bool:
+        return self.avg_bits is not None or self.max_ppl_increase is not None
 
 
 @dataclasses.dataclass
@@ -87,6 +121,8 @@ class LayerOverride:
     clip: str | None = None
     activations: str | None = None
     skip: bool = False
+    #: why the layer is skipped, for the report (default: the rule that matched)
+    reason: str | None = None
 
     def matches(self, layer: str) -> bool:
         return fnmatch.fnmatchcase(layer, self.match)
@@ -112,13 +148,15 @@ class Recipe:
     activations: ActivationSpec = dataclasses.field(default_factory=ActivationSpec)
     calibration: CalibrationSpec = dataclasses.field(default_factory=CalibrationSpec)
     smoothing: SmoothingSpec = dataclasses.field(default_factory=SmoothingSpec)
+    mixed_precision: MixedPrecisionSpec = dataclasses.field(default_factory=MixedPrecisionSpec)
     layers: list[LayerOverride] = dataclasses.field(default_factory=list)
     quantize_embedding: bool = True
 
     @property
     def needs_calibration(self) -> bool:
         return (self.activations.mode == "static" or self.weights.method == "gptq"
-                or self.smoothing.method != "none")
+                or self.smoothing.method != "none" or self.weights.clip == "output"
+                or self.mixed_precision.enabled)
 
     def spec_for(self, layer: str) -> tuple[WeightSpec, str, str | None]:
         """(weight spec, activation mode, skip reason) for one layer after overrides."""
@@ -127,7 +165,7 @@ class Recipe:
             if not o.matches(layer):
                 continue
             if o.skip:
-                return w, act, f"skipped by recipe rule match={o.match!r}"
+                return w, act, o.reason or f"skipped by recipe rule match={o.match!r}"
             w, act = o.apply(w, act)
         return w, act, None
 
@@ -177,6 +215,21 @@ PRESETS["w8a8-sq"].smoothing.method = "smoothquant"
 PRESETS["w4a16-gptq"] = copy.deepcopy(PRESETS["w4a16"])
 PRESETS["w4a16-gptq"].name = "w4a16-gptq"
 PRESETS["w4a16-gptq"].weights.method = "gptq"
+# outlier-aware W8A8: SmoothQuant (norm -> q/k/v, gate/up and up -> down groups, alpha searched
+# per group), then per layer static uint8 when its output SQNR measured on calibration rows is at
+# least 25 dB, else int8 per block at run time (the outlier report's "keep higher" layers)
+PRESETS["auto"] = copy.deepcopy(PRESETS["w8a8-sq"])
+PRESETS["auto"].name = "auto"
+PRESETS["auto"].activations.criterion = "measured"
+PRESETS["auto"].activations.min_sqnr_db = 25.0
+# bits placed by measured sensitivity: 4 / 8 / float per weight at 5 stored bits per weight
+PRESETS["w4a16-mixed"] = copy.deepcopy(PRESETS["w4a16"])
+PRESETS["w4a16-mixed"].name = "w4a16-mixed"
+PRESETS["w4a16-mixed"].mixed_precision.avg_bits = 5.0
+PRESETS["w4a16-awq"] = copy.deepcopy(PRESETS["w4a16"])
+PRESETS["w4a16-awq"].name = "w4a16-awq"
+PRESETS["w4a16-awq"].smoothing.method = "awq"
+PRESETS["w4a16-awq"].weights.clip = "output"
 
 PRESET_HELP = {
     "w8a8": "static: uint8 activations per tensor (calibrated), int8 weights per channel, as QDQ",
@@ -185,6 +238,12 @@ PRESET_HELP = {
     "w4a16": "4-bit weights in groups of 128 as MatMulNBits (accuracy_level 4); float activations",
     "w4a16-gptq": "w4a16 with GPTQ rounding (needs calibration data)",
     "w8a8-sq": "w8a8 after SmoothQuant (alpha searched per norm -> linear group)",
+    "auto": "outlier-aware w8a8: SmoothQuant, then static int8 where the measured layer SQNR "
+            ">= 25 dB, else int8 per block at run time (needs calibration data)",
+    "w4a16-mixed": "4 / 8 bits / float per weight from measured KL sensitivity, 5 bits per "
+                   "weight on average (needs calibration data)",
+    "w4a16-awq": "w4a16 after AWQ: activation-aware scales folded into the graph, output-error "
+                 "clip search (needs calibration data)",
 }
 
 
@@ -202,9 +261,9 @@ def preset(name: str, group_size: int | None = None) -> Recipe:
 
 
 _SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec,
-             "smoothing": SmoothingSpec}
+             "smoothing": SmoothingSpec, "mixed_precision": MixedPrecisionSpec}
 _TOP_KEYS = {"base", "name", "weights", "activations", "calibration", "smoothing", "layers",
-             "quantize_embedding"}
+             "quantize_embedding", "mixed_precision"}
 
 
 def _fields(cls: type) -> set[str]:
@@ -271,13 +330,14 @@ def load_recipe(path: str | Path, default_base: str | None = None) -> Recipe:
 def validate(recipe: Recipe, where: str = "recipe") -> None:
     """Value checks independent of any target (a target checks what it can run separately)."""
     w, a = recipe.weights, recipe.activations
-    if recipe.smoothing.method not in ("none", "smoothquant"):
-        raise BadInputError(f"{where}: smoothing.method must be none or smoothquant, not "
+    if recipe.smoothing.method not in ("none", "smoothquant", "awq"):
+        raise BadInputError(f"{where}: smoothing.method must be none, smoothquant or awq, not "
                             f"{recipe.smoothing.method!r}.", "")
     if w.method not in ("rtn", "gptq"):
         raise BadInputError(f"{where}: weights.method must be rtn or gptq, not {w.method!r}.", "")
-    if w.clip not in ("none", "mse", "auto"):
-        raise BadInputError(f"{where}: weights.clip must be none, mse or auto, not {w.clip!r}.",
+    if w.clip not in ("none", "mse", "output", "auto"):
+        raise BadInputError(f"{where}: weights.clip must be none, mse, output or auto, not "
+                            f"{w.clip!r}.",
                             "")
     if a.mode not in ACTIVATION_MODES:
         raise BadInputError(f"{where}: activations.mode must be one of "
@@ -285,8 +345,26 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     if a.method not in ("mse", "minmax", "percentile"):
         raise BadInputError(f"{where}: activations.method must be mse, minmax or percentile, not "
                             f"{a.method!r}.", "")
+    if a.criterion not in ("estimate", "measured"):
+        raise BadInputError(f"{where}: activations.criterion must be estimate or measured, not "
+                            f"{a.criterion!r}.", "")
     if a.fallback not in ("dynamic-block", "none"):
         raise BadInputError(f"{where}: activations.fallback must be dynamic-block or none, not "
                             f"{a.fallback!r}.", "")
+    mp = recipe.mixed_precision
+    if mp.avg_bits is not None and mp.max_ppl_increase is not None:
+        raise BadInputError(f"{where}: [mixed_precision] takes one budget, avg_bits or "
+                            "max_ppl_increase, not both.", "Remove one of them.")
+    if mp.avg_bits is not None and not 4.0 <= float(mp.avg_bits) <= 32.0:
+        raise BadInputError(f"{where}: mixed_precision.avg_bits must be between 4 and 32, not "
+                            f"{mp.avg_bits!r}.", "E.g. avg_bits = 5.0 (bits per weight, scales "
+                            "included).")
+    if mp.max_ppl_increase is not None and not float(mp.max_ppl_increase) > 0:
+        raise BadInputError(f"{where}: mixed_precision.max_ppl_increase must be > 0, not "
+                            f"{mp.max_ppl_increase!r}.", "E.g. max_ppl_increase = 0.05 (5 %).")
+    if mp.enabled and w.bits != 4:
+        raise BadInputError(f"{where}: mixed precision chooses among 4 / 8 bits / float and "
+                            f"starts from 4-bit weights, not {w.bits}-bit.",
+                            "Use base = \"w4a16\" (or weights.bits = 4).")
     if recipe.calibration.samples < 1 or recipe.calibration.seq_len < 2:
         raise BadInputError(f"{where}: calibration needs samples >= 1 and seq_len >= 2.", "")

@@ -42,8 +42,9 @@ class Target(Protocol):
     def emit(self, model: "ir.Model", path: Path, **options: Any) -> list[Path]: ...
 
 
-_REGISTRY = {"ort-int8": "lbcc.targets.ort_int8:OrtInt8Target",
-             "triton": "lbcc.targets.triton:TritonTarget"}
+_REGISTRY = {"ort-int8": "lbcc.targets.ort_int8:OrtInt8Target"}
+_REGISTRY["c"] = "lbcc.targets.c:CTarget"
+_REGISTRY["triton"] = "lbcc.targets.triton:TritonTarget"
 
 
 def available_targets() -> list[str]:

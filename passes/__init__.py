@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from lbcc.passes.awq import AWQ
 from lbcc.passes.calibrate import Calibrate
 from lbcc.passes.cleanup import Cleanup
 from lbcc.passes.fusion import FuseORT
+from lbcc.passes.mixed_precision import MixedPrecision
 from lbcc.passes.normalize import CaptureNormalize
 from lbcc.passes.outliers import DetectOutliers
 from lbcc.passes.precision import SelectPrecision
@@ -13,8 +15,9 @@ from lbcc.passes.rounding import RoundWeightsGPTQ, RoundWeightsRTN
 from lbcc.passes.smoothing import SmoothQuant
 
 PASSES = {cls.name: cls for cls in (CaptureNormalize, Calibrate, DetectOutliers, SelectPrecision,
-                                    RoundWeightsRTN, RoundWeightsGPTQ, SmoothQuant, InsertQDQ,
-                                    FuseORT, Cleanup)}
+                                    RoundWeightsRTN, RoundWeightsGPTQ, SmoothQuant, AWQ,
+                                    MixedPrecision, InsertQDQ, FuseORT, Cleanup)}
 
-__all__ = ["PASSES", "Calibrate", "CaptureNormalize", "DetectOutliers", "Cleanup", "FuseORT", "InsertQDQ",
+__all__ = ["PASSES", "AWQ", "Calibrate", "CaptureNormalize", "DetectOutliers", "Cleanup",
+           "FuseORT", "InsertQDQ", "MixedPrecision",
            "RoundWeightsGPTQ", "RoundWeightsRTN", "SelectPrecision", "SmoothQuant"]

@@ -53,6 +53,24 @@ def output_sqnr_db(obs: Any, lo: float, hi: float, site: Any) -> float:
     return sqnr_db(float((ms * r).sum()), obs.quant_noise(lo, hi) * float(r.sum()))
 
 
+def measured_output_sqnr_db(rows: np.ndarray, lo: float, hi: float, site: Any,
+                            weight: dict[str, Any]) -> float:
+    """Output SQNR of the layer run W8A8 on calibration ``rows``: the input fake-quantized to
+    uint8 on [lo, hi], the weight to its planned integer grid (per channel, symmetric)."""
+    from lbcc.numerics import quantize_weight
+
+    w = site.weight.const_value.numpy().astype(np.float32)
+    w = w if site.kind == "matmul" else w.T  # as [K, N]
+    x = rows.astype(np.float32)
+    step = (hi - lo) / 255.0 or 1.0
+    zp = np.clip(np.rint(-lo / step), 0, 255)
+    xq = (np.clip(np.rint(x / step) + zp, 0, 255) - zp) * step
+    wq = quantize_weight(w.T, bits=weight.get("value_bits", weight["bits"]), block_size=None,
+                         symmetric=True).dequantize().T
+    ref = x @ w
+    return sqnr_db(float((ref**2).sum()), float(((ref - xq @ wq) ** 2).sum()))
+
+
 class SelectPrecision(Pass):
     """Per-site plan: weight bits/granularity/symmetry and activation mode, or a skip reason."""
 
@@ -118,7 +136,13 @@ class SelectPrecision(Pass):
                     plan["reason"] = "no calibration statistics for this input"
                 else:
                     lo, hi = obs.choose_range(acts.method, acts.percentile)
-                    sqnr = output_sqnr_db(obs, lo, hi, site)
+                    if acts.criterion == "measured" and obs.rows is not None:
+                        safe = w.saturation_safe and weight["bits"] == 8 and weight["symmetric"]
+                        sqnr = measured_output_sqnr_db(obs.rows, lo, hi, site,
+                                                       {**weight, "value_bits": 7 if safe else 8})
+                        plan["sqnr_criterion"] = "measured"
+                    else:
+                        sqnr = output_sqnr_db(obs, lo, hi, site)
                     plan["range"] = [lo, hi]
                     plan["sqnr_db"] = round(sqnr, 2)
                     plan["input_sqnr_db"] = round(obs.sqnr_db(lo, hi), 2)
@@ -126,7 +150,8 @@ class SelectPrecision(Pass):
                     if sqnr < acts.min_sqnr_db:
                         plan["activation"] = acts.fallback
                         plan["reason"] = (
-                            f"input is outlier-dominated: estimated output SQNR with per-tensor "
+                            f"input is outlier-dominated: {plan.get('sqnr_criterion', 'estimated')} "
+                            f"output SQNR with per-tensor "
                             f"uint8 input {sqnr:.1f} dB < {acts.min_sqnr_db} dB (input abs-max "
                             f"{plan['outliers'].get('absmax', 0):.1f} = "
                             f"{plan['outliers'].get('max_over_median', 0):.0f}x the median "
@@ -134,6 +159,9 @@ class SelectPrecision(Pass):
                         if acts.fallback == "dynamic-block":
                             plan["weight"] = {**weight, "group_size": acts.fallback_group_size,
                                               "bits": 8}
+            if (plan["activation"] in ("static", "dynamic") and w.saturation_safe
+                    and plan["weight"]["bits"] == 8 and plan["weight"]["symmetric"]):
+                plan["weight"] = {**plan["weight"], "value_bits": 7}
             set_plan(site.node, plan)
             entry.update(status="quantized", plan=plan)
             layers[site.node.name] = entry

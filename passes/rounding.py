@@ -32,7 +32,7 @@ from lbcc.passes.sites import Site, find_sites
 
 
 def _int_dtype(bits: int, symmetric: bool) -> Any:
-    if bits == 8:
+    if bits in (7, 8):  # 7: int8 storage of values in [-64, 63] (saturation-safe)
         return np.int8 if symmetric else np.uint8
     if bits == 4:
         return ml_dtypes.int4 if symmetric else ml_dtypes.uint4
@@ -65,6 +65,16 @@ def dequantize_node(qw: QuantizedWeight, stored_transposed: bool, graph: ir.Grap
     return ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{base}_dq")
 
 
+def resolve_clip(clip: str, obs: Any) -> str:
+    """The clip search a weight gets: ``auto`` is ``mse`` with statistics, else ``none``;
+    ``output`` needs the input's X^T X and degrades to ``mse`` / ``none`` without it."""
+    if clip == "output" and (obs is None or obs.xtx is None):
+        clip = "auto"
+    if clip == "auto":
+        clip = "mse" if obs is not None and obs.channel_mean_square() is not None else "none"
+    return clip
+
+
 def _scale_summary(scale: np.ndarray) -> dict[str, float]:
     return {"min": float(scale.min()), "median": float(np.median(scale)),
             "max": float(scale.max()), "count": int(scale.size)}
@@ -81,71 +91,78 @@ class RoundWeightsRTN(Pass):
                      ) -> tuple[QuantizedWeight, dict[str, Any]]:
         """Quantize out-major ``w[N, K]``; ``obs`` is the input's observer, if calibrated."""
         importance = obs.channel_mean_square() if obs is not None else None
-        clip = spec["clip"]
-        if clip == "auto":
-            clip = "mse" if importance is not None else "none"
-        qw = quantize_weight(w, bits=spec["bits"], block_size=spec["group_size"],
-                             symmetric=spec["symmetric"], clip=clip,
-                             importance=importance if clip == "mse" else None)
+        clip = resolve_clip(spec["clip"], obs)
+        qw = quantize_weight(w, bits=spec.get("value_bits", spec["bits"]),
+                             block_size=spec["group_size"], symmetric=spec["symmetric"], clip=clip,
+                             importance=importance if clip == "mse" else None,
+                             hessian=obs.xtx if clip == "output" else None)
         return qw, {"method": "rtn", "clip_used": clip,
                     "importance_weighted": clip == "mse" and importance is not None}
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        sites, _ = find_sites(model)
+    def planned_weights(self, model: ir.Model) -> dict[str, list[tuple[Site, dict[str, Any]]]]:
+        """Weight name -> the planned sites that read it, in graph order."""
         by_weight: dict[str, list[tuple[Site, dict[str, Any]]]] = {}
-        for site in sites:
+        for site in find_sites(model)[0]:
             plan = plan_of(site.node)
             if plan is not None:
                 by_weight.setdefault(site.weight.name, []).append((site, plan))
+        return by_weight
+
+    def round_group(self, graph: ir.Graph, wname: str,
+                    group: list[tuple[Site, dict[str, Any]]], stats: Any) -> float:
+        """Round one weight for all its planned sites; returns its relative error."""
+        layers = self.context.notes.setdefault("layers", {})
+        weight = group[0][0].weight
+        kinds = {s.kind for s, _ in group}
+        if "matmul" in kinds and len(kinds) > 1:
+            for s, _ in group:
+                if s.kind != "matmul":
+                    layers[s.node.name].update(
+                        status="float", reason="weight is shared with a MatMul in another "
+                        "orientation; left in float")
+            group = [(s, p) for s, p in group if s.kind == "matmul"]
+        spec = next((p["weight"] for s, p in group if s.kind != "gather"), group[0][1]["weight"])
+        w = weight.const_value.numpy().astype(np.float32)
+        stored_transposed = group[0][0].kind == "matmul"
+        out_major = w.T if stored_transposed else w
+        observers = [stats[s.activation.name] for s, _ in group
+                     if stats is not None and s.activation is not None
+                     and s.activation.name in stats]
+        qw, how = self.round_weight(out_major, spec, observers[0] if observers else None)
+        err = relative_error(out_major, qw)
+        dq = dequantize_node(qw, stored_transposed, graph, wname)
+        copy_identity(group[0][0].node, dq)
+        graph.insert_before(_first_user(graph, [s.node for s, _ in group]), dq)
+        dq.outputs[0].name = f"{wname}_dequantized"
+        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        dq.outputs[0].shape = ir.Shape(list(w.shape))
+        for s, _ in group:
+            if s.kind == "matmul-transposed":
+                s.node.inputs[1].producer().replace_input_with(0, dq.outputs[0])
+            elif s.kind == "matmul":
+                s.node.replace_input_with(1, dq.outputs[0])
+            else:
+                s.node.replace_input_with(0, dq.outputs[0])
+            layers[s.node.name]["weight"] = {
+                **spec, **how, "rel_error": round(err, 6),
+                "scale": _scale_summary(qw.scale), "dtype": dq.inputs[0].dtype.name,
+                "block_size": None if qw.block_size >= out_major.shape[1] else qw.block_size}
+        if not weight.uses():
+            graph.initializers.pop(weight.name, None)
+        return err
+
+    def finish(self, n_weights: int, errors: list[float]) -> None:
+        self.note("weights_rounded", n_weights)
+        self.note("method", self.method)
+        if errors:
+            self.note("mean_rel_error", round(float(np.mean(errors)), 6))
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        by_weight = self.planned_weights(model)
         stats = (self.context.analyses.get(ACTIVATION_STATS, model, self.context)
                  if self.context.analyses.has(ACTIVATION_STATS) else None)
-        layers = self.context.notes.setdefault("layers", {})
-        total_err = []
-        for wname, group in by_weight.items():
-            weight = group[0][0].weight
-            kinds = {s.kind for s, _ in group}
-            if "matmul" in kinds and len(kinds) > 1:
-                for s, _ in group:
-                    if s.kind != "matmul":
-                        layers[s.node.name].update(
-                            status="float", reason="weight is shared with a MatMul in another "
-                            "orientation; left in float")
-                group = [(s, p) for s, p in group if s.kind == "matmul"]
-            spec = next((p["weight"] for s, p in group if s.kind != "gather"), group[0][1]["weight"])
-            w = weight.const_value.numpy().astype(np.float32)
-            stored_transposed = group[0][0].kind == "matmul"
-            out_major = w.T if stored_transposed else w
-            observers = [stats[s.activation.name] for s, _ in group
-                         if stats is not None and s.activation is not None
-                         and s.activation.name in stats]
-            qw, how = self.round_weight(out_major, spec, observers[0] if observers else None)
-            err = relative_error(out_major, qw)
-            total_err.append(err)
-            dq = dequantize_node(qw, stored_transposed, graph, wname)
-            first = group[0][0].node
-            copy_identity(first, dq)
-            graph.insert_before(_first_user(graph, [s.node for s, _ in group]), dq)
-            dq.outputs[0].name = f"{wname}_dequantized"
-            dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-            dq.outputs[0].shape = ir.Shape(list(w.shape))
-            for s, _ in group:
-                if s.kind == "matmul-transposed":
-                    s.node.inputs[1].producer().replace_input_with(0, dq.outputs[0])
-                elif s.kind == "matmul":
-                    s.node.replace_input_with(1, dq.outputs[0])
-                else:
-                    s.node.replace_input_with(0, dq.outputs[0])
-                layers[s.node.name]["weight"] = {
-                    **spec, **how, "rel_error": round(err, 6),
-                    "scale": _scale_summary(qw.scale), "dtype": dq.inputs[0].dtype.name,
-                    "block_size": None if qw.block_size >= out_major.shape[1] else qw.block_size}
-            if not weight.uses():
-                graph.initializers.pop(weight.name, None)
-        self.note("weights_rounded", len(by_weight))
-        self.note("method", self.method)
-        if total_err:
-            self.note("mean_rel_error", round(float(np.mean(total_err)), 6))
+        errors = [self.round_group(model.graph, w, g, stats) for w, g in by_weight.items()]
+        self.finish(len(by_weight), errors)
         return ir.passes.PassResult(model, modified=bool(by_weight))
 
 
@@ -166,29 +183,69 @@ def _first_user(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
 class RoundWeightsGPTQ(RoundWeightsRTN):
     """GPTQ rounding (:mod:`lbcc.gptq`) with H = 2 X^T X / n from the calibration statistics.
 
-    Falls back to RTN for a weight whose input has no second-moment statistics (e.g. an untied
-    embedding, which has no input activation). Non-sequential: every layer's H comes from the
-    float model's activations.
+    ``sequential=True`` (the paper's procedure): the weight inputs are taken in graph order in
+    stages of ``stage_inputs`` distinct activations (4 = one Llama block: q/k/v, o, gate/up,
+    down), and each stage's X^T X is measured on the model whose earlier stages are already
+    rounded, so every layer compensates the error of the layers before it; only one stage's
+    statistics are held at a time. ``sequential=False``: every H from the float model, in one
+    calibration pass. A weight whose input has no statistics (an untied embedding) is rounded
+    with RTN.
     """
 
     name = "round-weights-gptq"
     method = "gptq"
 
-    def __init__(self, percdamp: float = 0.01, act_order: bool = True, block_size: int = 128):
+    def __init__(self, percdamp: float = 0.01, act_order: bool = True, block_size: int = 128,
+                 sequential: bool = False, stage_inputs: int = 4):
         super().__init__()
         self.percdamp = percdamp
         self.act_order = act_order
         self.block_size = block_size
+        self.sequential = sequential
+        self.stage_inputs = stage_inputs
+
+    def _need_calibration(self) -> None:
+        if self.context.calibration is None:
+            raise self.fail("GPTQ needs calibration data (the inputs' X^T X).",
+                            "Pass --calib FILE.txt --tokenizer T (or .npz).")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self._need_calibration()
+        if self.sequential:
+            return self._call_sequential(model)
         if not self.context.analyses.has(ACTIVATION_STATS) or not self.context.second_moments:
-            if self.context.calibration is None:
-                raise self.fail("GPTQ needs calibration data (the inputs' X^T X).",
-                                "Pass --calib FILE.txt --tokenizer T (or .npz).")
             self.context.second_moments = True
             self.context.analyses.invalidate(())
             self.context.analyses.get(ACTIVATION_STATS, model, self.context)
         return super().call(model)
+
+    def _call_sequential(self, model: ir.Model) -> ir.passes.PassResult:
+        from lbcc.calibration import collect_activation_stats
+        from lbcc.passes.sites import activation_tensors
+
+        by_weight = self.planned_weights(model)
+        first_input: dict[str, str | None] = {}
+        for wname, group in by_weight.items():
+            acts = [s.activation.name for s, _ in group if s.activation is not None]
+            first_input[wname] = acts[0] if acts else None
+        order = [a for a in activation_tensors([s for g in by_weight.values() for s, _ in g])]
+        stages = [order[i:i + self.stage_inputs] for i in range(0, len(order),
+                                                                  self.stage_inputs)]
+        errors: list[float] = []
+        from lbcc.progress import track
+
+        for stage in track(stages, description="GPTQ stages", enabled=self.context.progress):
+            stats = collect_activation_stats(model, self.context.calibration, stage,
+                                             progress=False, second_moments=True)
+            for wname, group in list(by_weight.items()):
+                if first_input[wname] in stage:
+                    errors.append(self.round_group(model.graph, wname, group, stats))
+                    del by_weight[wname]
+        for wname, group in by_weight.items():  # no input activation: RTN
+            errors.append(self.round_group(model.graph, wname, group, None))
+        self.note("stages", len(stages))
+        self.finish(len(errors), errors)
+        return ir.passes.PassResult(model, modified=bool(errors))
 
     def round_weight(self, w: np.ndarray, spec: dict[str, Any], obs: Any
                      ) -> tuple[QuantizedWeight, dict[str, Any]]:
@@ -197,7 +254,10 @@ class RoundWeightsGPTQ(RoundWeightsRTN):
         if obs is None or obs.xtx is None:
             qw, how = super().round_weight(w, spec, obs)
             return qw, {**how, "note": "no input statistics: RTN"}
-        qw = gptq_quantize(w, obs.xtx, bits=spec["bits"], group_size=spec["group_size"],
+        clip = resolve_clip(spec["clip"], obs)
+        qw = gptq_quantize(w, obs.xtx, bits=spec.get("value_bits", spec["bits"]),
+                           group_size=spec["group_size"],
                            symmetric=spec["symmetric"], percdamp=self.percdamp,
-                           block_size=self.block_size, act_order=self.act_order)
-        return qw, {"method": "gptq", "act_order": self.act_order, "percdamp": self.percdamp}
+                           block_size=self.block_size, act_order=self.act_order, clip=clip)
+        return qw, {"method": "gptq", "act_order": self.act_order, "percdamp": self.percdamp,
+                    "clip_used": clip, "sequential": self.sequential}

@@ -1,19 +1,22 @@
 """``smooth-quant``: SmoothQuant (Xiao et al., 2023) migration of activation outliers into weights.
 
-For a normalization whose output feeds only MatMuls with constant weights (a norm before q/k/v or
-before gate/up, found from the graph, not from layer names), with per-input-channel factors s:
+For a group of MatMuls ``MatMul(x, W_i[K, N_i])`` sharing one input whose producer can absorb a
+per-channel factor, with per-input-channel factors s:
 
-    x' = x · diag(s)^-1 (folded into the norm's scale: gamma' = gamma / s),
-    W' = diag(s) · W   (every consumer's weight rows scaled),
+    x' = x · diag(s)^-1  (folded into the producer: a norm's gamma' = gamma / s, or the columns of
+                          the linear feeding an elementwise product, W_up' = W_up · diag(s)^-1),
+    W_i' = diag(s) · W_i (every consumer's weight rows scaled),
     s_j = max|X_j|^alpha / max|W_j|^(1 - alpha),
 
-so x' W' = x W exactly in float. alpha is searched per group on [0, 1] (step 0.05) by the measured
-error of the quantized group on calibration rows: per-tensor uint8 activations (min/max of the
-smoothed rows) and per-channel symmetric int8 weights,
-``sum_i ||X W_i - Q(X / s) Q(s W_i)||^2 / sum_i ||X W_i||^2``; a group is left alone when no
-alpha beats not smoothing. Groups whose weights or norm scale are shared with another consumer
-(a tied lm_head / embedding) are skipped with that reason. The model changes, so the activation
-statistics are recomputed for the passes after it. Run before weight rounding.
+so x' W' = x W exactly in float. Groups come from the graph, not from layer names: a norm before
+q/k/v or gate/up, and SwiGLU's ``down(silu(gate) * up)`` (the "v->o"-style linear -> linear
+fold; the down-projection's input carries LLMs' massive activations). alpha is searched per
+group on [0, 1] (step 0.05) by the measured error of the quantized group on calibration rows:
+per-tensor uint8 activations (min/max of the smoothed rows) and per-channel symmetric int8
+weights, ``sum_i ||X W_i - Q(X / s) Q(s W_i)||^2 / sum_i ||X W_i||^2``; a group is left alone
+when no alpha beats not smoothing. Groups whose weights or norm scale are shared with another
+consumer (a tied lm_head / embedding) are skipped with that reason. The model changes, so the
+activation statistics are recomputed for the passes after it. Run before weight rounding.
 """
 
 from __future__ import annotations
@@ -35,36 +38,93 @@ NORM_SCALE_INPUT = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNorma
 
 @dataclasses.dataclass
 class SmoothGroup:
-    norm: ir.Node
-    scale: ir.Value  # the norm's gamma initializer
-    output: ir.Value  # the normalized tensor all consumers read
-    consumers: list[ir.Node]  # MatMul(output, W[K, N])
+    """Consumers ``MatMul(output, W_i[K, N_i])`` whose shared input can absorb ``diag(s)^-1``.
+
+    ``fold`` is where ``1/s`` goes: a norm's gamma (``fold_axis=0``: gamma' = gamma / s) or the
+    weight ``W_p[K_p, K]`` of a linear whose output reaches ``output`` only through an
+    elementwise product (``fold_axis=1``: columns, ``W_p' = W_p · diag(s)^-1``), as in the
+    up-projection feeding ``down(silu(gate(x)) * up(x))``.
+    """
+
+    prev: ir.Node  # the norm, or the linear whose weight columns absorb 1/s
+    fold: ir.Value  # the initializer 1/s is folded into
+    fold_axis: int
+    output: ir.Value  # the tensor all consumers read
+    consumers: list[ir.Node]
+
+    @property
+    def kind(self) -> str:
+        return "norm" if self.fold_axis == 0 else "linear"
+
+
+def _const_matmul_consumers(out: ir.Value) -> list[ir.Node] | None:
+    """The users of ``out`` if every one is ``MatMul(out, W[K, N])`` with a constant, unshared W."""
+    users = [u.node for u in out.uses()]
+    if not users or any(u.op_type != "MatMul" or u.inputs[0] is not out or u.inputs[1] is None
+                        or u.inputs[1].const_value is None
+                        or len(u.inputs[1].const_value.shape) != 2
+                        or len(u.inputs[1].uses()) != 1 for u in users):
+        return None
+    return users
+
+
+def _linear_before_product(mul: ir.Node, channels: int) -> ir.Node | None:
+    """For ``Mul(a, b)``, a MatMul with a constant unshared weight ``[K_p, channels]`` producing
+    ``a`` or ``b`` and used only there, so scaling its output columns scales the product's
+    channels (the other factor broadcasts onto them, never the reverse)."""
+    for operand in mul.inputs:
+        p = operand.producer() if operand is not None else None
+        if (p is not None and p.op_type == "MatMul" and len(operand.uses()) == 1
+                and p.inputs[1] is not None and p.inputs[1].const_value is not None
+                and len(p.inputs[1].const_value.shape) == 2
+                and p.inputs[1].const_value.shape[1] == channels
+                and len(p.inputs[1].uses()) == 1):
+            return p
+    return None
 
 
 def find_smooth_groups(model: ir.Model) -> tuple[list[SmoothGroup], list[tuple[str, str]]]:
-    """Norm -> {MatMul with constant weight} groups, and (layer, reason) for norms skipped."""
+    """Norm -> {MatMul} and linear -> product -> {MatMul} groups, and (layer, reason) skipped.
+
+    Found from the graph alone: a normalization whose output feeds only MatMuls with constant
+    weights (q/k/v, gate/up), and an elementwise product with one factor straight from a
+    constant-weight MatMul (SwiGLU's up-projection) feeding only such MatMuls (down).
+    """
     groups, skipped = [], []
     for node in model.graph:
         idx = NORM_SCALE_INPUT.get(node.op_type)
-        if idx is None or len(node.inputs) <= idx or node.inputs[idx] is None:
-            continue
-        scale, out = node.inputs[idx], node.outputs[0]
-        name = layer_name(node)
-        users = [u.node for u in out.uses()]
-        if scale.const_value is None or len(scale.const_value.shape) != 1:
-            skipped.append((name, "the norm's scale is not a constant vector"))
-        elif len(scale.uses()) != 1:
-            skipped.append((name, "the norm's scale is shared with another node"))
-        elif not users or any(u.op_type != "MatMul" or u.inputs[0] is not out
-                              or u.inputs[1] is None or u.inputs[1].const_value is None
-                              or len(u.inputs[1].const_value.shape) != 2 for u in users):
-            skipped.append((name, "the norm output feeds something other than MatMuls with "
-                                  "constant 2-D weights (e.g. a tied lm_head)"))
-        elif any(len(u.inputs[1].uses()) != 1 for u in users):
-            skipped.append((name, "a consumer's weight is shared with another node"))
-        else:
-            groups.append(SmoothGroup(node, scale, out, users))
+        if idx is not None and len(node.inputs) > idx and node.inputs[idx] is not None:
+            scale, out = node.inputs[idx], node.outputs[0]
+            name = layer_name(node)
+            users = _const_matmul_consumers(out)
+            if scale.const_value is None or len(scale.const_value.shape) != 1:
+                skipped.append((name, "the norm's scale is not a constant vector"))
+            elif len(scale.uses()) != 1:
+                skipped.append((name, "the norm's scale is shared with another node"))
+            elif users is None:
+                skipped.append((name, "the norm output feeds something other than MatMuls with "
+                                      "constant, unshared 2-D weights (e.g. a tied lm_head)"))
+            else:
+                groups.append(SmoothGroup(node, scale, 0, out, users))
+        elif node.op_type == "Mul":
+            users = _const_matmul_consumers(node.outputs[0])
+            prev = (_linear_before_product(node, users[0].inputs[1].const_value.shape[0])
+                    if users else None)
+            if users and prev is not None:
+                groups.append(SmoothGroup(prev, prev.inputs[1], 1, node.outputs[0], users))
     return groups, skipped
+
+
+def apply_scales(g: SmoothGroup, s: np.ndarray) -> None:
+    """Fold ``diag(s)^-1`` into ``g.fold`` and ``diag(s)`` into every consumer's weight rows."""
+    s = s.astype(np.float64)
+    f = g.fold.const_value.numpy().astype(np.float64)
+    f = f / s if g.fold_axis == 0 else f / s[None, :]
+    g.fold.const_value = ir.tensor(f.astype(np.float32), name=g.fold.name)
+    for u in g.consumers:
+        wv = u.inputs[1]
+        w = wv.const_value.numpy().astype(np.float64)
+        wv.const_value = ir.tensor((w * s[:, None]).astype(np.float32), name=wv.name)
 
 
 def _fake_quant_rows(x: np.ndarray) -> np.ndarray:
@@ -115,7 +175,7 @@ class SmoothQuant(Pass):
             obs = stats.get(g.output.name)
             x = obs.rows if obs is not None else None
             if obs is None or x is None or obs.channel_absmax is None:
-                skipped.append((layer_name(g.norm), "no calibration rows for the norm output"))
+                skipped.append((layer_name(g.prev), "no calibration rows for the group input"))
                 continue
             weights = [u.inputs[1].const_value.numpy().astype(np.float32) for u in g.consumers]
             x = x[: self.rows].astype(np.float32)
@@ -130,11 +190,11 @@ class SmoothQuant(Pass):
                 if err < best[0]:
                     best = (err, a, s)
             err, a, s = best
-            row = {"norm": layer_name(g.norm), "consumers": [layer_name(u) for u in g.consumers],
+            row = {"from": layer_name(g.prev), "kind": g.kind, "consumers": [layer_name(u) for u in g.consumers],
                    "error_before": round(base, 6), "error_after": round(err, 6),
                    "alpha": a}
             if s is not None:
-                self._apply(model.graph, g, s)
+                apply_scales(g, s)
                 smoothed += 1
                 row["s_max"] = float(s.max())
                 row["s_min"] = float(s.min())
@@ -143,15 +203,5 @@ class SmoothQuant(Pass):
             rows_out.append(row)
         self.note("groups", rows_out)
         self.note("smoothed", smoothed)
-        self.note("skipped", [{"norm": n, "reason": r} for n, r in skipped])
+        self.note("skipped", [{"from": n, "reason": r} for n, r in skipped])
         return ir.passes.PassResult(model, modified=smoothed > 0)
-
-    @staticmethod
-    def _apply(graph: ir.Graph, g: SmoothGroup, s: np.ndarray) -> None:
-        s = s.astype(np.float64)
-        gamma = g.scale.const_value.numpy().astype(np.float64)
-        g.scale.const_value = ir.tensor((gamma / s).astype(np.float32), name=g.scale.name)
-        for u in g.consumers:
-            wv = u.inputs[1]
-            w = wv.const_value.numpy().astype(np.float64)
-            wv.const_value = ir.tensor((w * s[:, None]).astype(np.float32), name=wv.name)

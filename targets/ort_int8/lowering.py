@@ -254,8 +254,19 @@ class LowerORT(Pass):
         q_val, s_val = dq.inputs[0], dq.inputs[1]
         zp_val = dq.inputs[2] if len(dq.inputs) > 2 else None
         ids = node.inputs[1]
+        if q_val.const_value.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+            # ORT's Gather has no 4-bit kernel: a per-row 4-bit table is gathered from a byte copy
+            wide = np.int8 if q_val.const_value.dtype == ir.DataType.INT4 else np.uint8
+            base = q_val.name.removesuffix("_q")
+            q_val = add_initializer(graph, f"{base}_q_bytes",
+                                    q_val.const_value.numpy().astype(wide))
+            if zp_val is not None:
+                zp_val = add_initializer(graph, f"{base}_zero_point_bytes",
+                                         zp_val.const_value.numpy().astype(wide))
         # a tied table re-stored transposed for the lm_head: gather its columns instead
         twin = self._transposed_int8.get(id(dq))
+        if twin is not None and twin.const_value.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+            twin = None  # gather from the byte copy made above, not the 4-bit lm_head table
         nodes: list[ir.Node] = []
         if twin is not None:
             g = ir.node("Gather", [twin, ids], attributes={"axis": 1})

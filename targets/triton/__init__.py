@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 
 class TritonTarget:
     name = "triton"
+    output_is_directory = True  # -o names OUT_DIR (model.py, weights.safetensors, manifest.json)
     capabilities = Capabilities(
         weight_bits=frozenset({4, 8}),
         weight_granularity={8: frozenset({None}) | GROUPS, 4: GROUPS},
