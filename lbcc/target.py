@@ -44,6 +44,7 @@ class Target(Protocol):
 
 _REGISTRY = {"ort-int8": "lbcc.targets.ort_int8:OrtInt8Target"}
 _REGISTRY["c"] = "lbcc.targets.c:CTarget"
+_REGISTRY["triton"] = "lbcc.targets.triton:TritonTarget"
 
 
 def available_targets() -> list[str]:

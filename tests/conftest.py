@@ -5,11 +5,16 @@ Every output goes under ``tmp_path`` (or a session temp dir); nothing here touch
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Triton kernels in the tests run on the CPU through Triton's interpreter (CI has no GPU); the
+# variable must be set before triton is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -1,0 +1,368 @@
+"""Kernel benchmark of the ``triton`` target on a CUDA GPU (run on demand, never in CI).
+
+    python benchmarks/triton_kernels.py [--write-md BENCHMARKS-triton.md] [--quick]
+
+Method: every timed call is one of ``calls`` launches captured in one CUDA graph; the weights are
+rotated among enough copies that they never sit in L2 between uses (copies x bytes > 4 x L2);
+the median over replays of (graph time / calls) is reported. The activations are one tensor.
+Peers at the same bits and group size: ``torch.nn.functional.linear`` in float16 (cuBLAS),
+``torch.ops.aten._weight_int4pack_mm`` (bfloat16 activations, as the op requires) and GemLite's
+``A16Wn`` (if ``gemlite`` imports; its H100 tuning table is loaded when no table for the GPU
+exists). Bandwidth: bytes that must move (packed weights + scales + x + y) / time, as a fraction
+of the measured device-to-device copy bandwidth (bytes read + written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from lbcc.targets.triton import ops
+except ImportError:  # run from a bare copy on the GPU machine
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from lbcc_triton import ops  # type: ignore
+
+SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]  # (N, K)
+MS = [1, 16, 128, 2048]
+GROUP = 128
+DEV = "cuda"
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def graph_time_us(fns, calls: int | None = None, replays: int = 20) -> float:
+    """Median µs per call of ``fns`` (cycled) captured ``calls`` times in one CUDA graph."""
+    for f in fns:  # compile, tune, allocate outside the capture
+        f()
+    torch.cuda.synchronize()
+    calls = calls or max(2 * len(fns), 8)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    del g
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (read + write counted)."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=DEV).random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(200):  # let the clocks ramp up first (the card idles at a low clock)
+        dst.copy_(src)
+    t = graph_time_us([lambda: dst.copy_(src)], calls=8, replays=20)
+    del src, dst
+    return 2 * n / (t * 1e-6)
+
+
+def copies_for(nbytes: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, min(48, math.ceil(4 * l2 / nbytes) + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+def quantize_gpu(w: torch.Tensor, bits: int, group: int, symmetric: bool):
+    """(codes uint8 [N,Kp] (K padded to whole groups), scales f16 [N,K/g], zeros u8 [N,K/g] or None); RTN, see packing.py."""
+    n, k = w.shape
+    kp = -(-k // group) * group  # K padded to whole groups (the padding quantizes to code z)
+    g = F.pad(w.float(), (0, kp - k)).reshape(n, kp // group, group)
+    qmax = (1 << bits) - 1
+    if symmetric:
+        s = g.abs().amax(-1) / ((1 << (bits - 1)) - 1)
+        z = torch.full_like(s, 1 << (bits - 1))
+    else:
+        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+        s = (hi - lo) / qmax
+    s = torch.where(s == 0, torch.ones_like(s), s).half()
+    if not symmetric:
+        z = (-lo / s.float()).round().clamp(0, qmax)
+    u = (g / s.float()[..., None]).round().add(z[..., None]).clamp(0, qmax)
+    return u.reshape(n, kp).to(torch.uint8), s, (None if symmetric else z.to(torch.uint8))
+
+
+def pack_gpu(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """torch twin of ``packing.pack`` (K already a multiple of the group)."""
+    e = 32 // bits
+    n, k = codes.shape
+    c = codes.to(torch.int32).reshape(n, k // e, e)
+    words = torch.zeros((n, k // e), dtype=torch.int32, device=codes.device)
+    for j in range(e):
+        words |= c[:, :, j] << (j * bits)
+    return words
+
+
+def dequant_ref(codes, s, z, bits, group):
+    n, k = codes.shape
+    zz = (torch.full_like(s, 1 << (bits - 1)) if z is None else z.half())
+    return ((codes.half().reshape(n, k // group, group) - zz[..., None]) * s[..., None]
+            ).reshape(n, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# peers
+
+
+def torch_int4_factory(codes, s, group):
+    """tinygemm: bf16 x, weights packed by _convert_weight_to_int4pack; None if unavailable."""
+    try:
+        n, k = codes.shape
+        packed_u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+        wp = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+        sf = s.float()  # tinygemm: w = (q - 8) * scale + zero; symmetric -> zero = 0
+        sz = torch.stack([sf, torch.zeros_like(sf)], -1).transpose(0, 1).contiguous().to(
+            torch.bfloat16)
+        def mm(x, wp=wp, sz=sz):
+            return torch.ops.aten._weight_int4pack_mm(x, wp, group, sz)
+        mm(torch.randn(1, k, device=DEV, dtype=torch.bfloat16))
+        return mm
+    except Exception as e:  # noqa: BLE001
+        log(f"  torch int4 unavailable: {type(e).__name__}: {str(e)[:200]}")
+        return None
+
+
+def gemlite_factory():
+    try:
+        import gemlite  # noqa: F401
+        from gemlite.core import GemLiteLinear
+        from gemlite.helper import A16Wn
+    except Exception as e:  # noqa: BLE001
+        log(f"gemlite unavailable: {type(e).__name__}: {e}")
+        return None, "unavailable"
+    name = torch.cuda.get_device_name(0).lower().replace(" ", "_")
+    cfg_dir = Path(gemlite.__file__).parent / "configs"
+    note = "own table"
+    if not any(t.stem in name for t in cfg_dir.glob("*.json")) and (cfg_dir / "h100.json").exists():
+        GemLiteLinear.load_config(str(cfg_dir / "h100.json"))
+        note = "H100 tuning table"
+
+    def make(codes, s, z, bits, group):
+        zz = (torch.full_like(s, 1 << (bits - 1)) if z is None else z.half())
+        return A16Wn(device=DEV, dtype=torch.float16).from_weights(
+            codes, s, zz, W_nbits=bits, group_size=group)
+    return make, f"gemlite {getattr(gemlite, '__version__', '?')} ({note})"
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def bench_wq(n, k, ms, bits, copy_bw, gl_make, rows, checks, peers=True):
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02
+    codes, s, z = quantize_gpu(w, bits, GROUP, symmetric=True)
+    qw = pack_gpu(codes, bits)
+    wq_bytes = qw.numel() * 4 + s.numel() * 2
+    r4 = copies_for(wq_bytes)
+    qws = [qw] + [qw.clone() for _ in range(r4 - 1)]
+    ss = [s] + [s.clone() for _ in range(r4 - 1)]
+    r16 = copies_for(n * k * 2)
+    ws = [w] + [w.clone() for _ in range(r16 - 1)]
+    wref = dequant_ref(codes, s, z, bits, GROUP).float()
+    ti4 = [torch_int4_factory(codes, s, GROUP)] if peers and bits == 4 else []
+    if ti4 and ti4[0] is not None:
+        ti4 += [torch_int4_factory(codes, s, GROUP) for _ in range(min(r4, 8) - 1)]
+    gls = []
+    if peers and gl_make is not None:
+        try:
+            gls = [gl_make(codes, s, z, bits, GROUP) for _ in range(min(r4, 8))]
+        except Exception as e:  # noqa: BLE001
+            log(f"  gemlite failed to pack: {type(e).__name__}: {str(e)[:200]}")
+    for m in ms:
+        x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+        xb = x.to(torch.bfloat16)
+        y = ops.wq_linear(x, qw, s, None, bits, GROUP)
+        ref = x.float() @ wref.t()
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        checks.append((f"w{bits}a16 {n}x{k} M={m}", err))
+        res = {"N": n, "K": k, "M": m, "bits": bits}
+        res["fp16_us"] = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in ws])
+        res["ours_us"] = graph_time_us(
+            [lambda q_=q_, s_=s_: ops.wq_linear(x, q_, s_, None, bits, GROUP)
+             for q_, s_ in zip(qws, ss)])
+        key = "|".join([torch.cuda.get_device_name(0), "wq", str(ops.m_bucket(m)), str(n), str(k),
+                        str(bits), str(GROUP), "False"])
+        res["ours_cfg"] = ops.TUNER._load().get(key, {})
+        if ti4 and ti4[0] is not None:
+            try:
+                res["tinygemm_us"] = graph_time_us([lambda f=f: f(xb) for f in ti4])
+            except Exception as e:  # noqa: BLE001
+                log(f"  torch int4 M={m}: {type(e).__name__}: {str(e)[:200]}")
+        if gls:
+            try:
+                res["gemlite_us"] = graph_time_us([lambda f=f: f(x) for f in gls])
+            except Exception as e:  # noqa: BLE001
+                log(f"  gemlite M={m}: {type(e).__name__}: {str(e)[:200]}")
+        moved = wq_bytes + 2 * m * (k + n)
+        res["bytes"] = moved
+        res["bw_frac"] = moved / (res["ours_us"] * 1e-6) / copy_bw
+        res["ideal_us"] = moved / copy_bw * 1e6
+        rows.append(res)
+        log(json.dumps({k_: (round(v, 2) if isinstance(v, float) else v)
+                        for k_, v in res.items() if k_ != "ours_cfg"}))
+    del qws, ss, ws, gls, ti4
+    torch.cuda.empty_cache()
+
+
+def bench_w8a8(n, k, ms, rows, checks):
+    torch.manual_seed(1)
+    wf = torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02
+    sw = (wf.float().abs().amax(1) / 127)
+    w8 = (wf.float() / sw[:, None]).round().clamp(-127, 127).to(torch.int8)
+    r8 = copies_for(n * k)
+    w8s = [w8] + [w8.clone() for _ in range(r8 - 1)]
+    r16 = copies_for(n * k * 2)
+    ws = [wf] + [wf.clone() for _ in range(r16 - 1)]
+    for m in ms:
+        x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+        y = ops.w8a8_linear_fp(x, w8, sw)
+        q, sa = ops.quant_rows(x)
+        ref = (q.float() @ w8.float().t()) * sa[:, None] * sw[None, :]
+        checks.append((f"w8a8 {n}x{k} M={m}", ((y.float() - ref).norm() / ref.norm()).item()))
+        res = {"N": n, "K": k, "M": m, "kind": "w8a8"}
+        res["fp16_us"] = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in ws])
+        res["ours_us"] = graph_time_us([lambda w_=w_: ops.w8a8_linear_fp(x, w_, sw) for w_ in w8s])
+        res["gemm_only_us"] = graph_time_us([lambda w_=w_: ops.w8a8_linear(q, sa, w_, sw)
+                                             for w_ in w8s])
+        try:
+            res["torch_int_mm_us"] = graph_time_us(
+                [lambda w_=w_: torch._int_mm(q, w_.t()) for w_ in w8s]) if m > 16 else None
+        except Exception as e:  # noqa: BLE001
+            log(f"  torch._int_mm: {type(e).__name__}: {str(e)[:200]}")
+        rows.append(res)
+        log(json.dumps({k_: (round(v, 2) if isinstance(v, float) else v) for k_, v in res.items()}))
+    del w8s, ws
+    torch.cuda.empty_cache()
+
+
+def fmt(v, digits=1):
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def markdown(env, rows, w8rows, checks, copy_bw, gl_note, seconds):
+    out = ["## Triton target: kernels", "",
+           f"Machine: {env['gpu']} ({env['sms']} SMs, L2 {env['l2_mb']} MB), driver "
+           f"{env['driver']}; torch {env['torch']}, triton {env['triton']}, {gl_note}; "
+           f"python {env['python']}. Measured copy bandwidth {copy_bw / 1e12:.2f} TB/s "
+           "(2 GiB device-to-device, read + write).", "",
+           "Method: CUDA-graph replay (many calls in one graph, median over replays), weights "
+           "rotated among copies totalling > 4x L2; activations float16 (bfloat16 for torch "
+           "int4, which needs it). W4A16 symmetric, group 128. Speed-up = fp16 time / time. "
+           f"Command: `python benchmarks/triton_kernels.py`; run took {seconds:.0f} s.", "",
+           "| N×K | M | fp16 F.linear µs | ours W4A16 µs (×fp16) | torch int4 µs (×fp16) | "
+           "GemLite A16W4 µs (×fp16) | ours: bandwidth fraction | ours: config |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f16 = r["fp16_us"]
+        def cell(key):
+            v = r.get(key)
+            return "–" if v is None else f"{v:,.1f} ({f16 / v:.2f}×)"
+        c = r.get("ours_cfg", {})
+        cfg = c.get("kind", "?") + "".join(
+            f" {k_[0].lower()}{k_.split('_')[-1][0].lower()}={v}" for k_, v in c.items()
+            if k_ not in ("kind", "us"))
+        out.append(f"| {r['N']}×{r['K']} | {r['M']} | {fmt(f16)} | {cell('ours_us')} | "
+                   f"{cell('tinygemm_us')} | {cell('gemlite_us')} | "
+                   f"{r['bw_frac'] * 100:.0f} % | {cfg} |")
+    if w8rows:
+        out += ["", "W8A8 (int8 per-token dynamic activations, int8 per-channel weights): "
+                "ours = activation quantization kernel + int8 GEMM (both timed); GEMM alone; "
+                "`torch._int_mm` (int32 out, no scaling) for reference.", "",
+                "| N×K | M | fp16 µs | ours W8A8 µs (×fp16) | int8 GEMM only µs (×fp16) | "
+                "torch._int_mm µs |", "|---|---|---|---|---|---|"]
+        for r in w8rows:
+            f16 = r["fp16_us"]
+            out.append(f"| {r['N']}×{r['K']} | {r['M']} | {fmt(f16)} | {fmt(r['ours_us'])} "
+                       f"({f16 / r['ours_us']:.2f}×) | {fmt(r['gemm_only_us'])} "
+                       f"({f16 / r['gemm_only_us']:.2f}×) | {fmt(r.get('torch_int_mm_us'))} |")
+    out += ["", "Correctness on the GPU (relative Frobenius error against float32 math on the "
+            "same dequantized weights / int8 codes): " + ", ".join(
+                f"{name}: {e:.1e}" for name, e in checks), ""]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write-md", type=Path)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 16}")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x4096")
+    ap.add_argument("--ms", default=None, help="e.g. 1,16")
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    import triton
+    p = torch.cuda.get_device_properties(0)
+    env = {"gpu": p.name, "sms": p.multi_processor_count,
+           "l2_mb": round(p.L2_cache_size / 2**20), "torch": torch.__version__,
+           "triton": triton.__version__, "python": platform.python_version(),
+           "driver": os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader")
+           .read().strip() or "?"}
+    log(json.dumps(env))
+    copy_bw = copy_bandwidth()
+    log(f"copy bandwidth {copy_bw / 1e12:.3f} TB/s")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] \
+        if a.shapes else SHAPES
+    ms = [int(v) for v in a.ms.split(",")] if a.ms else MS
+    if a.quick:
+        shapes, ms = [(8192, 8192)], [1, 16]
+    gl_make, gl_note = (None, "GemLite not run") if a.no_peers else gemlite_factory()
+    rows, w8rows, checks = [], [], []
+    for n, k in shapes:
+        bench_wq(n, k, ms, 4, copy_bw, gl_make, rows, checks, peers=not a.no_peers)
+    for n, k in shapes:
+        bench_w8a8(n, k, [m for m in ms if m >= 16], w8rows, checks)
+    copy_bw = max(copy_bw, copy_bandwidth())  # again, warm: the larger of the two is used
+    log(f"copy bandwidth (max of two) {copy_bw / 1e12:.3f} TB/s")
+    for r in rows:  # against the final bandwidth figure
+        r["bw_frac"] = r["bytes"] / (r["ours_us"] * 1e-6) / copy_bw
+        r["ideal_us"] = r["bytes"] / copy_bw * 1e6
+    md = markdown(env, rows, w8rows, checks, copy_bw, gl_note, time.time() - t0)
+    print(md)
+    if a.write_md:
+        a.write_md.write_text(md)
+    if a.json:
+        a.json.write_text(json.dumps({"env": env, "copy_bw": copy_bw, "w4a16": rows,
+                                      "w8a8": w8rows, "checks": checks,
+                                      "tuner": ops.TUNER._load()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

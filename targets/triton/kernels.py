@@ -1,0 +1,321 @@
+"""Triton kernels of the ``triton`` target: low-bit linear layers for LLM inference.
+
+All weight-only kernels read the one packed layout of :mod:`packing` (``qweight`` int32
+``[N, Kp/E]``, K contiguous; float16 ``scales`` and, when asymmetric, uint8 ``zeros`` per
+``[N, group]``) and compute ``y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])`` with
+``W[n, k] = (u[n, k] - z[n, g(k)]) * s[n, g(k)]``, ``g(k) = k // group``.
+
+* :func:`_wq_gemv_kernel` (decode, M = 1 .. a few): CUDA-core FMAs in float32,
+  ``y += s * sum_k (u - z) * x`` per group (codes to floats by the 2**23 bit trick);
+  one program per (row of x, block of N, K split); the rows of x are the fastest grid axis, so
+  the programs that read the same weights run together and the later ones hit L2.
+* :func:`_wq_matmul_kernel` (M > 1): tensor-core tiles; the weight tile is dequantized to
+  float16 inside the main loop (``(u - z)`` exact, one rounding for ``* s``: the same float16
+  weights as :func:`packing.dequantize`), ``tl.dot`` accumulates in float32; optional split-K
+  (float16 atomic adds into a zeroed output).
+* :func:`_quant_rows_kernel` (W8A8): per-token dynamic int8 activations, optionally fused with
+  RMSNorm: ``h = x * rsqrt(mean(x^2) + eps) * gamma``; ``s_m = max_k |h| / 127``,
+  ``q = rint(h * (127 / max_k |h|))`` (round half to even), int8.
+* :func:`_w8a8_matmul_kernel`: int8 x int8 tensor-core tiles with int32 accumulation (exact),
+  epilogue ``y = acc * s_a[m] * s_w[n] (+ bias)`` in float32, stored as float16.
+
+Every kernel also runs under ``TRITON_INTERPRET=1`` on the CPU (the CI tests do that).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even for |v| < 2**22: adding and removing 1.5 * 2**23 leaves no fraction bits
+    (float32 addition rounds to nearest even); the interpreter has no libdevice.rint."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+                    M, N, K, KW, G, stride_xm, stride_ym,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT_K: tl.constexpr):
+    # Codes become floats without an int->float conversion: OR-ing a code u < 2**23 into the
+    # bits of 2**23 (0x4B000000) gives the float32 2**23 + u; subtracting 2**23 + z is exact.
+    # The word tile stays [BLOCK_N, BLOCK_K / E] (16-byte loads); nibble j of every word meets
+    # x[k0 + w*E + j]; the per-group scale multiplies the group's partial sums once.
+    E: tl.constexpr = 32 // BITS
+    BW: tl.constexpr = BLOCK_K // E
+    MASK: tl.constexpr = (1 << BITS) - 1
+    MAGIC: tl.constexpr = 0x4B000000
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    rn = tl.where(nmask, offs_n, 0)
+    offs_w = tl.arange(0, BW)
+    blocks = (KW * E) // BLOCK_K
+    per_split = tl.cdiv(blocks, SPLIT_K)
+    b0 = pid_k * per_split
+    b1 = tl.minimum(b0 + per_split, blocks)
+    acc2 = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+    x_row = x_ptr + pid_m * stride_xm
+    for b in range(b0, b1):
+        k0 = b * BLOCK_K
+        words = tl.load(qw_ptr + rn[:, None] * KW + (k0 // E + offs_w)[None, :])
+        g = k0 // GROUP
+        s = tl.load(s_ptr + rn * G + g).to(tl.float32)
+        if HAS_ZERO:
+            zoff = (tl.load(z_ptr + rn * G + g).to(tl.float32) + 8388608.0)[:, None]
+        else:
+            zoff = 8388608.0 + (1 << (BITS - 1))
+        part = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+        for j in tl.static_range(E):
+            kk = k0 + offs_w * E + j
+            xj = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+            f = (((words >> (j * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)
+            part += (f - zoff) * xj[None, :]
+        acc2 += part * s[:, None]
+    acc = tl.sum(acc2, axis=1)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)
+    out = acc.to(y_ptr.dtype.element_ty)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + pid_m * stride_ym + offs_n, out, mask=nmask)
+    else:
+        tl.atomic_add(y_ptr + pid_m * stride_ym + offs_n, out, mask=nmask)
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr):
+    """int32 words [R, W] -> codes [R, W * 32/BITS] in natural order (code j of word w at
+    column w*E + j): nibble planes interleaved pairwise, so no word is loaded twice."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    a0 = words & MASK
+    a1 = (words >> BITS) & MASK
+    a2 = (words >> (2 * BITS)) & MASK
+    a3 = (words >> (3 * BITS)) & MASK
+    if BITS == 4:
+        a4 = (words >> 16) & MASK
+        a5 = (words >> 20) & MASK
+        a6 = (words >> 24) & MASK
+        a7 = (words >> 28) & MASK
+        out = tl.interleave(tl.interleave(tl.interleave(a0, a4), tl.interleave(a2, a6)),
+                            tl.interleave(tl.interleave(a1, a5), tl.interleave(a3, a7)))
+    else:
+        out = tl.interleave(tl.interleave(a0, a2), tl.interleave(a1, a3))
+    return out
+
+
+@triton.jit
+def _codes_to_half(u, z_ptrs, HAS_ZERO: tl.constexpr, HALF: tl.constexpr):
+    """float16 ``u - z`` (exact) without an int->float conversion: the bits 0x6400 | u are the
+    float16 1024 + u (u < 1024), and (1024 + u) - (1024 + z) is exact."""
+    h = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    if HAS_ZERO:
+        z = tl.load(z_ptrs).to(tl.float16)
+        return h - (z + 1024.0)[:, None]
+    else:
+        return h - (1024.0 + HALF)
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering of output tiles: GROUP_M row-tiles share each column-tile in L2."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+                      M, N, K, KW, G, stride_xm, stride_ym,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    E: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.where(offs_m < M, offs_m, 0)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // E)
+    blocks = (KW * E) // BLOCK_K
+    per_split = tl.cdiv(blocks, SPLIT_K)
+    b0 = pid_k * per_split
+    b1 = tl.minimum(b0 + per_split, blocks)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b in range(b0, b1):
+        kk = b * BLOCK_K + offs_k
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=kk[None, :] < K,
+                    other=0.0)
+        words = tl.load(qw_ptr + rn[:, None] * KW + (b * (BLOCK_K // E) + offs_w)[None, :])
+        u = _unpack(words, BITS)
+        g = (b * BLOCK_K) // GROUP
+        s = tl.load(s_ptr + rn * G + g)
+        w = _codes_to_half(u, z_ptr + rn * G + g, HAS_ZERO, HALF) * s[:, None]
+        acc = tl.dot(a, tl.trans(w), acc)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    out = acc.to(y_ptr.dtype.element_ty)
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(ptrs, out, mask=mask)
+    else:
+        tl.atomic_add(ptrs, out, mask=mask)
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, gamma_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, eps,
+                       HAS_NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row. BLOCK_K >= K: the row is read once and kept in registers;
+    otherwise it is read in blocks, once per pass (sum of squares, max, codes)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    if BLOCK_K >= K:
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
+            x = x * r * tl.load(gamma_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        m = tl.max(tl.abs(x), axis=0)
+        m = tl.where(m > 0, m, 1.0)
+        q = tl.minimum(tl.maximum(_rint(x * (127.0 / m)), -127.0), 127.0)
+        tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=offs < K)
+    else:
+        r = 1.0
+        if HAS_NORM:
+            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                ss += x * x
+            r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                x = x * r * tl.load(gamma_ptr + k0 + offs, mask=k0 + offs < K,
+                                    other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        m = tl.max(amax, axis=0)
+        m = tl.where(m > 0, m, 1.0)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                x = x * r * tl.load(gamma_ptr + k0 + offs, mask=k0 + offs < K,
+                                    other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(_rint(x * (127.0 / m)), -127.0), 127.0)
+            tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
+    tl.store(s_ptr + row, m / 127.0)
+
+
+@triton.jit
+def _w8a8_matmul_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K,
+                        stride_am, stride_ym, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.where(offs_m < M, offs_m, 0)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=kk[None, :] < K, other=0)
+        w = tl.load(w_ptr + rn[None, :] * K + kk[:, None], mask=kk[:, None] < K, other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if OUT_INT32:
+        tl.store(ptrs, acc, mask=mask)
+    else:
+        sa = tl.load(sa_ptr + rm).to(tl.float32)
+        sw = tl.load(sw_ptr + rn).to(tl.float32)
+        y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, G,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float16 ``W[n, k] = (u - z) * s`` for ``k < K`` (the large-M path: W then cuBLAS).
+    BLOCK_K divides GROUP: one scale per row and tile."""
+    E: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    kb = tl.program_id(1)
+    words = tl.load(qw_ptr + rn[:, None] * KW + (kb * (BLOCK_K // E)
+                                                  + tl.arange(0, BLOCK_K // E))[None, :])
+    u = _unpack(words, BITS)
+    g = (kb * BLOCK_K) // GROUP
+    s = tl.load(s_ptr + rn * G + g)
+    w = _codes_to_half(u, z_ptr + rn * G + g, HAS_ZERO, HALF) * s[:, None]
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=mask)
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, g_ptr, y_ptr, K, stride_x, stride_y, eps, BLOCK_K: tl.constexpr):
+    """``y = x * rsqrt(mean(x^2) + eps) * gamma`` per row, float32 inside (one launch)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    m = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, (x * r * g).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr,
+                       T, stride_qkv, s_kv, s_b, s_h, s_l,
+                       NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
+                       HAS_ROPE: tl.constexpr):
+    """The epilogue of the fused qkv GEMM, one program per (token row, head): rotary on q and k
+    (rotate-half: ``[x1*c - x2*s, x2*c + x1*s]``), q to ``q [R, NH, HD]``, k and v written into
+    the cache ``[2, B, NKV, L, HD]`` at the token's position."""
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    HALF: tl.constexpr = HD // 2
+    offs = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + r % T)
+    base = qkv_ptr + r * stride_qkv + h * HD
+    x1 = tl.load(base + offs).to(tl.float32)
+    x2 = tl.load(base + HALF + offs).to(tl.float32)
+    y1 = x1
+    y2 = x2
+    if HAS_ROPE:
+        if h < NH + NKV:
+            c = tl.load(cos_ptr + pos * HALF + offs)
+            s = tl.load(sin_ptr + pos * HALF + offs)
+            y1 = x1 * c - x2 * s
+            y2 = x2 * c + x1 * s
+    if h < NH:
+        out = q_ptr + (r * NH + h) * HD
+    else:
+        kv = (h - NH) // NKV  # 0: k, 1: v
+        out = cache_ptr + kv * s_kv + (r // T) * s_b + ((h - NH) % NKV) * s_h + pos * s_l
+    tl.store(out + offs, y1.to(q_ptr.dtype.element_ty))
+    tl.store(out + HALF + offs, y2.to(q_ptr.dtype.element_ty))

@@ -1,0 +1,370 @@
+"""torch entry points for the kernels, and the autotuner that picks a kernel and its tile sizes.
+
+``wq_linear`` (W4A16 / W8A16), ``quant_rows`` + ``w8a8_linear`` (W8A8), ``dequantize``.
+The tuner times a small set of candidates per (GPU, op, M bucket, N, K, bits, group) on the
+first call with real inputs, as CUDA-graph replays over copies of the weights that exceed L2
+(never while a CUDA graph is being captured: then the default is used) and keeps the winner in a JSON file (``$LBCC_TRITON_CACHE`` or
+``~/.cache/lbcc/triton-tune.json``). On the CPU (``TRITON_INTERPRET=1``) the defaults are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import triton
+
+# lbcc:strip-begin
+from . import kernels as K
+# lbcc:strip-end
+
+# ---------------------------------------------------------------------------------------------
+# candidate configurations
+
+
+def _gemv(bn, bk, sk, nw, ns):
+    return {"kind": "gemv", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw,
+            "num_stages": ns}
+
+
+def _mm(bm, bn, bk, sk, nw, ns, gm=8):
+    return {"kind": "mm", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk,
+            "GROUP_M": gm, "num_warps": nw, "num_stages": ns}
+
+
+# GEMV: a thread's x loads are shared by the rows it holds, so tall tiles (BLOCK_N 64 .. 256)
+# with split-K for parallelism do fewer loads per weight than short ones.
+GEMV_CONFIGS = [_gemv(bn, bk, sk, nw, ns)
+                for bn in (32, 64, 128, 256) for bk in (64, 128) for sk in (1, 2, 4, 8)
+                for nw, ns in ((4, 3), (8, 3), (4, 5))]
+SMALL_MM_CONFIGS = [_mm(16, bn, bk, sk, nw, ns)
+                    for bn in (64, 128) for bk in (64, 128) for sk in (2, 4, 8)
+                    for nw, ns in ((4, 3), (4, 5))]
+LARGE_MM_CONFIGS = ([_mm(bm, bn, bk, 1, nw, ns)
+                     for bm, bn, bk, nw, ns in ((64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                                (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+                                                (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+                                                (256, 128, 64, 8, 3), (128, 128, 128, 8, 3))]
+                    + [_mm(bm, bn, 64, sk, 4, 4) for bm, bn, sk in ((64, 64, 2), (64, 128, 2))]
+                    + [{"kind": "dequant+cublas"}])
+W8A8_CONFIGS = [{"kind": "w8a8", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                 "num_warps": nw, "num_stages": ns}
+                for bm, bn, bk, nw, ns in ((16, 64, 128, 4, 4), (64, 64, 128, 4, 4),
+                                           (64, 128, 128, 4, 4), (128, 128, 128, 8, 3),
+                                           (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                           (128, 128, 64, 4, 4), (128, 256, 64, 8, 4))]
+
+DEFAULT_GEMV = _gemv(16, 64, 1, 4, 3)
+DEFAULT_SMALL_MM = _mm(16, 64, 64, 1, 4, 3)
+DEFAULT_LARGE_MM = _mm(64, 64, 64, 1, 4, 3)
+DEFAULT_W8A8 = W8A8_CONFIGS[1]
+
+
+def m_bucket(m: int) -> int:
+    """M rounded up to a power of two (at most 4096): tuning is per bucket, not per M."""
+    return min(1 << max(0, (m - 1).bit_length()), 4096)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tuner
+
+
+class Tuner:
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path or os.environ.get("LBCC_TRITON_CACHE")
+                         or Path.home() / ".cache" / "lbcc" / "triton-tune.json")
+        self._lock = threading.Lock()
+        self._table: dict[str, dict] | None = None
+        self.enabled = os.environ.get("LBCC_TRITON_TUNE", "1") != "0"
+
+    def _load(self) -> dict[str, dict]:
+        if self._table is None:
+            try:
+                self._table = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._table = {}
+        return self._table
+
+    def _save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._table, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only home: keep the table in memory only
+
+    def pick(self, key: tuple, device: torch.device, candidates: list[dict], default: dict,
+             make_fns) -> dict:
+        """The fastest of ``candidates`` for ``key``; cached in memory and on disk.
+
+        ``make_fns()`` returns ``(fns_for, n)``: ``fns_for(cfg)`` gives callables that each run
+        the op once with ``cfg`` on one of several copies of the weights (so the timing does not
+        read them from L2); each candidate is timed as CUDA-graph replays of those calls.
+        """
+        if device.type != "cuda" or not self.enabled:
+            return default
+        full = "|".join([_device_name(device), *map(str, key)])
+        table = self._load()
+        if full in table:
+            return table[full]
+        if torch.cuda.is_current_stream_capturing():
+            return default
+        fns_for = make_fns()
+        best, best_t = default, float("inf")
+        for cfg in candidates:
+            try:
+                t = graph_time_us(fns_for(cfg))
+            except Exception:  # a config the compiler rejects (shared memory, registers)
+                torch.cuda.synchronize()
+                continue
+            if t < best_t:
+                best, best_t = cfg, t
+        with self._lock:
+            table[full] = dict(best, us=round(best_t, 2))
+            self._save()
+        return table[full]
+
+
+def graph_time_us(fns, calls: int | None = None, replays: int = 10) -> float:
+    """Median µs per call of ``fns`` (cycled), ``calls`` launches captured in one CUDA graph."""
+    for f in fns:  # compile and allocate outside the capture
+        f()
+    torch.cuda.synchronize()
+    calls = calls or max(2 * len(fns), 8)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def rotation_copies(nbytes: int, device: torch.device) -> int:
+    """How many copies of ``nbytes`` of weights exceed 4x the L2 cache (2 .. 32)."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(2, min(32, -(-4 * l2 // max(nbytes, 1)) + 1))
+
+
+_NAMES: dict = {}
+
+
+def _device_name(device: torch.device) -> str:
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _NAMES:
+        _NAMES[i] = torch.cuda.get_device_name(i)
+    return _NAMES[i]
+
+
+TUNER = Tuner()
+
+
+# ---------------------------------------------------------------------------------------------
+# weight-only linear (W4A16 / W8A16)
+
+
+def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, y, bits, group):
+    m, k = x.shape
+    n, kw = qw.shape
+    g = scales.shape[1]
+    has_zero, has_bias = zeros is not None, bias is not None
+    zp = zeros if has_zero else scales
+    bp = bias if has_bias else scales
+    kind = cfg["kind"]
+    if kind == "dequant+cublas":
+        w = dequantize(qw, scales, zeros, bits, group, k)
+        return torch.addmm(bias, x, w.t(), out=y) if has_bias else torch.mm(x, w.t(), out=y)
+    if cfg.get("SPLIT_K", 1) > 1:
+        y.zero_()
+    if kind == "gemv":
+        grid = (m, triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+        K._wq_gemv_kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0),
+                                y.stride(0), BITS=bits, GROUP=group, HAS_ZERO=has_zero,
+                                HAS_BIAS=has_bias, BLOCK_N=cfg["BLOCK_N"],
+                                BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    else:
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+        K._wq_matmul_kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0),
+                                  y.stride(0), BITS=bits, GROUP=group, HAS_ZERO=has_zero,
+                                  HAS_BIAS=has_bias, BLOCK_M=cfg["BLOCK_M"],
+                                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                  GROUP_M=cfg["GROUP_M"], SPLIT_K=cfg["SPLIT_K"],
+                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+def _fits(cfg: dict, group: int, bits: int) -> bool:
+    """BLOCK_K divides the group (one scale per row and step); GEMV steps are as long as the
+    group allows, up to 128 (shorter ones were never faster on an H200)."""
+    bk = cfg.get("BLOCK_K")
+    if bk is None:
+        return True
+    if cfg["kind"] == "gemv" and bk != min(128, group):
+        return False
+    return bk <= group and group % bk == 0 and bk >= 32 // bits
+
+
+def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
+              zeros: torch.Tensor | None, bits: int, group: int,
+              bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """``y = x @ W.T (+ bias)`` for packed ``W`` (see :mod:`packing`); x float16 ``[..., K]``."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], qw.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*lead, n)
+    if config is None:
+        if m <= 16:
+            cands = GEMV_CONFIGS + (SMALL_MM_CONFIGS if m > 1 else [])
+            default = DEFAULT_GEMV if m <= 2 else DEFAULT_SMALL_MM
+        else:
+            cands, default = LARGE_MM_CONFIGS, DEFAULT_LARGE_MM
+        cands = [c for c in cands if _fits(c, group, bits)]
+        if not _fits(default, group, bits):
+            default = dict(default, BLOCK_K=group)
+        key = ("wq", m_bucket(m), n, k, bits, group, zeros is not None)
+
+        def make_fns():
+            r = rotation_copies(qw.numel() * 4 + scales.numel() * 2, x.device)
+            sets = [(qw, scales, zeros)] + [
+                (qw.clone(), scales.clone(), None if zeros is None else zeros.clone())
+                for _ in range(r - 1)]
+            out = torch.empty_like(y)
+            return lambda c: [lambda q=q, s=s, z=z: _launch_wq(c, x2, q, s, z, bias, out, bits,
+                                                               group) for q, s, z in sets]
+        config = TUNER.pick(key, x.device, cands, default, make_fns)
+    _launch_wq(config, x2, qw, scales, zeros, bias, y, bits, group)
+    return y.reshape(*lead, n)
+
+
+def dequantize(qw: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+               group: int, k: int, block_n: int = 32, block_k: int = 128) -> torch.Tensor:
+    """float16 ``W [N, k]`` from packed weights (bit-identical to ``packing.dequantize``)."""
+    n, kw = qw.shape
+    block_k = min(block_k, group)
+    w = torch.empty((n, k), dtype=torch.float16, device=qw.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    K._dequant_kernel[grid](qw, scales, zeros if zeros is not None else scales, w, n, k, kw,
+                            scales.shape[1], BITS=bits, GROUP=group, HAS_ZERO=zeros is not None,
+                            BLOCK_N=block_n, BLOCK_K=block_k)
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# W8A8
+
+
+def quant_rows(x: torch.Tensor, gamma: torch.Tensor | None = None, eps: float = 1e-6,
+               block_k: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 ``(q [M, K], s [M] float32)``, optionally of ``RMSNorm(x) * gamma``."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x.device)
+    bk = min(block_k, triton.next_power_of_2(k))
+    K._quant_rows_kernel[(m,)](x2, gamma if gamma is not None else x2, q, s, k, x2.stride(0),
+                               q.stride(0), eps, HAS_NORM=gamma is not None, BLOCK_K=bk,
+                               num_warps=4 if bk <= 1024 else (8 if bk <= 4096 else 16))
+    return q, s
+
+
+def _launch_w8a8(cfg, q, sa, w, sw, bias, y, out_int32):
+    m, k = q.shape
+    n = w.shape[0]
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    K._w8a8_matmul_kernel[grid](q, sa, w, sw, bias if bias is not None else sw, y, m, n, k,
+                                q.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+                                OUT_INT32=out_int32, BLOCK_M=cfg["BLOCK_M"],
+                                BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
+                                num_stages=cfg["num_stages"])
+    return y
+
+
+def w8a8_linear(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
+                config: dict | None = None) -> torch.Tensor:
+    """``y = (q @ w.T) * sa[:, None] * sw[None, :] (+ bias)``; int8 q ``[M, K]``, w ``[N, K]``.
+
+    ``out_dtype=torch.int32`` returns the raw integer accumulator (for exactness tests).
+    """
+    m, n = q.shape[0], w.shape[0]
+    out_int32 = out_dtype == torch.int32
+    y = torch.empty((m, n), dtype=out_dtype, device=q.device)
+    if config is None:
+        key = ("w8a8", m_bucket(m), n, q.shape[1])
+
+        def make_fns():
+            sets = [w] + [w.clone() for _ in range(rotation_copies(w.numel(), q.device) - 1)]
+            out = torch.empty_like(y)
+            return lambda c: [lambda w_=w_: _launch_w8a8(c, q, sa, w_, sw, bias, out, out_int32)
+                              for w_ in sets]
+        config = TUNER.pick(key, q.device, W8A8_CONFIGS, DEFAULT_W8A8, make_fns)
+    return _launch_w8a8(config, q, sa, w, sw, bias, y, out_int32)
+
+
+def w8a8_linear_fp(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
+                   bias: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """float16 in, float16 out: dynamic per-token quantization (fused RMSNorm) + int8 GEMM."""
+    lead = x.shape[:-1]
+    q, sa = quant_rows(x, gamma, eps)
+    return w8a8_linear(q, sa, w, sw, bias).reshape(*lead, w.shape[0])
+
+
+
+# ---------------------------------------------------------------------------------------------
+# decoder epilogues / prologues
+
+
+def rms_norm_fused(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2) + eps) * gamma`` per row in one launch."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty_like(x2)
+    bk = triton.next_power_of_2(k)
+    K._rmsnorm_kernel[(x2.shape[0],)](x2, gamma, y, k, x2.stride(0), y.stride(0), eps,
+                                      BLOCK_K=bk, num_warps=4 if bk <= 2048 else 8)
+    return y.reshape(x.shape)
+
+
+def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos, sin, cache: torch.Tensor,
+                   t: int, nh: int, nkv: int, hd: int) -> torch.Tensor:
+    """Rotary on q, k of ``qkv [B*T, (NH + 2 NKV) * HD]``; k, v into ``cache [2, B, NKV, L, HD]``
+    at ``positions [T]``; returns q ``[B*T, NH, HD]``."""
+    rows = qkv.shape[0]
+    q = torch.empty((rows, nh, hd), dtype=qkv.dtype, device=qkv.device)
+    has_rope = cos is not None
+    K._rope_cache_kernel[(rows, nh + 2 * nkv)](
+        qkv, positions, cos if has_rope else qkv, sin if has_rope else qkv, q, cache, t,
+        qkv.stride(0), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
+        NH=nh, NKV=nkv, HD=hd, HAS_ROPE=has_rope, num_warps=1)
+    return q
+
+
+__all__ = ["wq_linear", "dequantize", "quant_rows", "w8a8_linear", "w8a8_linear_fp", "TUNER",
+           "Tuner", "m_bucket", "rms_norm_fused", "rope_and_cache"]

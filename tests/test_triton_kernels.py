@@ -1,0 +1,212 @@
+"""Kernels of the ``triton`` target, run by Triton's interpreter on the CPU (TRITON_INTERPRET=1).
+
+Integer paths (unpacking, dequantization, int8 activation codes, int32 accumulation) are exact
+against numpy; float paths are within the stated tolerance: relative Frobenius error
+``|y - ref| / |ref| < 2e-3`` for float16 outputs of float32 accumulations (float16 output
+rounding is 2**-11 ~ 4.9e-4 relative per element).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest does too)
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from lbcc.targets.triton import ops, packing  # noqa: E402
+
+FLOAT_TOL = 2e-3
+
+
+def rel_err(y, ref):
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def packed(rng, n, k, bits, group, symmetric):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    codes, s, z = packing.quantize_groupwise(w, bits, group, symmetric)
+    zeros = None if symmetric else z
+    pad = (1 << (bits - 1)) if symmetric else z[:, -1]
+    qw = packing.pack(codes, bits, group, pad)
+    t = (torch.from_numpy(qw), torch.from_numpy(s),
+         None if zeros is None else torch.from_numpy(zeros))
+    return codes, s, zeros, t
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_roundtrip_exact(bits):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 1 << bits, (5, 40), dtype=np.uint8)
+    words = packing.pack(codes, bits, 16, pad_code=3)
+    assert words.dtype == np.int32 and words.shape == (5, 48 * bits // 32)
+    out = packing.unpack(words, bits)
+    np.testing.assert_array_equal(out[:, :40], codes)
+    assert (out[:, 40:] == 3).all()
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
+def test_dequant_kernel_exact(bits, symmetric):
+    rng = np.random.default_rng(bits + symmetric)
+    n, k, group = 24, 72, 32  # K not a multiple of the group: padded
+    codes, s, z, (qw, st, zt) = packed(rng, n, k, bits, group, symmetric)
+    w = ops.dequantize(qw, st, zt, bits, group, k, block_n=16, block_k=32).numpy()
+    ref = packing.dequantize(codes, s, z, bits, group)
+    np.testing.assert_array_equal(w.view(np.uint16), ref.view(np.uint16))
+
+
+def _ref_linear(x, codes, s, z, bits, group, bias=None):
+    w = packing.dequantize(codes, s, z, bits, group).astype(np.float64)
+    y = x.astype(np.float64) @ w.T
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
+@pytest.mark.parametrize("kind", ["gemv", "gemv-split", "mm", "mm-split"])
+def test_wq_linear(bits, symmetric, kind):
+    rng = np.random.default_rng(7 * bits + symmetric)
+    m = 1 if kind.startswith("gemv") else 5
+    n, k, group = 40, 200, 64
+    codes, s, z, (qw, st, zt) = packed(rng, n, k, bits, group, symmetric)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    bias = rng.standard_normal(n).astype(np.float16)
+    split = 2 if kind.endswith("split") else 1
+    cfg = (ops._gemv(16, 32, split, 4, 2) if kind.startswith("gemv")
+           else ops._mm(16, 16, 32, split, 4, 2, gm=2))
+    y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, bits, group,
+                      bias=torch.from_numpy(bias), config=cfg)
+    assert y.shape == (m, n) and y.dtype == torch.float16
+    assert rel_err(y.numpy(), _ref_linear(x, codes, s, z, bits, group, bias)) < FLOAT_TOL
+
+
+def test_wq_linear_default_configs_3d_input():
+    """The dispatch without an explicit config (M=1 GEMV, small M, large M) and a [B, T, K] input."""
+    rng = np.random.default_rng(3)
+    n, k, group = 32, 128, 32
+    codes, s, z, (qw, st, zt) = packed(rng, n, k, 4, group, False)
+    for shape in [(1, 1, k), (2, 3, k), (1, 20, k)]:
+        x = rng.standard_normal(shape).astype(np.float16)
+        y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, group)
+        assert y.shape == (*shape[:-1], n)
+        ref = _ref_linear(x.reshape(-1, k), codes, s, z, 4, group).reshape(*shape[:-1], n)
+        assert rel_err(y.numpy(), ref) < FLOAT_TOL
+
+
+def _ref_quant_rows(x):
+    """numpy twin of the kernel: s = amax/127, q = round_half_even(x * (127/amax))."""
+    x = x.astype(np.float32)
+    m = np.abs(x).max(-1)
+    m = np.where(m > 0, m, np.float32(1)).astype(np.float32)
+    inv = (np.float32(127) / m).astype(np.float32)
+    q = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int8)
+    return q, (m / np.float32(127)).astype(np.float32)
+
+
+def test_quant_rows_exact():
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((6, 300)) * 3).astype(np.float16)
+    x[2] = 0  # an all-zero row: scale 1/127, codes 0
+    q, s = ops.quant_rows(torch.from_numpy(x), block_k=128)
+    qr, sr = _ref_quant_rows(x)
+    np.testing.assert_array_equal(q.numpy(), qr)
+    np.testing.assert_array_equal(s.numpy(), sr)
+
+
+def test_quant_rows_rmsnorm():
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((4, 256)) * 2).astype(np.float16)
+    gamma = (1 + 0.1 * rng.standard_normal(256)).astype(np.float16)
+    q, s = ops.quant_rows(torch.from_numpy(x), torch.from_numpy(gamma), eps=1e-5, block_k=64)
+    xf = x.astype(np.float32)
+    h = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + 1e-5) * gamma.astype(np.float32)
+    qr, sr = _ref_quant_rows(h)
+    np.testing.assert_allclose(s.numpy(), sr, rtol=1e-5)
+    assert np.abs(q.numpy().astype(int) - qr).max() <= 1  # rsqrt rounding may move a tie
+    assert (q.numpy() == qr).mean() > 0.99
+
+
+def test_w8a8_int32_accumulation_exact():
+    rng = np.random.default_rng(13)
+    m, n, k = 19, 40, 96
+    q = rng.integers(-127, 128, (m, k), dtype=np.int8)
+    w = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    sa = np.ones(m, np.float32)
+    sw = np.ones(n, np.float32)
+    cfg = dict(ops.DEFAULT_W8A8, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
+    acc = ops.w8a8_linear(torch.from_numpy(q), torch.from_numpy(sa), torch.from_numpy(w),
+                          torch.from_numpy(sw), out_dtype=torch.int32, config=cfg)
+    np.testing.assert_array_equal(acc.numpy(), q.astype(np.int64) @ w.astype(np.int64).T)
+
+
+def test_w8a8_linear_fp():
+    rng = np.random.default_rng(14)
+    m, n, k = 7, 48, 160
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    wf = rng.standard_normal((n, k)).astype(np.float32)
+    sw = (np.abs(wf).max(1) / 127).astype(np.float32)
+    w = np.clip(np.rint(wf / sw[:, None]), -127, 127).astype(np.int8)
+    bias = rng.standard_normal(n).astype(np.float16)
+    y = ops.w8a8_linear_fp(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(sw),
+                           torch.from_numpy(bias))
+    qr, sr = _ref_quant_rows(x)
+    ref = (qr.astype(np.float64) @ w.astype(np.float64).T) * sr[:, None] * sw[None, :] + bias
+    assert rel_err(y.numpy(), ref) < FLOAT_TOL
+
+
+def test_quant_rows_single_pass_matches_blocked():
+    """The whole-row path (BLOCK_K >= K) and the blocked path give the same codes and scales."""
+    rng = np.random.default_rng(15)
+    x = torch.from_numpy((rng.standard_normal((3, 200)) * 4).astype(np.float16))
+    g = torch.from_numpy((1 + 0.1 * rng.standard_normal(200)).astype(np.float16))
+    for gamma in (None, g):
+        q1, s1 = ops.quant_rows(x, gamma, block_k=256)
+        q2, s2 = ops.quant_rows(x, gamma, block_k=64)
+        np.testing.assert_array_equal(q1.numpy(), q2.numpy())
+        np.testing.assert_allclose(s1.numpy(), s2.numpy(), rtol=1e-6)
+
+
+def test_rms_norm_fused():
+    rng = np.random.default_rng(16)
+    x = torch.from_numpy((rng.standard_normal((5, 96)) * 3).astype(np.float16))
+    g = torch.from_numpy((1 + 0.1 * rng.standard_normal(96)).astype(np.float16))
+    y = ops.rms_norm_fused(x, g, 1e-5).float().numpy()
+    xf = x.float().numpy()
+    ref = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + 1e-5) * g.float().numpy()
+    assert rel_err(y, ref) < FLOAT_TOL
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_rope_and_cache(rope):
+    """q rotated into q_out; k rotated and v copied into the cache rows at their positions."""
+    rng = np.random.default_rng(17)
+    b, t, nh, nkv, hd, L = 2, 3, 4, 2, 16, 8
+    qkv = torch.from_numpy(rng.standard_normal((b * t, (nh + 2 * nkv) * hd)).astype(np.float16))
+    pos = torch.tensor([2, 3, 4])
+    f = np.arange(16)[:, None] * (10000.0 ** (-np.arange(0, hd, 2) / hd))[None, :]
+    cos = torch.from_numpy(np.cos(f).astype(np.float32)) if rope else None
+    sin = torch.from_numpy(np.sin(f).astype(np.float32)) if rope else None
+    cache = torch.zeros((2, b, nkv, L, hd), dtype=torch.float16)
+    q = ops.rope_and_cache(qkv, pos, cos, sin, cache, t, nh, nkv, hd)
+
+    def rot(x, p):  # x [rows, heads, hd]
+        if not rope:
+            return x
+        c, s = np.cos(f[p])[:, None, :], np.sin(f[p])[:, None, :]
+        x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+        return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    x = qkv.float().numpy()
+    p_rows = pos.numpy()[np.arange(b * t) % t]
+    qr = rot(x[:, :nh * hd].reshape(-1, nh, hd), p_rows)
+    kr = rot(x[:, nh * hd:(nh + nkv) * hd].reshape(-1, nkv, hd), p_rows)
+    vr = x[:, (nh + nkv) * hd:].reshape(-1, nkv, hd)
+    assert rel_err(q.float().numpy(), qr) < FLOAT_TOL
+    c = cache.float().numpy()
+    for r in range(b * t):
+        assert rel_err(c[0, r // t, :, p_rows[r]], kr[r]) < FLOAT_TOL
+        np.testing.assert_array_equal(c[1, r // t, :, p_rows[r]], vr[r])
+    assert (c[:, :, :, :2] == 0).all() and (c[:, :, :, 5:] == 0).all()
