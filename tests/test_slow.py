@@ -144,3 +144,53 @@ def test_smollm2_w4a16_perplexity(smollm2, tmp_path):
     assert quant_res.perplexity < 1.5 * float_res.perplexity, (float_res.perplexity,
                                                               quant_res.perplexity)
     assert quant_res.size_mb < 0.5 * float_res.size_mb
+
+
+def _sample_ppl(smollm2, models, tokens=4096):
+    from lbcc.evaluate import evaluate
+
+    res = evaluate(models, WIKITEXT, smollm2["tokenizer"], seq_len=512, max_tokens=tokens,
+                   latency_seqs=(), progress=False)
+    return [r.perplexity for r in res]
+
+
+def _compile_sample(smollm2, tmp_path, name, **kwargs):
+    from conftest import SHARED
+
+    calib = SHARED / "data" / "wikitext-2-tokens" / "valid.txt"
+    recipe = kwargs.pop("recipe", None)
+    if recipe is not None:
+        recipe.calibration.samples = 8  # half the default: CI time
+    result = lbcc.compile(smollm2["onnx"], calibration=str(calib), tokenizer=smollm2["hf_dir"],
+                          recipe=recipe, progress=False, **kwargs)
+    out = tmp_path / f"{name}.onnx"
+    result.save(out)
+    return out
+
+
+def test_smollm2_gptq_and_awq_beat_round_to_nearest(smollm2, tmp_path):
+    """On real text: GPTQ and AWQ each lower the 4-bit perplexity of plain round-to-nearest."""
+    from lbcc.recipes import preset
+
+    if not WIKITEXT.is_file():
+        pytest.skip(f"{WIKITEXT} is not available")
+    rtn = preset("w4a16", group_size=128)
+    rtn.weights.clip = "none"
+    paths = [smollm2["onnx"],
+             lbcc.compile(smollm2["onnx"], recipe=rtn, progress=False).save(
+                 tmp_path / "rtn.onnx")[0],
+             _compile_sample(smollm2, tmp_path, "gptq", recipe=preset("w4a16-gptq", 128)),
+             _compile_sample(smollm2, tmp_path, "awq", recipe=preset("w4a16-awq", 128))]
+    fl, p_rtn, p_gptq, p_awq = _sample_ppl(smollm2, paths)
+    assert p_gptq < p_rtn and p_awq < p_rtn, (fl, p_rtn, p_gptq, p_awq)
+    assert fl < p_gptq and fl < p_awq
+
+
+def test_smollm2_auto_w8a8_is_close_to_float(smollm2, tmp_path):
+    from lbcc.recipes import preset
+
+    if not WIKITEXT.is_file():
+        pytest.skip(f"{WIKITEXT} is not available")
+    out = _compile_sample(smollm2, tmp_path, "auto", recipe=preset("auto"))
+    fl, q = _sample_ppl(smollm2, [smollm2["onnx"], out])
+    assert q < 1.06 * fl, (fl, q)
