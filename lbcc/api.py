@@ -130,15 +130,18 @@ def compile(source: Any, target: str = "ort-int8", preset: str | None = None,
             tokenizer: Any = None, *, group_size: int | None = None,
             stop_after: str | None = None, dump_ir: str | os.PathLike | None = None,
             example_inputs: tuple | None = None, progress: bool = True,
-            command: Sequence[str] | None = None) -> CompileResult:
-    """Compile ``source`` for ``target`` with a preset or a recipe; see the README."""
+            command: Sequence[str] | None = None, kv_cache: bool = False) -> CompileResult:
+    """Compile ``source`` for ``target`` with a preset or a recipe; see the README.
+
+    ``kv_cache=True`` captures HF / GGUF models as the prefill + decode graph with a KV cache
+    (:mod:`lbcc.kvcache`), the graph :mod:`lbcc.generate` runs."""
     from lbcc.capture import capture
 
     start = time.perf_counter()
     rec = resolve_recipe(preset, recipe, group_size)
     tgt = get_target(target)
     check_recipe(rec, tgt)
-    model = capture(source, example_inputs)
+    model = capture(source, example_inputs, kv_cache=kv_cache)
     feed = make_feed(calibration, tokenizer, rec, model)
     if rec.needs_calibration and feed is None:
         raise BadInputError(f"preset/recipe {rec.name!r} uses static activation ranges and "
