@@ -137,6 +137,30 @@ def test_fp32_greedy_matches_transformers(tiny, seed):
 
 
 @pytest.mark.slow
+def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
+    """capture-normalize + fuse-ort on the cache graph: GroupQueryAttention (rotary inside),
+    SkipSimplifiedLayerNormalization; greedy tokens unchanged."""
+    import onnx_ir as ir
+
+    from lbcc.modelio import save_model
+    from lbcc.passes import CaptureNormalize, FuseORT
+    from lbcc.pipeline import Pipeline, PipelineContext
+
+    hf, kv, _ = tiny
+    run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(
+        ir.from_proto(ir.to_proto(kv)))
+    notes = run.records[-1].notes
+    assert notes["matched"]["gqa"] == 2 and notes["matched"]["rotary_from_position_ids"] == 4
+    assert notes["fused_ops_in_graph"]["com.microsoft::GroupQueryAttention"] == 2
+    assert notes["fused_ops_in_graph"]["com.microsoft::SkipSimplifiedLayerNormalization"] == 4
+    assert "cos_sin_cache" in notes["why_not"]  # the older rotary form: the tracer says why
+    save_model(run.model, tmp_path / "fused.onnx")
+    prompt = np.random.default_rng(5).integers(0, VOCAB, 11)
+    gen = Generator(tmp_path / "fused.onnx", max_context=128)
+    assert list(gen.generate_ids(prompt, 40, stop_at_eos=False)) == _hf_greedy(hf, prompt, 40)
+
+
+@pytest.mark.slow
 def test_top_p_is_seeded_and_tiny_p_is_greedy(tiny):
     _, _, d = tiny
     gen = Generator(d / "kv.onnx", max_context=128)
