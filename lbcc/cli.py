@@ -63,6 +63,8 @@ def compile(
     kv_cache: bool = typer.Option(False, "--kv-cache",
                                   help="export with a KV cache (prefill + decode graph, for "
                                        "`lbcc generate`); HF directory or .gguf input"),
+    kv_cache_dtype: str = typer.Option("float", "--kv-cache-dtype",
+                                       help="float | int8 (int8: not supported by ort-int8)"),
 ) -> None:
     """Compile MODEL for a target with a preset or a recipe."""
     import lbcc
@@ -77,8 +79,13 @@ def compile(
         result = lbcc.compile(model, target=target, preset=preset, recipe=recipe,
                               calibration=calib, tokenizer=tokenizer, group_size=group_size,
                               stop_after=stop_after, dump_ir=dump_ir,
-                              command=["lbcc", *sys.argv[1:]], kv_cache=kv_cache)
+                              command=["lbcc", *sys.argv[1:]], kv_cache=kv_cache,
+                              kv_cache_dtype=kv_cache_dtype)
         result.save(output, report_path=report, external_data=external_data)
+        if kv_cache and (Path(model) / "config.json").is_file():
+            from lbcc.genai_config import write_genai_config
+
+            write_genai_config(output, model)  # onnxruntime-genai can load the directory
     except (LbccError, Exception) as exc:  # noqa: BLE001 - every failure gets one paragraph
         _fail(exc)
         return

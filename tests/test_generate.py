@@ -240,3 +240,76 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
     scale = float(np.abs(ref).max())
     assert np.abs(got - ref).max() <= 1e-3 * scale, np.abs(got - ref).max() / scale
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+# ----------------------------------------------------------------------------- the sample
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("LBCC_GENERATE_SAMPLE"),
+                    reason="exporting the sample with a KV cache takes minutes (19 min on a "
+                           "loaded 2-core machine); set LBCC_GENERATE_SAMPLE=1 to run it")
+def test_sample_greedy_matches_transformers_for_64_tokens(smollm2, tmp_path):
+    import torch
+
+    from lbcc.capture import capture, load_hf_causal_lm
+    from lbcc.modelio import save_model
+    from lbcc.passes import CaptureNormalize, FuseORT
+    from lbcc.pipeline import Pipeline, PipelineContext
+
+    hf = load_hf_causal_lm(smollm2["hf_dir"])
+    run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(
+        capture(hf, kv_cache=True))
+    assert run.records[-1].notes["matched"]["gqa"] == hf.config.num_hidden_layers
+    save_model(run.model, tmp_path / "kv.onnx", external_data=True)
+    gen = Generator(tmp_path / "kv.onnx", smollm2["hf_dir"])
+    for prompt in ("The history of the Roman Empire", "def fibonacci(n):"):
+        ids = np.array(gen.tokenizer.encode(prompt).ids)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor(ids)[None], max_new_tokens=64, min_new_tokens=64,
+                              do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+        assert list(gen.generate_ids(ids, 64, stop_at_eos=False)) == ref, prompt
+
+
+def test_int8_kv_cache_is_a_clear_target_error(mlp_path, tmp_path):
+    r = runner.invoke(app, ["compile", str(mlp_path), "-o", str(tmp_path / "o.onnx"),
+                            "--preset", "w8a8-dynamic", "--kv-cache-dtype", "int8"])
+    assert r.exit_code == 2 and "KV cache in int8" in r.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.slow
+def test_genai_config_lets_onnxruntime_genai_load_the_model(tiny, tmp_path):
+    """genai_config.json + the fused fp32 cache graph: onnxruntime-genai (if installed) produces
+    the same greedy tokens as lbcc's generator."""
+    import json
+
+    import onnx_ir as ir
+
+    from lbcc.genai_config import write_genai_config
+    from lbcc.modelio import save_model
+    from lbcc.passes import CaptureNormalize, FuseORT
+    from lbcc.pipeline import Pipeline, PipelineContext
+
+    hf, kv, _ = tiny
+    hf.config.save_pretrained(tmp_path / "hf")
+    model = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(
+        ir.from_proto(ir.to_proto(kv))).model
+    save_model(model, tmp_path / "out" / "model.onnx")
+    cfg = json.loads(write_genai_config(tmp_path / "out" / "model.onnx", tmp_path / "hf")
+                     .read_text())
+    dec = cfg["model"]["decoder"]
+    assert (dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]) == (2, 2, 16)
+    assert dec["inputs"]["position_ids"] == "position_ids"
+    assert cfg["search"]["past_present_share_buffer"] is False
+    og = pytest.importorskip("onnxruntime_genai")
+    prompt = [5, 77, 300, 12, 9]
+    ref = list(Generator(tmp_path / "out" / "model.onnx", max_context=128).generate_ids(
+        prompt, 20, stop_at_eos=False))
+    m = og.Model(str(tmp_path / "out"))
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=25, min_length=25, do_sample=False)
+    g = og.Generator(m, params)
+    g.append_tokens(prompt)
+    while not g.is_done():
+        g.generate_next_token()
+    assert [int(x) for x in g.get_sequence(0)[5:]] == ref
