@@ -35,13 +35,15 @@ def genai_config(layout: KVLayout, hf_config: dict[str, Any], filename: str) -> 
     if layout.has_position_ids:
         inputs["position_ids"] = "position_ids"
 
-    def token(name: str) -> Any:
-        value = hf_config.get(name)
-        return value if value is not None else hf_config.get("eos_token_id", 0)
+    def token(name: str) -> Any:  # genai needs numbers: fall back to eos, then 0
+        for key in (name, "eos_token_id"):
+            if hf_config.get(key) is not None:
+                return hf_config[key]
+        return 0
 
     return {
         "model": {
-            "bos_token_id": token("bos_token_id"), "eos_token_id": hf_config.get("eos_token_id"),
+            "bos_token_id": token("bos_token_id"), "eos_token_id": token("eos_token_id"),
             "pad_token_id": token("pad_token_id"), "context_length": context,
             "type": hf_config.get("model_type", "llama"),
             "vocab_size": hf_config.get("vocab_size"),

@@ -95,12 +95,14 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_nocache(tiny):
-    """The same model's cache-free export (``input_ids -> logits``), as a ModelProto."""
+    """The same model's cache-free export (``input_ids -> logits``), serialized: each compile
+    gets its own parsed copy (compiling two ``ir.from_proto`` views of one ModelProto in turn
+    breaks the second, a problem outside the KV-cache code)."""
     import onnx_ir as ir
 
     from lbcc.capture import capture
 
-    return ir.to_proto(capture(tiny[0]))
+    return ir.to_proto(capture(tiny[0])).SerializeToString()
 
 
 def _hf_greedy(hf, prompt: np.ndarray, n: int) -> list[int]:
@@ -209,6 +211,7 @@ def test_cli_generate_streams_and_reports_speed(tiny):
 def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_path, preset):
     """Step-by-step decode logits of the compiled cache graph equal, position by position, the
     compiled cache-free graph's logits on the whole sequence (same weights, same ranges)."""
+    import onnx
     import onnx_ir as ir
     import onnxruntime as ort
 
@@ -218,7 +221,7 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
     _, kv, _ = tiny
     group = 32 if preset == "w4a16" else None
     feed = RandomFeed(vocab_size=VOCAB, seq_len=32, n=4)
-    nocache = lbcc.compile(ir.from_proto(tiny_nocache), preset=preset, calibration=feed, group_size=group,
+    nocache = lbcc.compile(ir.from_proto(onnx.load_from_string(tiny_nocache)), preset=preset, calibration=feed, group_size=group,
                            progress=False)
     cached = lbcc.compile(ir.from_proto(ir.to_proto(kv)), preset=preset, calibration=feed,
                           group_size=group, progress=False)
@@ -238,7 +241,8 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
         got.append(outs[0][0, 0])
     got = np.array(got)
     scale = float(np.abs(ref).max())
-    assert np.abs(got - ref).max() <= 1e-3 * scale, np.abs(got - ref).max() / scale
+    print(f"{preset}: max |cache - cache-free| / max |logit| = {np.abs(got - ref).max() / scale}")
+    assert np.abs(got - ref).max() <= 1e-4 * scale, np.abs(got - ref).max() / scale
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
@@ -294,6 +298,7 @@ def test_genai_config_lets_onnxruntime_genai_load_the_model(tiny, tmp_path):
     hf.config.save_pretrained(tmp_path / "hf")
     model = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(
         ir.from_proto(ir.to_proto(kv))).model
+    (tmp_path / "out").mkdir()
     save_model(model, tmp_path / "out" / "model.onnx")
     cfg = json.loads(write_genai_config(tmp_path / "out" / "model.onnx", tmp_path / "hf")
                      .read_text())
