@@ -99,6 +99,39 @@ def build(out: Path, hf_dir: Path) -> dict[str, Path]:
     return paths
 
 
+class FixedHeadDim:
+    """An ORT session whose inputs report ``head_dim`` where the genai builder left the cache's
+    last dim symbolic (``kv_cache_dim``); everything else is the session's."""
+
+    def __init__(self, session: Any, head_dim: int):
+        self._session, self._head_dim = session, head_dim
+
+    def get_inputs(self) -> list:
+        import types
+
+        out = []
+        for i in self._session.get_inputs():
+            shape = list(i.shape)
+            if i.name.startswith("past_key_values.") and len(shape) == 4 \
+                    and not isinstance(shape[3], int):
+                shape[3] = self._head_dim
+            out.append(types.SimpleNamespace(name=i.name, shape=shape, type=i.type))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def session_for(path: Path, threads: int) -> Any:
+    from lbcc.evaluate import make_session
+
+    sess = make_session(path, threads)
+    cfg = path.parent / "genai_config.json"
+    if path.parent.name.startswith("genai-") and cfg.exists():
+        return FixedHeadDim(sess, json.loads(cfg.read_text())["model"]["decoder"]["head_size"])
+    return sess
+
+
 def set_genai_threads(d: Path, threads: int) -> None:
     cfg_path = d / "genai_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -191,7 +224,7 @@ def main() -> None:
     log("perplexity")
     ppl = {}
     for name, path in paths.items():
-        sess = make_session(path, args.threads)
+        sess = session_for(path, args.threads)
         ppl[name] = perplexity(sess, eval_ids, 512)[0]
         log(f"  {name}: {ppl[name]:.4f}")
         del sess
@@ -213,7 +246,8 @@ def main() -> None:
         set_genai_threads(d, args.threads)
         runners[f"genai-{prec}"] = ("og", og.Model(str(d)))
         runners[f"genai-{prec} (lbcc runner)"] = (
-            "lbcc", Generator(paths[f"genai-{prec}"], hf_dir, threads=args.threads))
+            "lbcc", Generator(paths[f"genai-{prec}"], hf_dir, threads=args.threads,
+                              session=session_for(paths[f"genai-{prec}"], args.threads)))
     times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "tps": []} for n in runners}
     names = list(runners)
     for rnd in range(args.rounds):
