@@ -115,6 +115,20 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
     return Pipeline(passes, context)
 
 
+def check_kv_cache_dtype(dtype: str, target: str) -> None:
+    """The KV cache stays float: int8 caches are a target question, answered before any work."""
+    from lbcc.errors import TargetError
+
+    if dtype == "float":
+        return
+    if dtype in ("int8", "int4", "fp8"):
+        raise TargetError(f"target {target!r} cannot keep the KV cache in {dtype}: the ONNX "
+                          "Runtime CPU attention kernels it emits (GroupQueryAttention, "
+                          "MultiHeadAttention) take float past/present caches.",
+                          "Use --kv-cache-dtype float (the default).")
+    raise BadInputError(f"unknown KV-cache dtype {dtype!r}.", "Use float or int8.")
+
+
 def resolve_recipe(preset_name: str | None, recipe: str | os.PathLike | Recipe | None,
                    group_size: int | None = None) -> Recipe:
     if isinstance(recipe, Recipe):
@@ -132,15 +146,20 @@ def compile(source: Any, target: str = "ort-int8", preset: str | None = None,
             tokenizer: Any = None, *, group_size: int | None = None,
             stop_after: str | None = None, dump_ir: str | os.PathLike | None = None,
             example_inputs: tuple | None = None, progress: bool = True,
-            command: Sequence[str] | None = None) -> CompileResult:
-    """Compile ``source`` for ``target`` with a preset or a recipe; see the README."""
+            command: Sequence[str] | None = None, kv_cache: bool = False,
+            kv_cache_dtype: str = "float") -> CompileResult:
+    """Compile ``source`` for ``target`` with a preset or a recipe; see the README.
+
+    ``kv_cache=True`` captures HF / GGUF models as the prefill + decode graph with a KV cache
+    (:mod:`lbcc.kvcache`), the graph :mod:`lbcc.generate` runs."""
     from lbcc.capture import capture
 
     start = time.perf_counter()
     rec = resolve_recipe(preset, recipe, group_size)
     tgt = get_target(target)
     check_recipe(rec, tgt)
-    model = capture(source, example_inputs)
+    check_kv_cache_dtype(kv_cache_dtype, tgt.name)
+    model = capture(source, example_inputs, kv_cache=kv_cache)
     feed = make_feed(calibration, tokenizer, rec, model)
     if rec.needs_calibration and feed is None:
         raise BadInputError(f"preset/recipe {rec.name!r} uses static activation ranges and "

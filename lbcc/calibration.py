@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lbcc.errors import BadInputError
+from lbcc.kvcache import prefill_inputs
 from lbcc.numerics import sqnr_db
 
 HIST_BINS = 2048
@@ -97,7 +98,10 @@ class Feed:
 
 
 def _single_token_input(model: ir.Model) -> str:
-    names = [v.name for v in model.graph.inputs]
+    from lbcc.kvcache import is_cache_input
+
+    # a KV-cache graph is fed by input_ids; its cache inputs are filled by kvcache.prefill_inputs
+    names = [v.name for v in model.graph.inputs if not is_cache_input(v.name)]
     if len(names) != 1:
         raise BadInputError(f"token-id calibration needs a model with one input; this one has "
                             f"{names}.", "Pass an .npz file with one array per model input.")
@@ -132,7 +136,7 @@ class TextFeed(Feed):
         check_vocab(self.tokenizer, model)
         for i in range(self._n):
             window = self._ids[i * self.seq_len:(i + 1) * self.seq_len]
-            yield {name: window[None, :]}
+            yield prefill_inputs(model, window[None, :])
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "text", "path": str(self.path), "seq_len": self.seq_len,
@@ -170,14 +174,19 @@ class NpzFeed(Feed):
         return self._n
 
     def samples(self, model: ir.Model) -> Iterator[dict[str, np.ndarray]]:
+        from lbcc.kvcache import is_cache_input
+
         names = {v.name for v in model.graph.inputs}
-        missing = names - set(self._arrays)
+        missing = {n for n in names - set(self._arrays) if not is_cache_input(n)}
         if missing:
             raise BadInputError(f"calibration file {str(self.path)!r} lacks arrays for model "
                                 f"inputs {sorted(missing)} (it has {sorted(self._arrays)}).",
                                 "Name each array after the model input it feeds.")
         for i in range(self._n):
-            yield {k: self._arrays[k][i:i + 1] for k in names}
+            sample = {k: self._arrays[k][i:i + 1] for k in names if k in self._arrays}
+            if names - set(sample):  # a KV-cache graph fed by input_ids only: a prefill
+                sample = {**prefill_inputs(model, sample["input_ids"]), **sample}
+            yield sample
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "npz", "path": str(self.path), "samples": self._n}
@@ -199,7 +208,8 @@ class RandomFeed(Feed):
         name = _single_token_input(model)
         rng = np.random.default_rng(self.seed)
         for _ in range(self.n):
-            yield {name: rng.integers(0, self.vocab_size, (1, self.seq_len), dtype=np.int64)}
+            yield prefill_inputs(model, rng.integers(0, self.vocab_size, (1, self.seq_len),
+                                                     dtype=np.int64))
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "random", "vocab_size": self.vocab_size, "seq_len": self.seq_len,

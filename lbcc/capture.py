@@ -32,13 +32,19 @@ def _require_torch() -> Any:
 
 
 def capture(source: Any, example_inputs: tuple | None = None, *,
-            dynamic_shapes: Any = None) -> ir.Model:
+            dynamic_shapes: Any = None, kv_cache: bool = False) -> ir.Model:
     """Turn ``source`` into an ``ir.Model``.
 
     ``source``: an ``ir.Model``, an ``onnx.ModelProto``, a path to an ``.onnx`` / ``.gguf`` file or
     to a Hugging Face model directory, a Hugging Face causal LM object (exported as
     ``input_ids -> logits``), or a ``torch.nn.Module`` (then ``example_inputs`` is needed).
+    ``kv_cache=True`` exports HF / GGUF causal LMs with a KV cache (see :mod:`lbcc.kvcache`);
+    an ONNX source must then already have one.
     """
+    if kv_cache:
+        model = _capture_with_cache(source)
+        _require_kv_cache(model, source)
+        return model
     if isinstance(source, ir.Model):
         return source
     if isinstance(source, onnx.ModelProto):
@@ -66,6 +72,32 @@ def capture(source: Any, example_inputs: tuple | None = None, *,
     raise BadInputError(f"cannot capture a {type(source).__name__}.",
                         "Pass an .onnx path, a HF directory, a .gguf file, a torch.nn.Module "
                         "or an onnx_ir.Model.")
+
+
+def _capture_with_cache(source: Any) -> ir.Model:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir() and (path / "config.json").is_file():
+            return export_causal_lm(load_hf_causal_lm(path), kv_cache=True)
+        if path.suffix.lower() == ".gguf" and path.is_file():
+            return export_causal_lm(load_hf_causal_lm(path.parent, gguf_file=path.name),
+                                    kv_cache=True)
+        return capture(source)
+    if not isinstance(source, (ir.Model, onnx.ModelProto)) and _is_hf_causal_lm(source):
+        return export_causal_lm(source, kv_cache=True)
+    return capture(source)
+
+
+def _require_kv_cache(model: ir.Model, source: Any) -> None:
+    from lbcc.kvcache import kv_layout
+
+    if kv_layout(model) is None:
+        what = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+        raise BadInputError(
+            f"{what!r} has no KV cache (no past_key_values.N.key/value inputs), and lbcc can add "
+            "one only when it exports the model itself.",
+            "Pass the Hugging Face model directory (or .gguf file) instead of a cache-free ONNX "
+            "file, or drop --kv-cache.")
 
 
 def _is_hf_causal_lm(module: Any) -> bool:
@@ -108,10 +140,13 @@ def _causal_lm_wrapper(model: Any) -> Any:
     return CausalLMLogits(model)
 
 
-def export_causal_lm(model: Any) -> ir.Model:
-    """Export a HF causal LM as ``input_ids[batch, seq] -> logits`` with dynamic batch and seq."""
+def export_causal_lm(model: Any, kv_cache: bool = False) -> ir.Model:
+    """Export a HF causal LM as ``input_ids[batch, seq] -> logits`` with dynamic batch and seq;
+    with ``kv_cache``, as the prefill + decode graph of :mod:`lbcc.kvcache`."""
     torch = _require_torch()
     model = model.eval()
+    if kv_cache:
+        return _export_causal_lm_with_cache(model)
     model.config.use_cache = False
     wrapper = _causal_lm_wrapper(model)
     example = torch.randint(0, min(100, model.config.vocab_size), (2, 16), dtype=torch.int64)
@@ -153,3 +188,64 @@ def from_gguf(path: str | Path) -> ir.Model:
     if not path.is_file():
         raise BadInputError(f"GGUF file {str(path)!r} does not exist.", "Check the path.")
     return export_causal_lm(load_hf_causal_lm(path.parent, gguf_file=path.name))
+
+
+def _causal_lm_cache_wrapper(model: Any, num_layers: int) -> Any:
+    torch = _require_torch()
+    from transformers import DynamicCache
+
+    attr = WRAPPER_PREFIX.rstrip(".")
+
+    class CausalLMWithCache(torch.nn.Module):
+        """(input_ids, attention_mask, position_ids, [k0, v0, k1, ...]) -> (logits, k0', v0', ...)
+        where ``k_i' = concat(k_i, new keys, axis=2)``: one graph for prefill and decode."""
+
+        def __init__(self, lm: Any):
+            super().__init__()
+            setattr(self, attr, lm)
+
+        def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any,
+                    past: list) -> tuple:
+            lm = getattr(self, attr)
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1])
+                                                 for i in range(num_layers)], config=lm.config)
+            out = lm(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids, past_key_values=cache, use_cache=True)
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return CausalLMWithCache(model)
+
+
+def _export_causal_lm_with_cache(model: Any) -> ir.Model:
+    """Export with ``past_key_values.N.key/value`` inputs and ``present.N.key/value`` outputs.
+
+    Dims: batch, seq (new tokens), past_seq (cached tokens, 0 at prefill), total_seq (the
+    attention mask's length, past_seq + seq). The example uses past 3, seq 5 so that no dim is
+    specialized to 0 or 1; the graph itself runs with past 0 (prefill) and seq 1 (decode).
+    """
+    torch = _require_torch()
+    from lbcc.kvcache import past_name, present_name
+
+    config = model.config.get_text_config(decoder=True)
+    n_layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    batch, seq, past_len = 2, 5, 3
+    vocab = min(100, config.vocab_size)
+    ids = torch.randint(0, vocab, (batch, seq), dtype=torch.int64)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+    pos = torch.arange(past_len, past_len + seq, dtype=torch.int64)[None].expand(batch, seq)
+    past = [torch.zeros(batch, kv_heads, past_len, head_dim) for _ in range(2 * n_layers)]
+    b, s = torch.export.Dim("batch"), torch.export.Dim("seq")
+    p, t = torch.export.Dim("past_seq"), torch.export.Dim("total_seq")
+    dynamic = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t},
+               "position_ids": {0: b, 1: s}, "past": [{0: b, 2: p}] * (2 * n_layers)}
+    kinds = [(i, kv) for i in range(n_layers) for kv in ("key", "value")]
+    return from_torch(_causal_lm_cache_wrapper(model, n_layers),
+                      (ids, mask, pos.contiguous(), past), dynamic_shapes=dynamic,
+                      input_names=["input_ids", "attention_mask", "position_ids",
+                                   *(past_name(i, kv) for i, kv in kinds)],
+                      output_names=["logits", *(present_name(i, kv) for i, kv in kinds)])

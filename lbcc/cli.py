@@ -71,6 +71,11 @@ def compile(
                                        help="keep the most sensitive layers in float until the "
                                             "accuracy gate is met"),
     as_json: bool = typer.Option(False, "--json", help="print the JSON report on stdout"),
+    kv_cache: bool = typer.Option(False, "--kv-cache",
+                                  help="export with a KV cache (prefill + decode graph, for "
+                                       "`lbcc generate`); HF directory or .gguf input"),
+    kv_cache_dtype: str = typer.Option("float", "--kv-cache-dtype",
+                                       help="float | int8 (int8: not supported by ort-int8)"),
 ) -> None:
     """Compile MODEL for a target with a preset or a recipe."""
     import lbcc
@@ -92,6 +97,10 @@ def compile(
         if max_ppl_increase is not None or eval_text is not None or auto_fallback:
             from lbcc.gates import gated_compile
 
+            if kv_cache:
+                raise BadInputError("the accuracy gate evaluates the no-cache graph.",
+                                    "Compile without --kv-cache to gate, then with it to deploy.")
+
             if max_ppl_increase is None or eval_text is None or stop_after is not None:
                 raise BadInputError("the accuracy gate needs --max-ppl-increase X and "
                                     "--eval-text FILE (with --tokenizer), and a full compile "
@@ -107,8 +116,13 @@ def compile(
             result = lbcc.compile(model, target=target, preset=preset, recipe=recipe,
                                   calibration=calib, tokenizer=tokenizer, group_size=group_size,
                                   stop_after=stop_after, dump_ir=dump_ir,
-                                  command=["lbcc", *sys.argv[1:]])
+                                  command=["lbcc", *sys.argv[1:]], kv_cache=kv_cache,
+                                  kv_cache_dtype=kv_cache_dtype)
         result.save(output, report_path=report, external_data=external_data)
+        if kv_cache and (Path(model) / "config.json").is_file():
+            from lbcc.genai_config import write_genai_config
+
+            write_genai_config(output, model)  # onnxruntime-genai can load the directory
     except (LbccError, Exception) as exc:  # noqa: BLE001 - every failure gets one paragraph
         _fail(exc)
         return
@@ -469,6 +483,51 @@ def view_(
     out.print(stats_line(data), highlight=False)
     if written:
         out.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+@app.command()
+def generate(
+    model: Path = typer.Argument(..., help="KV-cache .onnx model (lbcc compile --kv-cache)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
+                                            help="tokenizer.json or HF model directory"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt text"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    greedy: bool = typer.Option(True, "--greedy/--sample",
+                                help="argmax (default), or top-p sampling"),
+    top_p: Optional[float] = typer.Option(None, "--top-p",
+                                          help="nucleus sampling mass (implies --sample)"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed (reproducible output)"),
+    threads: int = typer.Option(2, "--threads"),
+    max_context: Optional[int] = typer.Option(None, "--max-context",
+                                              help="context length (default: from the configs)"),
+) -> None:
+    """Generate text from a KV-cache model, streaming it, then print tokens/s."""
+    from lbcc.generate import Generator
+
+    try:
+        if tokenizer is None:
+            raise LbccError("lbcc generate needs --tokenizer.",
+                            "Pass the model's tokenizer.json or its Hugging Face directory.")
+        if not prompt.strip():
+            raise LbccError("the prompt is empty.", "Pass a non-empty --prompt.")
+        gen = Generator(model, tokenizer, threads=threads, max_context=max_context)
+        stream = gen.generate(prompt, max_new_tokens, greedy=greedy and top_p is None,
+                              top_p=top_p if top_p is not None else 0.9,
+                              temperature=temperature, seed=seed)
+        first = next(stream, None)  # errors (prompt too long) surface before any output
+        if first is not None:
+            sys.stdout.write(first)
+            sys.stdout.flush()
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+        return
+    st = gen.stats
+    err.print(f"{st.prompt_tokens} prompt tokens, prefill {st.prefill_s * 1e3:.1f} ms; "
+              f"{st.new_tokens} new tokens, decode {st.decode_tokens_per_s:.1f} tokens/s "
+              f"({threads} threads)", highlight=False)
 
 
 def main() -> None:

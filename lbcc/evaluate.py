@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lbcc.errors import BadInputError
+from lbcc.kvcache import kv_layout, prefill_inputs
 
 
 @dataclasses.dataclass
@@ -84,12 +85,12 @@ def perplexity(session: Any, ids: np.ndarray, seq_len: int = 512, batch: int = 1
     if n_windows == 0:
         raise BadInputError(f"the evaluation text has {len(ids)} tokens, fewer than one window "
                             f"of {seq_len}.", "Use a longer text or a smaller --seq-len.")
-    name = session.get_inputs()[0].name
     nll, count = 0.0, 0
     windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
     for start in range(0, n_windows, batch):
         x = windows[start:start + batch]
-        logits = session.run(None, {name: x})[0].astype(np.float64)
+        logits = session.run(["logits"] if kv_layout(session) else None,
+                             prefill_inputs(session, x))[0].astype(np.float64)
         logits = logits[:, :-1]
         target = x[:, 1:]
         m = logits.max(axis=-1, keepdims=True)
@@ -102,15 +103,14 @@ def perplexity(session: Any, ids: np.ndarray, seq_len: int = 512, batch: int = 1
 
 def latency_ms(session: Any, seq: int, vocab: int = 100, repeats: int = 10, warmup: int = 2
                ) -> float:
-    name = session.get_inputs()[0].name
     rng = np.random.default_rng(0)
-    x = rng.integers(0, vocab, (1, seq), dtype=np.int64)
+    feed = prefill_inputs(session, rng.integers(0, vocab, (1, seq), dtype=np.int64))
     for _ in range(warmup):
-        session.run(None, {name: x})
+        session.run(None, feed)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        session.run(None, {name: x})
+        session.run(None, feed)
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 

@@ -4,7 +4,10 @@ RMSNorm -> ``SimplifiedLayerNormalization``, residual Add + RMSNorm ->
 ``SkipSimplifiedLayerNormalization``, rotary -> ``RotaryEmbedding`` (with its cos/sin cache),
 Attention fusions (GQA / MHA) need the KV-cache
 graph and are not applied to the cache-free scoring graph: an SDPA that no MHA/GQA consumes is
-not an op ONNX Runtime can run. Runs on the float graph
+not an op ONNX Runtime can run. On a KV-cache graph (:mod:`lbcc.kvcache`) the fusions of
+:mod:`lbcc.passes.kv_fusions` run too (rotary with cos/sin caches from position ids, attention).
+A fusion that matched nothing reports why, from onnxscript's matching tracer (``why_not``).
+Runs on the float graph
 right after capture: onnxscript's pre-fusion optimizer folds constants, which must never see a
 DequantizeLinear of a weight. Fused nodes take the layer name of the node they replaced.
 """
@@ -23,20 +26,37 @@ FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
              "MultiHeadAttention", "GroupQueryAttention", "Attention"}
 
 
-def _fusions() -> list[tuple[str, Callable[..., int], dict]]:
-    from onnxscript.rewriter.ort_fusions import (
+def _fusions(kv_cache: bool = False) -> list[tuple[str, Callable[..., int], dict]]:
+    from onnxscript.rewriter.ort_fusions import (  # noqa: I001 - lazy: onnxscript is slow to import
         cos_sin_cache,
         rms_normalization,
         rotary_embedding,
         skip_normalization,
     )
 
+    from lbcc.passes.kv_fusions import kv_cache_fusions
+
     return [
         ("rms_normalization", rms_normalization.fuse_rms_normalization, {}),
         ("skip_rms_normalization", skip_normalization.fuse_skip_rms_normalization, {}),
         ("rotary_embedding", rotary_embedding.fuse_rotary_embedding, {}),
         ("cos_sin_cache", cos_sin_cache.fuse_cos_sin_cache, {}),
-    ]
+    ] + (kv_cache_fusions() if kv_cache else [])
+
+
+def _why_not(fuse: Callable[..., int], model: ir.Model, kwargs: dict) -> str:
+    """The matching tracer's best partial match, one line: the rule and where it failed."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        fuse(model, debug=True, **kwargs)  # matched nothing before, so it changes nothing
+    lines = [ln.strip() for ln in buf.getvalue().splitlines() if ln.strip()]
+    rule = next((ln for ln in lines if ln.startswith("Rule:")), "")
+    reason = next((ln for ln in lines if any(w in ln.lower() for w in
+                                            ("failed", "mismatch", "fail:", "not "))), "")
+    return " ".join(x for x in (rule, reason) if x)[:300] or "no partial match"
 
 
 class FuseORT(Pass):
@@ -44,16 +64,22 @@ class FuseORT(Pass):
 
     name = "fuse-ort"
 
-    def __init__(self, only: list[str] | None = None):
+    def __init__(self, only: list[str] | None = None, explain: bool = True):
         super().__init__()
         self.only = only
+        self.explain = explain
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from lbcc.kvcache import kv_layout
+
         counts: dict[str, int] = {}
-        for name, fuse, kwargs in _fusions():
+        why_not: dict[str, str] = {}
+        for name, fuse, kwargs in _fusions(kv_cache=kv_layout(model) is not None):
             if self.only is not None and name not in self.only:
                 continue
             counts[name] = int(fuse(model, **kwargs) or 0)
+            if counts[name] == 0 and self.explain:
+                why_not[name] = _why_not(fuse, model, kwargs)
         # inline fusion helper functions that no other fusion consumed, drop dead nodes
         if model.functions:
             ir.passes.common.InlinePass()(model)
@@ -63,6 +89,8 @@ class FuseORT(Pass):
         # a match can be undone when a helper function is inlined back (rotary without a
         # cos/sin cache fusion): report what is in the graph at the end, too
         self.note("matched", counts)
+        if why_not:
+            self.note("why_not", why_not)
         self.note("fused_ops_in_graph", {k: v for k, v in op_histogram(model).items()
                                          if k.split("::")[-1] in FUSED_OPS})
         return ir.passes.PassResult(model, modified=any(counts.values()))

@@ -52,6 +52,13 @@ def check_ops(model: ir.Model) -> None:
 
 
 def smoke_inputs(session) -> dict[str, np.ndarray]:
+    from lbcc.kvcache import kv_layout
+
+    layout = kv_layout(session)
+    if layout is not None:  # a KV-cache graph: 8 new tokens after 3 cached ones
+        past = [np.zeros((1, layout.kv_heads, 3, layout.head_dim), layout.dtype)
+                for _ in range(2 * layout.num_layers)]
+        return layout.feed(np.ones((1, 8), np.int64), past, 3)
     feeds = {}
     for inp in session.get_inputs():
         shape = [d if isinstance(d, int) else (1 if i == 0 else 8) for i, d in enumerate(inp.shape)]

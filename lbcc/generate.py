@@ -1,0 +1,223 @@
+"""Text generation over a KV-cache graph (:mod:`lbcc.kvcache`) in ONNX Runtime.
+
+One prefill runs the prompt ``ids[0:n]`` with an empty cache; each decode step feeds the last
+token at position ``n + i`` with the cache the previous step returned (``present`` becomes the
+next ``past``). The caches stay ONNX Runtime values between steps (I/O binding), so no step copies
+them through numpy.
+
+Next-token choice from the last position's logits ``z``:
+- greedy: ``argmax z``;
+- top-p (nucleus, Holtzman et al. 2020): ``p = softmax(z / T)``, sorted descending; keep the
+  smallest prefix whose mass is >= P, renormalize, draw with a seeded generator (reproducible).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from lbcc.errors import BadInputError
+from lbcc.kvcache import KVLayout, kv_layout
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Timing of the last generation: prefill (prompt) and decode (one token a step)."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced by decode steps (the first new token comes from the prefill)."""
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+def sample_top_p(logits: np.ndarray, top_p: float, temperature: float,
+                 rng: np.random.Generator) -> int:
+    """Draw from the smallest set of most likely tokens whose probability mass is >= top_p."""
+    z = logits.astype(np.float64) / max(temperature, 1e-6)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    cum = np.cumsum(p[order])
+    keep = order[: int(np.searchsorted(cum, top_p)) + 1]
+    q = p[keep] / p[keep].sum()
+    return int(keep[rng.choice(len(keep), p=q)])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class Generator:
+    """Generate from an lbcc (or onnxruntime-genai) KV-cache ONNX model.
+
+    ``model``: path to the .onnx file. ``tokenizer``: a tokenizer.json or a HF directory (needed
+    for text prompts; token-id generation works without). ``max_context``: the longest sequence
+    (prompt + new tokens); by default ``context_length`` of a genai_config.json beside the model,
+    else ``max_position_embeddings`` of the tokenizer directory's config.json.
+    """
+
+    def __init__(self, model: str | os.PathLike, tokenizer: Any = None, *, threads: int = 2,
+                 max_context: int | None = None, session: Any = None):
+        from lbcc.evaluate import make_session
+
+        self.model_path = Path(model)
+        self.session = session if session is not None else make_session(self.model_path, threads)
+        layout = kv_layout(self.session)
+        if layout is None:
+            raise BadInputError(
+                f"{str(self.model_path)!r} has no KV cache (no past_key_values.N.key/value "
+                "inputs), so it cannot generate one token at a time.",
+                "Compile it with a cache: lbcc compile HF_DIR --kv-cache -o OUT.onnx ...")
+        self.layout: KVLayout = layout
+        self.tokenizer = self._load_tokenizer(tokenizer)
+        self.max_context = max_context or self._find_context()
+        self.eos_ids = self._find_eos()
+        self.stats = GenerationStats()
+        self._out_names = [o.name for o in self.session.get_outputs()]
+        missing = set(layout.output_names()) - set(self._out_names)
+        if missing:
+            raise BadInputError(f"{str(self.model_path)!r} lacks the outputs {sorted(missing)} a "
+                                "KV-cache graph returns.",
+                                "Export it with lbcc's KV-cache capture (--kv-cache).")
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _load_tokenizer(self, spec: Any) -> Any:
+        if spec is None or not isinstance(spec, (str, os.PathLike)):
+            return spec
+        from lbcc.calibration import load_tokenizer
+
+        self._tokenizer_dir = Path(spec) if Path(spec).is_dir() else Path(spec).parent
+        return load_tokenizer(spec)
+
+    def _config_dirs(self) -> list[Path]:
+        dirs = [self.model_path.parent]
+        if getattr(self, "_tokenizer_dir", None) is not None:
+            dirs.append(self._tokenizer_dir)
+        return dirs
+
+    def _find_context(self) -> int | None:
+        for d in self._config_dirs():
+            genai = _read_json(d / "genai_config.json").get("model", {})
+            if isinstance(genai.get("context_length"), int):
+                return genai["context_length"]
+            cfg = _read_json(d / "config.json")
+            if isinstance(cfg.get("max_position_embeddings"), int):
+                return cfg["max_position_embeddings"]
+        return None
+
+    def _find_eos(self) -> set[int]:
+        for d in self._config_dirs():
+            for name in ("generation_config.json", "config.json"):
+                eos = _read_json(d / name).get("eos_token_id")
+                if eos is not None:
+                    return set(eos if isinstance(eos, list) else [eos])
+            genai = _read_json(d / "genai_config.json").get("model", {}).get("eos_token_id")
+            if genai is not None:
+                return set(genai if isinstance(genai, list) else [genai])
+        return set()
+
+    # ------------------------------------------------------------------ generation
+    def encode(self, prompt: str) -> np.ndarray:
+        if self.tokenizer is None:
+            raise BadInputError("generating from a text prompt needs a tokenizer.",
+                                "Pass --tokenizer PATH (tokenizer.json or the HF model "
+                                "directory), or token ids.")
+        if not prompt or not prompt.strip():
+            raise BadInputError("the prompt is empty.", "Pass a non-empty --prompt.")
+        return np.asarray(self.tokenizer.encode(prompt).ids, dtype=np.int64)
+
+    def _check_prompt(self, ids: np.ndarray) -> None:
+        if ids.ndim != 1 or ids.size == 0:
+            raise BadInputError("the prompt has no tokens.", "Pass a non-empty prompt.")
+        if self.max_context is not None and ids.size >= self.max_context:
+            raise BadInputError(
+                f"the prompt has {ids.size} tokens, and the model's context holds "
+                f"{self.max_context} (prompt + new tokens).",
+                "Shorten the prompt.")
+
+    def generate_ids(self, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int = 64, *,
+                     greedy: bool = True, top_p: float = 0.9, temperature: float = 1.0,
+                     seed: int = 0, stop_at_eos: bool = True) -> Iterator[int]:
+        """Yield new token ids one at a time (greedy, or top-p sampling with ``seed``)."""
+        import onnxruntime as ort
+
+        ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        self._check_prompt(ids)
+        if max_new_tokens < 1:
+            raise BadInputError(f"max_new_tokens is {max_new_tokens}.", "Ask for at least 1.")
+        if not greedy and not 0.0 < top_p <= 1.0:
+            raise BadInputError(f"top_p {top_p} is outside (0, 1].", "Pass e.g. --top-p 0.9.")
+        if self.max_context is not None:
+            max_new_tokens = min(max_new_tokens, self.max_context - ids.size)
+        rng = np.random.default_rng(seed)
+        layout, sess = self.layout, self.session
+        self.stats = stats = GenerationStats(prompt_tokens=int(ids.size))
+        past: list[Any] = layout.empty_past(1)
+        out_names = layout.output_names()
+        feed_ids, past_len = ids[None, :], 0
+        for step in range(max_new_tokens):
+            start = time.perf_counter()
+            binding = sess.io_binding()
+            for name, value in layout.token_inputs(feed_ids, past_len).items():
+                binding.bind_cpu_input(name, value)
+            for name, value in zip(layout.past_names(), past):
+                if isinstance(value, ort.OrtValue):
+                    binding.bind_ortvalue_input(name, value)
+                else:
+                    binding.bind_cpu_input(name, value)
+            for name in out_names:
+                binding.bind_output(name, "cpu")
+            sess.run_with_iobinding(binding)
+            outs = dict(zip(out_names, binding.get_outputs()))
+            logits = outs["logits"].numpy()[0, -1]
+            past = [outs[name] for name in layout.output_names()[1:]]
+            token = int(np.argmax(logits)) if greedy else sample_top_p(logits, top_p,
+                                                                       temperature, rng)
+            elapsed = time.perf_counter() - start
+            if step == 0:
+                stats.prefill_s = elapsed
+            else:
+                stats.decode_s += elapsed
+            stats.new_tokens += 1
+            yield token
+            if stop_at_eos and token in self.eos_ids:
+                return
+            past_len += feed_ids.shape[1]
+            feed_ids = np.array([[token]], dtype=np.int64)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, **kwargs: Any) -> Iterator[str]:
+        """Yield the text of new tokens as it becomes printable (whole UTF-8 characters)."""
+        ids = self.encode(prompt)
+        new: list[int] = []
+        shown = ""
+        for token in self.generate_ids(ids, max_new_tokens, **kwargs):
+            if token in self.eos_ids:
+                break
+            new.append(token)
+            text = self.tokenizer.decode(new)
+            if text.endswith("\ufffd"):
+                continue  # a multi-byte character split across tokens: wait for the rest
+            if text.startswith(shown):
+                yield text[len(shown):]
+                shown = text
+        text = self.tokenizer.decode(new) if new else ""
+        if text != shown and text.startswith(shown):
+            yield text[len(shown):]

@@ -1,0 +1,87 @@
+"""Fusions for KV-cache graphs (:mod:`lbcc.kvcache`): rotary cos/sin from position ids, attention.
+
+``RotaryFromPositionIds``: transformers >= 5 computes RoPE angles as
+``freqs[b, s, e] = float(position_ids[b, s]) * inv_freq[e]`` (a Mul once the exporter's MatMul by
+a size-1 dim is folded), then ``emb = concat(freqs, freqs)``, ``cos(emb)``, ``sin(emb)``. onnxscript's
+``cos_sin_cache`` rules expect the older ``Transpose(MatMul(inv_freq, pos))`` form, so the
+``RotaryEmbedding`` fused from the rotation is inlined back. This rule rewrites the whole thing to
+ORT's ``com.microsoft::RotaryEmbedding(x, position_ids, cos_cache, sin_cache)`` with
+``cos_cache[p, e] = cos(p * inv_freq[e])`` for ``p`` in ``[0, max(position_ids)]``, computed in
+the graph (a Range, a Mul, Cos, Sin: shared by every layer), so any context length works.
+
+Attention: onnxscript's SDPA fusion, then SDPA -> ``com.microsoft::MultiHeadAttention`` with
+the mask as an additive bias.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx_ir as ir
+from onnxscript.rewriter import _fusion_utils, _ir_utils, pattern
+
+
+class RotaryFromPositionIds(pattern.RewriteRuleClassBase):
+    """Mul(Cast(Unsqueeze(position_ids)), inv_freq) -> cos/sin -> RotaryEmbedding, with caches."""
+
+    def __init__(self) -> None:
+        # the cos/sin values are shared by every layer's rotary: keep them, clean up afterwards
+        super().__init__("RotaryFromPositionIds", remove_nodes=False)
+        self._caches: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
+
+    def cleanup(self) -> None:
+        self._caches.clear()
+
+    def pattern(self, op, x, inv_freq, position_ids, axes, interleaved, num_heads):
+        pos = op.Cast(op.Unsqueeze(position_ids, axes), to=ir.DataType.FLOAT)  # [B, S, 1]
+        freqs = op.Mul(pos, inv_freq)  # [B, S, E]
+        emb = op.Concat(freqs, freqs, axis=-1)
+        cos = op.Unsqueeze(op.Cos(emb), [1])
+        sin = op.Unsqueeze(op.Sin(emb), [1])
+        return op.RotaryEmbedding(x, cos, sin, interleaved=interleaved, num_heads=num_heads,
+                                  _domain="ai.onnxruntime._fusion")
+
+    def check(self, context, x, inv_freq, position_ids, axes, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if not _ir_utils.has_rank(position_ids, 2):
+            return result.fail("position_ids is not [batch, seq].", position_ids)
+        if not _ir_utils.is_singleton_value(axes, 2) and not _ir_utils.is_singleton_value(axes,
+                                                                                          -1):
+            return result.fail("position_ids is not unsqueezed on the last axis.", axes)
+        if inv_freq.const_value is None or inv_freq.const_value.numpy().size < 1:
+            return result.fail("inv_freq is not a constant.", inv_freq)
+        if not _ir_utils.has_rank(x, 4):
+            return result.fail("the rotated tensor is not [batch, heads, seq, head_dim].", x)
+        return result
+
+    def rewrite(self, op, x, inv_freq, position_ids, interleaved, num_heads, **_):
+        if inv_freq not in self._caches:
+            freq_row = op.Constant(value=ir.tensor(
+                inv_freq.const_value.numpy().reshape(1, -1).astype("float32")))
+            n_pos = op.Add(op.ReduceMax(position_ids, keepdims=0), op.Constant(value_int=1))
+            pos = op.Range(op.Constant(value_int=0), n_pos, op.Constant(value_int=1))
+            pos = op.Cast(op.Reshape(pos, op.Constant(value_ints=[-1, 1])),
+                          to=ir.DataType.FLOAT)
+            # [P, 1] * [1, E]: a Mul, as in the exported graph (bit-identical angles), and not a
+            # MatMul with a constant operand, which the weight passes would quantize
+            angles = op.Mul(pos, freq_row)
+            self._caches[inv_freq] = (op.Cos(angles), op.Sin(angles))
+        cos, sin = self._caches[inv_freq]
+        return op.RotaryEmbedding(x, position_ids, cos, sin, interleaved=interleaved,
+                                  _domain="com.microsoft")
+
+
+rotary_from_position_ids = _fusion_utils.apply_fusion_rules(
+    pattern.RewriteRuleSet([RotaryFromPositionIds.rule()]))
+
+
+def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
+    """(name, fuse function, kwargs) of the fusions that need a KV-cache graph, in order."""
+    from onnxscript.rewriter.ort_fusions import gqa, sdpa, sdpa_via_mha
+
+    return [
+        ("rotary_from_position_ids", rotary_from_position_ids, {}),
+        ("sdpa", sdpa.fuse_sdpa, {"apply_shape_inference": True}),
+        ("gqa", gqa.fuse_gqa, {}),
+        ("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha, {}),
+    ]

@@ -1,0 +1,320 @@
+"""KV-cache capture and generation: greedy decode identical to transformers, seeded top-p, the
+quantized cache graph consistent with the quantized cache-free graph, and the error cases.
+
+The exports (a few seconds to a minute each) are shared by a module fixture; the tests that need
+them are ``slow``. The unit tests at the top need no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import models as M
+from conftest import make_tokenizer
+from lbcc.cli import app
+from lbcc.errors import BadInputError
+from lbcc.generate import Generator, sample_top_p
+from lbcc.kvcache import kv_layout, past_name
+
+VOCAB = 512
+runner = CliRunner()
+
+
+# ----------------------------------------------------------------------------- unit tests
+
+def test_top_p_keeps_the_nucleus_only():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    rng = np.random.default_rng(0)
+    draws = [sample_top_p(logits, 0.75, 1.0, rng) for _ in range(2000)]
+    # the nucleus of mass >= 0.75 is {0, 1}; renormalized 0.625 / 0.375
+    assert set(draws) == {0, 1}
+    assert abs(np.mean(np.array(draws) == 0) - 0.625) < 0.04
+    # a tiny mass keeps only the argmax; the same seed gives the same draws
+    assert {sample_top_p(logits, 1e-9, 1.0, rng) for _ in range(50)} == {0}
+    a = [sample_top_p(logits, 0.9, 1.0, np.random.default_rng(3)) for _ in range(20)]
+    b = [sample_top_p(logits, 0.9, 1.0, np.random.default_rng(3)) for _ in range(20)]
+    assert a == b
+
+
+def test_kv_layout_of_a_cache_free_model_is_none(mlp_path):
+    from lbcc.capture import capture
+
+    assert kv_layout(capture(mlp_path)) is None
+
+
+def test_generator_rejects_a_model_without_kv_cache(mlp_path):
+    with pytest.raises(BadInputError, match="no KV cache"):
+        Generator(mlp_path)
+
+
+def test_capture_kv_cache_of_a_cache_free_onnx_is_a_clear_error(mlp_path):
+    from lbcc.capture import capture
+
+    with pytest.raises(BadInputError, match="has no KV cache"):
+        capture(mlp_path, kv_cache=True)
+
+
+def test_cli_generate_errors(mlp_path, tmp_path):
+    tok = make_tokenizer(tmp_path / "tok" / "tokenizer.json")
+    r = runner.invoke(app, ["generate", str(mlp_path), "--tokenizer", str(tok), "-p", "w1 w2"])
+    assert r.exit_code == 1 and "no KV cache" in r.stderr and "Traceback" not in r.stderr
+    r = runner.invoke(app, ["generate", str(mlp_path), "-p", "w1"])
+    assert r.exit_code == 1 and "--tokenizer" in r.stderr
+    r = runner.invoke(app, ["generate", str(mlp_path), "--tokenizer", str(tok), "-p", "  "])
+    assert r.exit_code == 1 and "empty" in r.stderr
+
+
+# ----------------------------------------------------------------------------- tiny Llama
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random Llama-GQA (weights scaled up so greedy tokens vary) and its KV-cache export."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lbcc.capture import capture
+    from lbcc.modelio import save_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=160,
+                      num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                      max_position_embeddings=128, tie_word_embeddings=True,
+                      initializer_range=0.2, eos_token_id=None, bos_token_id=None)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    d = tmp_path_factory.mktemp("gen")
+    kv = capture(hf, kv_cache=True)
+    save_model(kv, d / "kv.onnx")
+    make_tokenizer(d / "tokenizer.json")
+    return hf, kv, d
+
+
+@pytest.fixture(scope="module")
+def tiny_nocache(tiny):
+    """The same model's cache-free export (``input_ids -> logits``), serialized: each compile
+    gets its own parsed copy (compiling two ``ir.from_proto`` views of one ModelProto in turn
+    breaks the second, a problem outside the KV-cache code)."""
+    import onnx_ir as ir
+
+    from lbcc.capture import capture
+
+    return ir.to_proto(capture(tiny[0])).SerializeToString()
+
+
+def _hf_greedy(hf, prompt: np.ndarray, n: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = hf.generate(torch.tensor(prompt)[None], max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
+def test_kv_graph_interface(tiny):
+    _, kv, _ = tiny
+    names = [v.name for v in kv.graph.inputs]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert past_name(1, "value") in names
+    assert [v.name for v in kv.graph.outputs][:3] == ["logits", "present.0.key", "present.0.value"]
+    layout = kv_layout(kv)
+    assert (layout.num_layers, layout.kv_heads, layout.head_dim) == (2, 2, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fp32_greedy_matches_transformers(tiny, seed):
+    hf, _, d = tiny
+    prompt = np.random.default_rng(seed).integers(0, VOCAB, 9 + seed)
+    ref = _hf_greedy(hf, prompt, 40)
+    assert len(set(ref)) > 10, "degenerate reference: the test would prove little"
+    gen = Generator(d / "kv.onnx", max_context=128)
+    got = list(gen.generate_ids(prompt, 40, stop_at_eos=False))
+    assert got == ref
+    assert gen.stats.new_tokens == 40 and gen.stats.decode_tokens_per_s > 0
+
+
+@pytest.mark.slow
+def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
+    """capture-normalize + fuse-ort on the cache graph: GroupQueryAttention (rotary inside),
+    SkipSimplifiedLayerNormalization; greedy tokens unchanged."""
+    import onnx_ir as ir
+
+    from lbcc.modelio import save_model
+    from lbcc.passes import CaptureNormalize, FuseORT
+    from lbcc.pipeline import Pipeline, PipelineContext
+
+    hf, kv, _ = tiny
+    run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(
+        ir.from_proto(ir.to_proto(kv)))
+    notes = run.records[-1].notes
+    assert notes["matched"]["gqa"] == 2 and notes["matched"]["rotary_from_position_ids"] == 4
+    assert notes["fused_ops_in_graph"]["com.microsoft::GroupQueryAttention"] == 2
+    assert notes["fused_ops_in_graph"]["com.microsoft::SkipSimplifiedLayerNormalization"] == 4
+    assert "cos_sin_cache" in notes["why_not"]  # the older rotary form: the tracer says why
+    save_model(run.model, tmp_path / "fused.onnx")
+    prompt = np.random.default_rng(5).integers(0, VOCAB, 11)
+    gen = Generator(tmp_path / "fused.onnx", max_context=128)
+    assert list(gen.generate_ids(prompt, 40, stop_at_eos=False)) == _hf_greedy(hf, prompt, 40)
+
+
+@pytest.mark.slow
+def test_top_p_is_seeded_and_tiny_p_is_greedy(tiny):
+    _, _, d = tiny
+    gen = Generator(d / "kv.onnx", max_context=128)
+    prompt = [5, 6, 7, 8]
+    greedy = list(gen.generate_ids(prompt, 12, stop_at_eos=False))
+    a = list(gen.generate_ids(prompt, 12, greedy=False, top_p=0.95, seed=4, stop_at_eos=False))
+    b = list(gen.generate_ids(prompt, 12, greedy=False, top_p=0.95, seed=4, stop_at_eos=False))
+    c = list(gen.generate_ids(prompt, 12, greedy=False, top_p=0.95, seed=5, stop_at_eos=False))
+    nucleus = list(gen.generate_ids(prompt, 12, greedy=False, top_p=1e-9, seed=4,
+                                    stop_at_eos=False))
+    assert a == b and a != c and nucleus == greedy
+
+
+@pytest.mark.slow
+def test_prompt_errors_and_context_limit(tiny):
+    _, _, d = tiny
+    gen = Generator(d / "kv.onnx", max_context=16)
+    with pytest.raises(BadInputError, match="context"):
+        list(gen.generate_ids(np.arange(16), 4))
+    # the context bounds prompt + new tokens
+    assert len(list(gen.generate_ids(np.arange(12), 10, stop_at_eos=False))) == 4
+    with pytest.raises(BadInputError, match="tokenizer"):
+        list(gen.generate("w1 w2", 4))
+    gen = Generator(d / "kv.onnx", d / "tokenizer.json", max_context=128)
+    with pytest.raises(BadInputError, match="empty"):
+        list(gen.generate("", 4))
+
+
+@pytest.mark.slow
+def test_cli_generate_streams_and_reports_speed(tiny):
+    _, _, d = tiny
+    r = runner.invoke(app, ["generate", str(d / "kv.onnx"), "--tokenizer",
+                            str(d / "tokenizer.json"), "-p", "w1 w2 w3", "-n", "8",
+                            "--max-context", "128"])
+    assert r.exit_code == 0, r.stderr
+    assert "tokens/s" in r.stderr and "8 new tokens" in r.stderr
+    assert r.stdout.strip()  # decoded text (the WordLevel tokenizer maps ids > 190 to nothing)
+    r = runner.invoke(app, ["generate", str(d / "kv.onnx"), "--tokenizer",
+                            str(d / "tokenizer.json"), "-p", " ".join(["w1"] * 20),
+                            "--max-context", "16"])
+    assert r.exit_code == 1 and "context" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["w8a8", "w4a16"])
+def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_path, preset):
+    """Step-by-step decode logits of the compiled cache graph equal, position by position, the
+    compiled cache-free graph's logits on the whole sequence (same weights, same ranges)."""
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    import lbcc
+    from lbcc.calibration import RandomFeed
+
+    _, kv, _ = tiny
+    group = 32 if preset == "w4a16" else None
+    feed = RandomFeed(vocab_size=VOCAB, seq_len=32, n=4)
+    nocache = lbcc.compile(ir.from_proto(onnx.load_from_string(tiny_nocache)), preset=preset, calibration=feed, group_size=group,
+                           progress=False)
+    cached = lbcc.compile(ir.from_proto(ir.to_proto(kv)), preset=preset, calibration=feed,
+                          group_size=group, progress=False)
+    cached.save(tmp_path / "kv.onnx")
+    ids = np.random.default_rng(3).integers(0, VOCAB, 24)
+    ref = ort.InferenceSession(ir.to_proto(nocache.model).SerializeToString()).run(
+        None, {"input_ids": ids[None]})[0][0]
+    gen = Generator(tmp_path / "kv.onnx", max_context=128)
+    layout, sess = gen.layout, gen.session
+    past = layout.empty_past()
+    got = []
+    prefill = 8  # a prefill of 8 tokens, then one token a step
+    outs = sess.run(None, layout.feed(ids[None, :prefill], past, 0))
+    got.extend(outs[0][0])
+    for t in range(prefill, len(ids)):
+        outs = sess.run(None, layout.feed(ids[None, t:t + 1], outs[1:], t))
+        got.append(outs[0][0, 0])
+    got = np.array(got)
+    scale = float(np.abs(ref).max())
+    print(f"{preset}: max |cache - cache-free| / max |logit| = {np.abs(got - ref).max() / scale}")
+    assert np.abs(got - ref).max() <= 1e-4 * scale, np.abs(got - ref).max() / scale
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+# ----------------------------------------------------------------------------- the sample
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("LBCC_GENERATE_SAMPLE"),
+                    reason="exporting the sample with a KV cache takes minutes (19 min on a "
+                           "loaded 2-core machine); set LBCC_GENERATE_SAMPLE=1 to run it")
+def test_sample_greedy_matches_transformers_for_64_tokens(smollm2, tmp_path):
+    import torch
+
+    from lbcc.capture import capture, load_hf_causal_lm
+    from lbcc.modelio import save_model
+    from lbcc.passes import CaptureNormalize, FuseORT
+    from lbcc.pipeline import Pipeline, PipelineContext
+
+    hf = load_hf_causal_lm(smollm2["hf_dir"])
+    run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(
+        capture(hf, kv_cache=True))
+    assert run.records[-1].notes["matched"]["gqa"] == hf.config.num_hidden_layers
+    save_model(run.model, tmp_path / "kv.onnx", external_data=True)
+    gen = Generator(tmp_path / "kv.onnx", smollm2["hf_dir"])
+    for prompt in ("The history of the Roman Empire", "def fibonacci(n):"):
+        ids = np.array(gen.tokenizer.encode(prompt).ids)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor(ids)[None], max_new_tokens=64, min_new_tokens=64,
+                              do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+        assert list(gen.generate_ids(ids, 64, stop_at_eos=False)) == ref, prompt
+
+
+def test_int8_kv_cache_is_a_clear_target_error(mlp_path, tmp_path):
+    r = runner.invoke(app, ["compile", str(mlp_path), "-o", str(tmp_path / "o.onnx"),
+                            "--preset", "w8a8-dynamic", "--kv-cache-dtype", "int8"])
+    assert r.exit_code == 2 and "KV cache in int8" in r.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.slow
+def test_genai_config_lets_onnxruntime_genai_load_the_model(tiny, tmp_path):
+    """genai_config.json + the fused fp32 cache graph: onnxruntime-genai (if installed) produces
+    the same greedy tokens as lbcc's generator."""
+    import json
+
+    import onnx_ir as ir
+
+    from lbcc.genai_config import write_genai_config
+    from lbcc.modelio import save_model
+    from lbcc.passes import CaptureNormalize, FuseORT
+    from lbcc.pipeline import Pipeline, PipelineContext
+
+    hf, kv, _ = tiny
+    hf.config.save_pretrained(tmp_path / "hf")
+    model = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(
+        ir.from_proto(ir.to_proto(kv))).model
+    (tmp_path / "out").mkdir()
+    save_model(model, tmp_path / "out" / "model.onnx")
+    cfg = json.loads(write_genai_config(tmp_path / "out" / "model.onnx", tmp_path / "hf")
+                     .read_text())
+    dec = cfg["model"]["decoder"]
+    assert (dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]) == (2, 2, 16)
+    assert dec["inputs"]["position_ids"] == "position_ids"
+    assert cfg["search"]["past_present_share_buffer"] is False
+    og = pytest.importorskip("onnxruntime_genai")
+    prompt = [5, 77, 300, 12, 9]
+    ref = list(Generator(tmp_path / "out" / "model.onnx", max_context=128).generate_ids(
+        prompt, 20, stop_at_eos=False))
+    m = og.Model(str(tmp_path / "out"))
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=25, min_length=25, do_sample=False)
+    g = og.Generator(m, params)
+    g.append_tokens(prompt)
+    while not g.is_done():
+        g.generate_next_token()
+    assert [int(x) for x in g.get_sequence(0)[5:]] == ref
