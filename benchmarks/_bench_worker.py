@@ -36,15 +36,17 @@ def _calibration_windows(calib: Path, tokenizer_dir: Path, samples: int, seq_len
     return [ids[i * seq_len:(i + 1) * seq_len][None, :] for i in range(n)]
 
 
-def ort_static(args: argparse.Namespace) -> dict[str, Any]:
+def _calibration_reader(args: argparse.Namespace) -> Any:
+    """An ORT CalibrationDataReader over the calibration windows lbcc uses."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader
 
     windows = _calibration_windows(args.calib, args.tokenizer, args.calib_samples, args.seq_len)
     input_name = onnx.load(str(args.float), load_external_data=False).graph.input[0].name
 
     class Reader(CalibrationDataReader):
+        count = len(windows)
+
         def __init__(self) -> None:
             self._it = iter(windows)
 
@@ -55,6 +57,14 @@ def ort_static(args: argparse.Namespace) -> dict[str, Any]:
         def rewind(self) -> None:
             self._it = iter(windows)
 
+    return Reader()
+
+
+def ort_static(args: argparse.Namespace) -> dict[str, Any]:
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    reader = _calibration_reader(args)
     # "default": ORT's own choice (every op type its QDQ registry knows, Gather included)
     op_types = None if args.op_types == "default" else args.op_types.split(",")
     extra = {"SmoothQuant": True, "SmoothQuantAlpha": 0.5} if args.smooth_quant else {}
@@ -62,10 +72,10 @@ def ort_static(args: argparse.Namespace) -> dict[str, Any]:
                     per_channel=True, calibrate_method="MinMax",
                     op_types_to_quantize=op_types or "default", reduce_range=args.reduce_range,
                     extra_options=extra, use_external_data_format=True,
-                    calibration_windows=len(windows), calibration_seq_len=args.seq_len,
+                    calibration_windows=reader.count, calibration_seq_len=args.seq_len,
                     preprocessing=None)
     start = time.perf_counter()
-    quantize_static(str(args.float), str(args.out), Reader(), quant_format=QuantFormat.QDQ,
+    quantize_static(str(args.float), str(args.out), reader, quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=op_types, per_channel=True,
                     reduce_range=args.reduce_range, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, use_external_data_format=True,
@@ -113,28 +123,10 @@ def ort_nbits(args: argparse.Namespace, algorithm: str = "default") -> dict[str,
         config = KQuantWeightOnlyQuantConfig()
         settings.update(algorithm="k_quant (ORT's port of llama.cpp-style k-quant search)")
     elif algorithm == "gptq":
-        windows = _calibration_windows(args.calib, args.tokenizer, args.calib_samples,
-                                       args.seq_len)
-        import onnx
-
-        input_name = onnx.load(str(args.float), load_external_data=False).graph.input[0].name
-
-        from onnxruntime.quantization import CalibrationDataReader
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self._it = iter(windows)
-
-            def get_next(self):
-                x = next(self._it, None)
-                return None if x is None else {input_name: x}
-
-            def rewind(self) -> None:
-                self._it = iter(windows)
-
-        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=128)
+        reader = _calibration_reader(args)
+        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=128)
         settings.update(algorithm="GPTQ (ORT's Intel Neural Compressor port)",
-                        calibration_windows=len(windows))
+                        calibration_windows=reader.count)
     else:
         raise SystemExit(f"unknown MatMulNBits algorithm {algorithm!r}")
     quant = MatMulNBitsQuantizer(str(args.float), bits=4, block_size=128, accuracy_level=4,
