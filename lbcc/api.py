@@ -107,7 +107,7 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
     context.second_moments = context.second_moments or gptq or output_clip
     rounding = RoundWeightsGPTQ(sequential=recipe.weights.sequential) if gptq \
         else RoundWeightsRTN()
-    passes += [SelectPrecision(recipe), rounding]
+    passes += [SelectPrecision(recipe, target.capabilities.int8_weight_max_exact), rounding]
     if recipe.activations.mode in ("static", "dynamic") or any(
             o.activations in ("static", "dynamic") for o in recipe.layers):
         passes.append(InsertQDQ())

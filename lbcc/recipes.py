@@ -49,12 +49,15 @@ class WeightSpec:
     #: rounded (the paper's sequential procedure; one calibration pass per block) instead of all
     #: from the float model in one pass
     sequential: bool = False
-    #: int8 weights of layers with per-tensor uint8 activations (static / dynamic) use the values
-    #: [-64, 63]: ONNX Runtime's x86 u8 x s8 kernels without VNNI (AVX2, AVX-512 without VNNI)
-    #: add pairs of products in 16 bits with saturation (vpmaddubsw), and 255 * 64 * 2 = 32640
-    #: stays below 2^15, so results are exact on every CPU (ORT's "reduce_range"). Measured on
-    #: SmolLM2 on an AVX2 CPU: full-range weights give perplexity 65,753 (collapsed). false: the
-    #: full int8 range, for CPUs with VNNI or ARM only.
+    #: int8 weights of layers with per-tensor uint8 activations (static / dynamic) are computed
+    #: exactly on every CPU. ONNX Runtime's x86 u8 x s8 kernels without VNNI (AVX2, AVX-512
+    #: without VNNI) add pairs of products in 16 bits with saturation (vpmaddubsw); measured on
+    #: SmolLM2 on an AVX2 CPU, full-range int8 weights collapse to perplexity 65,753. ``ort-int8``
+    #: stores these weights as uint8 with zero point 128, which ORT runs with its u8 x u8 kernels
+    #: (operands widened to 16 bits: exact, and measured faster than u8 x s8 on AVX2); targets
+    #: without such a route (``Capabilities.int8_weight_max_exact`` < 127) round them to
+    #: [-64, 63] instead (255 * 64 * 2 = 32640 < 2^15). false: int8 storage of the full range,
+    #: for CPUs with VNNI or ARM only.
     saturation_safe: bool = True
 
 

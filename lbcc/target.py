@@ -31,6 +31,11 @@ class Capabilities:
     quantizable_ops: frozenset[str]
     #: activation modes that need per-channel weights ("channel") or grouped weights ("group")
     weight_layout_for_mode: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the largest |int8 weight| the target multiplies with uint8 activations exactly on every
+    #: CPU it supports. Below 127, ``weights.saturation_safe`` recipes round int8 weights of
+    #: uint8-activation layers to [-(m+1), m] (x86 u8 x s8 kernels without VNNI saturate pairs
+    #: of products at 2^15: 255 * 64 * 2 = 32640 is safe, 255 * 127 * 2 is not).
+    int8_weight_max_exact: int = 127
 
 
 class Target(Protocol):

@@ -77,12 +77,22 @@ class SelectPrecision(Pass):
     name = "select-precision"
     preserves = frozenset({ACTIVATION_STATS})
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, int8_weight_max_exact: int = 127):
         super().__init__()
         self.recipe = recipe
+        #: the target's exact int8 weight range (``Capabilities.int8_weight_max_exact``)
+        self.int8_weight_max_exact = int8_weight_max_exact
 
     def options(self) -> dict[str, Any]:
-        return {"recipe": self.recipe.name}
+        return {"recipe": self.recipe.name, "int8_weight_max_exact": self.int8_weight_max_exact}
+
+    def _value_bits(self, w: Any, weight: dict[str, Any], activation: str) -> int:
+        """Bits of the integer grid a weight actually uses: 7 for saturation-safe int8 weights
+        of uint8-activation layers on targets that are exact only on [-64, 63], else its bits."""
+        if (activation in ("static", "dynamic") and w.saturation_safe and weight["bits"] == 8
+                and weight["symmetric"] and self.int8_weight_max_exact < 127):
+            return 7
+        return weight["bits"]
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites, skipped = find_sites(model)
@@ -137,9 +147,9 @@ class SelectPrecision(Pass):
                 else:
                     lo, hi = obs.choose_range(acts.method, acts.percentile)
                     if acts.criterion == "measured" and obs.rows is not None:
-                        safe = w.saturation_safe and weight["bits"] == 8 and weight["symmetric"]
-                        sqnr = measured_output_sqnr_db(obs.rows, lo, hi, site,
-                                                       {**weight, "value_bits": 7 if safe else 8})
+                        sqnr = measured_output_sqnr_db(
+                            obs.rows, lo, hi, site,
+                            {**weight, "value_bits": self._value_bits(w, weight, "static")})
                         plan["sqnr_criterion"] = "measured"
                     else:
                         sqnr = output_sqnr_db(obs, lo, hi, site)
@@ -159,9 +169,9 @@ class SelectPrecision(Pass):
                         if acts.fallback == "dynamic-block":
                             plan["weight"] = {**weight, "group_size": acts.fallback_group_size,
                                               "bits": 8}
-            if (plan["activation"] in ("static", "dynamic") and w.saturation_safe
-                    and plan["weight"]["bits"] == 8 and plan["weight"]["symmetric"]):
-                plan["weight"] = {**plan["weight"], "value_bits": 7}
+            value_bits = self._value_bits(w, plan["weight"], plan["activation"])
+            if value_bits != plan["weight"]["bits"]:
+                plan["weight"] = {**plan["weight"], "value_bits": value_bits}
             set_plan(site.node, plan)
             entry.update(status="quantized", plan=plan)
             layers[site.node.name] = entry

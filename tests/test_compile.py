@@ -140,8 +140,9 @@ def test_w8a8_dynamic_preset_quantizes_activations_at_run_time(source):
         if n.op_type == "MatMulNBits":
             assert n.attributes.get_int("bits") == 8
             assert n.attributes.get_int("accuracy_level") == 4
-        else:
-            assert n.inputs[1].const_value.dtype == ir.DataType.INT8
+        else:  # int8 values stored as uint8 + 128 (saturation-safe u8 x u8 kernels)
+            assert n.inputs[1].const_value.dtype == ir.DataType.UINT8
+            assert (n.inputs[3].const_value.numpy() == 128).all()
     assert not preset("w8a8-dynamic").needs_calibration
     assert result.report.data["calibration"] is None
 
@@ -153,8 +154,8 @@ def test_dynamic_per_tensor_lowers_to_dynamic_quantize_matmul():
     assert "MatMul" not in ops and "QuantizeLinear" not in ops
     assert "DynamicQuantizeLinear" not in ops  # folded into the kernel
     for n in result.model.graph:
-        if n.op_type == "DynamicQuantizeMatMul":
-            assert n.inputs[1].const_value.dtype == ir.DataType.INT8
+        if n.op_type == "DynamicQuantizeMatMul":  # int8 values as uint8 + 128
+            assert n.inputs[1].const_value.dtype == ir.DataType.UINT8
             assert n.inputs[0].producer() is None or n.inputs[0].producer().op_type != (
                 "DequantizeLinear")
 
@@ -168,7 +169,9 @@ def test_w8a8_static_is_qdq():
     for mm in matmuls:
         x_dq, w_dq = (v.producer() for v in mm.inputs)
         assert x_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear"
-        assert w_dq.inputs[0].const_value.dtype == ir.DataType.INT8  # int8 weights
+        # int8 weight values, stored as uint8 with zero point 128 (saturation-safe)
+        assert w_dq.inputs[0].const_value.dtype == ir.DataType.UINT8
+        assert (w_dq.inputs[2].const_value.numpy() == 128).all()
         assert x_dq.inputs[0].producer().op_type == "QuantizeLinear"
         assert x_dq.inputs[0].dtype == ir.DataType.UINT8  # uint8 activations
         assert w_dq.inputs[1].const_value.numpy().shape == (mm.outputs[0].shape[-1],)  # per ch.

@@ -68,32 +68,90 @@ def test_well_behaved_inputs_stay_static(tmp_path):
     assert modes == {"static"}
 
 
-def test_int8_weights_of_u8_activation_layers_are_saturation_safe(mlp_path, mlp_calib):
-    """ORT's x86 u8 x s8 kernels without VNNI saturate pairs of products in 16 bits: weights of
-    static / dynamic per-tensor layers keep to [-64, 63] unless the recipe opts out."""
+def _saturating_matmul(tmp_path):
+    """x @ W where uint8 inputs sit near 255 and each column's weights are all +max: with int8
+    weights of the full range every pair of products is 255 * 127 * 2 > 2^15, which x86 u8 x s8
+    kernels without VNNI (vpmaddubsw) saturate."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = np.abs(rng.standard_normal((64, 16))).astype(np.float32) + 1.0
+    w[:, ::2] = w[:, ::2].max(axis=0)  # even columns: every weight at the per-channel max
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "sat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16])],
+        [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "sat.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    x = (rng.uniform(0.9, 1.0, (4, 8, 64))).astype(np.float32)  # samples x [1, 8, 64]
+    np.savez(tmp_path / "sat_calib.npz", x=x)
+    return path, tmp_path / "sat_calib.npz", x, w
+
+
+def _int8_weight_ranges(model):
+    out = []
+    for node in model.graph:
+        if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None:
+            q = node.inputs[0].const_value.numpy()
+            if q.ndim == 2:
+                zp = node.inputs[2].const_value.numpy().astype(np.int32) \
+                    if len(node.inputs) > 2 and node.inputs[2] is not None else 0
+                v = q.astype(np.int32) - zp
+                out.append((str(q.dtype), int(v.min()), int(v.max())))
+    return out
+
+
+def test_full_range_int8_weights_run_exactly_on_every_cpu(tmp_path):
+    """ort-int8 stores the int8 weights of uint8-activation layers as uint8 + 128 (ORT's u8 x u8
+    kernels widen to 16 bits): the full [-127, 127] grid, and ORT's result equals the exact
+    integer product on any CPU (on AVX2 without VNNI, int8 storage saturates here)."""
     import lbcc
     from lbcc.calibration import NpzFeed
+
+    path, calib, x, w = _saturating_matmul(tmp_path)
+    result = lbcc.compile(str(path), preset="w8a8", calibration=NpzFeed(calib), progress=False)
+    ranges = _int8_weight_ranges(result.model)
+    assert len(ranges) == 1 and ranges[0][0] == "uint8" and ranges[0][2] == 127
+    plan = next(r["plan"] for r in result.report.layers if r["node"] == "proj")
+    assert plan["activation"] == "static" and "value_bits" not in plan["weight"]
+    lo, hi = plan["range"]
+    step = (max(hi, 0) - min(lo, 0)) / 255
+    zp = np.clip(np.rint(-min(lo, 0) / step), 0, 255)
+    xq = np.clip(np.rint(x[0] / np.float32(step)) + zp, 0, 255) - zp
+    s_w = np.abs(w).max(axis=0) / 127
+    wq = np.clip(np.rint(w / s_w), -127, 127)
+    exact = (xq.astype(np.float64) @ wq) * step * s_w
+    got = M.run_ort(result.model, {"x": x[:1]})[0][0]
+    assert M.rel_err(exact, got) < 1e-5
+
+
+def test_saturation_safe_grid_on_targets_without_uint8_storage(mlp_path, mlp_calib):
+    """A target exact only on [-64, 63] (``int8_weight_max_exact``, the C target) gets 7-bit
+    values; opting out of saturation safety gives the full int8 range stored as int8."""
+    import lbcc
+    from lbcc.api import build_pipeline
+    from lbcc.calibration import NpzFeed
+    from lbcc.passes.precision import SelectPrecision
     from lbcc.recipes import preset
+    from lbcc.target import get_target
 
-    def int8_weight_ranges(model):
-        out = []
-        for node in model.graph:
-            if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None:
-                q = node.inputs[0].const_value.numpy()
-                if q.dtype == np.int8 and q.ndim == 2:
-                    out.append((int(q.min()), int(q.max())))
-        return out
-
-    safe = lbcc.compile(str(mlp_path), preset="w8a8", calibration=NpzFeed(mlp_calib),
+    pipe = build_pipeline(preset("w8a8"), get_target("c"))
+    assert next(p for p in pipe.passes if isinstance(p, SelectPrecision)).int8_weight_max_exact \
+        == 63
+    safe = lbcc.compile(str(mlp_path), target="c", preset="w8a8", calibration=NpzFeed(mlp_calib),
                         progress=False, stop_after="round-weights-rtn")
-    ranges = int8_weight_ranges(safe.model)
-    assert ranges and all(lo >= -64 and hi <= 63 for lo, hi in ranges)
-    assert any(lo == -64 or hi == 63 for lo, hi in ranges)
+    ranges = _int8_weight_ranges(safe.model)
+    assert ranges and all(lo >= -64 and hi <= 63 for _, lo, hi in ranges)
+    assert any(lo == -64 or hi == 63 for _, lo, hi in ranges)
     recipe = preset("w8a8")
     recipe.weights.saturation_safe = False
     full = lbcc.compile(str(mlp_path), recipe=recipe, calibration=NpzFeed(mlp_calib),
-                        progress=False, stop_after="round-weights-rtn")
-    assert any(lo < -64 or hi > 63 for lo, hi in int8_weight_ranges(full.model))
+                        progress=False)
+    ranges = _int8_weight_ranges(full.model)
+    assert all(dt == "int8" for dt, _, _ in ranges)
+    assert any(lo < -64 or hi > 63 for _, lo, hi in ranges)
 
 
 def test_measured_sqnr_is_the_fake_quantized_layer_error():

@@ -52,6 +52,7 @@ class CTarget:
         activation_dtype="uint8",
         quantizable_ops=frozenset({"MatMul", "Gemm", "Gather", "Conv"}),
         weight_layout_for_mode={"static": "channel"},
+        int8_weight_max_exact=63,  # bit-exact against ORT's u8 x s8 QDQ reference on AVX2
     )
 
     def passes(self, recipe: Any) -> list:

@@ -1,6 +1,7 @@
 """Target ``ort-int8``: an ONNX graph that ONNX Runtime's CPU provider runs in int8 / int4.
 
-Static W8A8 is emitted as QDQ (uint8 activations per tensor, int8 weights per channel), which
+Static W8A8 is emitted as QDQ (uint8 activations per tensor, int8 weights per channel, stored as
+uint8 + 128 when the recipe is saturation-safe, see ``lowering``), which
 ONNX Runtime fuses into ``MatMulIntegerToFloat`` at load; per-tensor dynamic W8A8 as
 ``DynamicQuantizeMatMul``; grouped weights (4-bit, or 8-bit with per-block dynamic activations)
 as ``MatMulNBits`` with ``accuracy_level=4`` (activations quantized to int8 per block inside the
@@ -38,7 +39,7 @@ class OrtInt8Target:
         from lbcc.targets.ort_int8.lowering import LowerORT
         from lbcc.targets.ort_int8.verify import Verify
 
-        return [LowerORT(), Cleanup(), Verify()]
+        return [LowerORT(uint8_weights=recipe.weights.saturation_safe), Cleanup(), Verify()]
 
     def emit(self, model: ir.Model, path: Path, external_data: bool | None = None,
              **_: Any) -> list[Path]:

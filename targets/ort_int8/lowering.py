@@ -16,6 +16,11 @@ Patterns (W stored as produced by ``round-weights-rtn``; x float; q int):
   same int8 table the lm_head uses when the two are tied.
 - static QDQ (``MatMul(DQ(Q(x)), DQ(q[K,N] int8, axis=1))``) is left as it is: ONNX Runtime fuses
   it into ``MatMulIntegerToFloat`` at load time.
+- ``uint8_weights`` (the recipe's ``weights.saturation_safe``): the int8 weights of static and
+  dynamic per-tensor layers are stored as ``q + 128`` (uint8) with zero point 128. The value
+  ``DQ`` gives is unchanged; ONNX Runtime then runs u8 x u8 kernels, which widen both operands
+  to 16 bits before multiplying, where its x86 u8 x s8 kernels without VNNI add pairs of
+  products in 16 bits with saturation (255 * 127 * 2 > 2^15).
 """
 
 from __future__ import annotations
@@ -71,9 +76,13 @@ class LowerORT(Pass):
 
     name = "lower-ort"
 
-    def __init__(self, accuracy_level: int = 4):
+    def __init__(self, accuracy_level: int = 4, uint8_weights: bool = True):
         super().__init__()
         self.accuracy_level = accuracy_level
+        self.uint8_weights = uint8_weights
+
+    def options(self) -> dict[str, Any]:
+        return {"accuracy_level": self.accuracy_level, "uint8_weights": self.uint8_weights}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -107,6 +116,9 @@ class LowerORT(Pass):
                     bump("QDQ MatMul (transposed weight re-stored)", node,
                          "QDQ MatMul -> MatMulIntegerToFloat")
                 else:
+                    if self._offset_weight(node):
+                        self._store_uint8(graph, node, dq, dq.inputs[0].const_value.numpy(),
+                                          dq.inputs[0].name.removesuffix("_q"))
                     bump("QDQ MatMul", node, "QDQ MatMul -> MatMulIntegerToFloat")
         for node in list(graph):
             if node.op_type == "Gather" and node.domain in ("", "ai.onnx"):
@@ -125,6 +137,40 @@ class LowerORT(Pass):
             model.opset_imports.setdefault(MS, 1)
         self.note("lowered", counts)
         return ir.passes.PassResult(model, modified=bool(counts))
+
+    # --- uint8 storage of int8 weights
+    def _offset_weight(self, node: ir.Node) -> bool:
+        """Whether this MatMul's int8 weight is stored as uint8 (see the module docstring)."""
+        plan = plan_of(node) or {}
+        return self.uint8_weights and plan.get("activation") in ("static", "dynamic")
+
+    @staticmethod
+    def _uint8_parts(graph: ir.Graph, base: str, q: np.ndarray, zp: np.ndarray | None,
+                     n: int) -> tuple[ir.Value, ir.Value]:
+        """(q + 128 as uint8, its zero points zp + 128 (128 when symmetric)) as initializers."""
+        if q.dtype != np.int8:
+            raise TargetError(f"weight {base!r}: uint8 storage needs int8 weights, got {q.dtype}.",
+                              "Use 8-bit weights or set weights.saturation_safe = false.")
+        qu = (q.astype(np.int16) + 128).astype(np.uint8)
+        zpu = np.full(n, 128, np.uint8) if zp is None else \
+            (zp.astype(np.int16).reshape(-1) + 128).astype(np.uint8)
+        return (add_initializer(graph, f"{base}_u8", np.ascontiguousarray(qu)),
+                add_initializer(graph, f"{base}_u8_zero_point", zpu))
+
+    def _store_uint8(self, graph: ir.Graph, node: ir.Node, dq: ir.Node, q: np.ndarray,
+                     base: str) -> ir.Value:
+        """Replace the weight DQ of ``node`` by one reading uint8 storage of q[K, N] (axis 1)."""
+        zp = dq.inputs[2].const_value.numpy() if len(dq.inputs) > 2 and \
+            dq.inputs[2] is not None else None
+        qu, zpu = self._uint8_parts(graph, base, q, zp, q.shape[1])
+        new_dq = ir.node("DequantizeLinear", [qu, dq.inputs[1], zpu], attributes={"axis": 1},
+                         name=f"{base}_u8_dq")
+        copy_identity(node, new_dq)
+        new_dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        new_dq.outputs[0].shape = node.inputs[1].shape
+        graph.insert_before(node, new_dq)
+        node.replace_input_with(1, new_dq.outputs[0])
+        return qu
 
     # --- MatMulNBits
     def _to_matmulnbits(self, graph: ir.Graph, node: ir.Node, dq: ir.Node, transposed: bool
@@ -178,12 +224,17 @@ class LowerORT(Pass):
             raise TargetError(f"layer {layer_name(node)!r}: DynamicQuantizeMatMul needs int8 "
                               f"weights, got {q.dtype}.", "Use symmetric 8-bit weights.")
         base = dq.inputs[0].name.removesuffix("_q")
-        qv = add_initializer(graph, f"{base}_dqmm", np.ascontiguousarray(q))
+        scale_v = add_initializer(graph, f"{base}_dqmm_scale",
+                                  np.ascontiguousarray(scale.reshape(-1), np.float32))
+        if self._offset_weight(node):
+            qv, zpv = self._uint8_parts(graph, f"{base}_dqmm", np.ascontiguousarray(q), None,
+                                        q.shape[1])
+            inputs = [raw_x, qv, scale_v, zpv]
+        else:
+            qv = add_initializer(graph, f"{base}_dqmm", np.ascontiguousarray(q))
+            inputs = [raw_x, qv, scale_v]
         if transposed:
             self._transposed_int8[id(dq)] = qv
-        inputs = [raw_x, qv,
-                  add_initializer(graph, f"{base}_dqmm_scale",
-                                  np.ascontiguousarray(scale.reshape(-1), np.float32))]
         new = ir.node("DynamicQuantizeMatMul", inputs, domain=MS, name=f"{node.name}_dqmm")
         self._replace(graph, node, new)
 
@@ -191,6 +242,10 @@ class LowerORT(Pass):
     def _untranspose(self, graph: ir.Graph, node: ir.Node, dq: ir.Node) -> None:
         q, scale, zp, axis, _ = _dq_parts(dq)
         base = dq.inputs[0].name.removesuffix("_q")
+        if self._offset_weight(node):
+            self._transposed_int8[id(dq)] = self._store_uint8(
+                graph, node, dq, np.ascontiguousarray(q.T), f"{base}_t")
+            return
         qt = add_initializer(graph, f"{base}_t_q", np.ascontiguousarray(q.T))
         self._transposed_int8[id(dq)] = qt
         inputs = [qt, dq.inputs[1]] + ([dq.inputs[2]] if zp is not None else [])
@@ -275,6 +330,12 @@ class LowerORT(Pass):
                         attributes={"perm": list(range(1, rank + 1)) + [0]})
             nodes += [g, t]
             rows = t.outputs[0]
+            if twin.const_value.dtype == ir.DataType.UINT8 and \
+                    q_val.const_value.dtype == ir.DataType.INT8:  # uint8 storage of int8 values
+                zp = np.zeros(q_val.const_value.shape[0], np.int16) if zp_val is None \
+                    else zp_val.const_value.numpy().astype(np.int16).reshape(-1)
+                zp_val = add_initializer(graph, f"{twin.name}_row_offsets",
+                                         (zp + 128).astype(np.uint8))
         else:
             g = ir.node("Gather", [q_val, ids], attributes={"axis": 0})
             nodes.append(g)
