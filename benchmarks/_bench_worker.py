@@ -129,7 +129,15 @@ def ort_nbits(args: argparse.Namespace, algorithm: str = "default") -> dict[str,
                         calibration_windows=reader.count)
     else:
         raise SystemExit(f"unknown MatMulNBits algorithm {algorithm!r}")
-    quant = MatMulNBitsQuantizer(str(args.float), bits=4, block_size=128, accuracy_level=4,
+    source: Any = str(args.float)
+    if algorithm == "gptq":
+        # its GPTQ opens an InferenceSession from the serialized model, which cannot resolve
+        # external data: hand it the model with the weights loaded (542 MB < 2 GB)
+        import onnx
+
+        source = onnx.load(str(args.float), load_external_data=True)
+        settings["preprocessing"] = "onnx.load with external data inlined (needed by its GPTQ)"
+    quant = MatMulNBitsQuantizer(source, bits=4, block_size=128, accuracy_level=4,
                                  algo_config=config)
     quant.process()
     quant.model.save_model_to_file(str(args.out), use_external_data_format=True)

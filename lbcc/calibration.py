@@ -269,8 +269,11 @@ class ActivationObserver:
             self.channel_sumsq = self.channel_sumsq + csq
         self.channel_count += flat.shape[0]
         if self._kept < self.keep_rows:
+            # 64 strided rows per sample, the start rotating between samples so that position 0
+            # (LLMs' attention-sink token with massive activations) is not over-represented
             stride = max(1, flat.shape[0] // 64)
-            take = flat[::stride][: self.keep_rows - self._kept].copy()
+            start = (len(self._rows) * 5) % stride
+            take = flat[start::stride][: self.keep_rows - self._kept].copy()
             self._rows.append(take)
             self._kept += len(take)
         if self.second_moments:

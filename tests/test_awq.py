@@ -118,8 +118,11 @@ def test_output_clip_beats_the_diagonal_clip_on_correlated_inputs():
     assert out_err(out) <= out_err(diag) and out_err(out) < out_err(plain)
 
 
-def test_smoothquant_smooths_the_down_projection_too(tmp_path):
-    model, notes = _run([SmoothQuant()], tmp_path)
+def test_smoothquant_smooths_the_down_projection_only_when_asked(tmp_path):
+    _, default = _run([SmoothQuant()], tmp_path)
+    assert all(g["kind"] == "norm" for g in default["groups"])
+    assert any("linear -> product -> linear" in s["reason"] for s in default["skipped"])
+    model, notes = _run([SmoothQuant(linear_groups=True)], tmp_path)
     linear = [g for g in notes["groups"] if g["kind"] == "linear"]
     assert linear and linear[0]["consumers"] == ["down_proj"]
     assert linear[0]["error_after"] < linear[0]["error_before"]

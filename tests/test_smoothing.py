@@ -46,11 +46,11 @@ def _inputs(samples: int = 8) -> np.ndarray:
     return x
 
 
-def _smooth(model, tmp_path, alpha=None):
+def _smooth(model, tmp_path, alpha=None, min_sqnr_db=None):
     np.savez(tmp_path / "c.npz", x=_inputs())
     ctx = PipelineContext(calibration=NpzFeed(tmp_path / "c.npz"), progress=False, keep_rows=256)
     ctx.analyses.providers[ACTIVATION_STATS] = compute_activation_stats
-    sq = SmoothQuant(alpha=alpha)
+    sq = SmoothQuant(alpha=alpha, min_sqnr_db=min_sqnr_db)
     run = Pipeline([CaptureNormalize(), sq], ctx).run(capture(model))
     return run.model, run.records[-1].notes
 
@@ -71,6 +71,17 @@ def test_alpha_search_lowers_the_group_error(tmp_path):
     assert group["alpha"] is not None
     assert group["error_after"] < 0.5 * group["error_before"]
     assert group["consumers"] == ["q_proj", "k_proj"]
+
+
+def test_groups_that_fall_back_even_smoothed_are_left_alone(tmp_path):
+    """A group whose best smoothed SQNR is still under the fallback threshold is not smoothed:
+    its layers run per-block dynamic int8, which scaled weight rows only hurt."""
+    _, notes = _smooth(norm_model(), tmp_path)
+    best_db = -10 * np.log10(notes["groups"][0]["error_after"])
+    _, below = _smooth(norm_model(), tmp_path, min_sqnr_db=best_db + 3)
+    assert below["smoothed"] == 0 and "fall back" in below["groups"][0]["reason"]
+    _, above = _smooth(norm_model(), tmp_path, min_sqnr_db=best_db - 3)
+    assert above["smoothed"] == 1
 
 
 def test_group_error_with_unit_scales_is_the_plain_w8a8_error():
