@@ -100,9 +100,10 @@ def copies_for(nbytes: int) -> int:
 
 
 def quantize_gpu(w: torch.Tensor, bits: int, group: int, symmetric: bool):
-    """(codes uint8 [N,Kp] (K padded to whole groups), scales f16 [N,K/g], zeros u8 [N,K/g] or None); RTN, see packing.py."""
+    """(codes uint8 [N,Kp], scales f16 [N,Kp/g], zeros u8 [N,Kp/g] or None); RTN, see packing.py."""
     n, k = w.shape
-    kp = -(-k // group) * group  # K padded to whole groups (the padding quantizes to code z)
+    step = max(group, 16 * 32 // bits)  # K padded as packing.padded_k (the padding -> code z)
+    kp = -(-k // step) * step
     g = F.pad(w.float(), (0, kp - k)).reshape(n, kp // group, group)
     qmax = (1 << bits) - 1
     if symmetric:
@@ -119,14 +120,15 @@ def quantize_gpu(w: torch.Tensor, bits: int, group: int, symmetric: bool):
 
 
 def pack_gpu(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """torch twin of ``packing.pack`` (K already a multiple of the group)."""
+    """torch twin of ``packing.pack`` (K already padded): chunks of 16 words, bit field j of
+    word i of chunk c = the code of k = c * 16E + 16 j + i."""
     e = 32 // bits
     n, k = codes.shape
-    c = codes.to(torch.int32).reshape(n, k // e, e)
-    words = torch.zeros((n, k // e), dtype=torch.int32, device=codes.device)
+    c = codes.to(torch.int32).reshape(n, k // (16 * e), e, 16)
+    words = torch.zeros((n, k // (16 * e), 16), dtype=torch.int32, device=codes.device)
     for j in range(e):
-        words |= c[:, :, j] << (j * bits)
-    return words
+        words |= c[:, :, j, :] << (j * bits)
+    return words.reshape(n, k // e)
 
 
 def dequant_ref(codes, s, z, bits, group):
@@ -361,7 +363,8 @@ def main(argv=None):
     if a.json:
         a.json.write_text(json.dumps({"env": env, "copy_bw": copy_bw, "w4a16": rows,
                                       "w8a8": w8rows, "checks": checks,
-                                      "tuner": ops.TUNER._load()}, indent=1))
+                                      "tuner": ops.TUNER._load(),
+                                      "trials": ops.TUNER.trials}, indent=1, default=str))
 
 
 if __name__ == "__main__":

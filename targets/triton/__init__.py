@@ -29,7 +29,7 @@ from lbcc.target import Capabilities
 
 GROUPS = frozenset({16, 32, 64, 128, 256})
 SOURCES = ("kernels.py", "ops.py", "runtime.py")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the chunked-plane packing of packing.py (1: natural nibble order)
 
 
 class TritonTarget:

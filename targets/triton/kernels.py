@@ -39,14 +39,19 @@ def _rint(v):
 def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                     M, N, K, KW, G, stride_xm, stride_ym,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SPLIT_K: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+    # One program: BLOCK_N rows x (its share of) K, CHUNKS chunks of 16 words a step; the word
+    # tile is [BLOCK_N, CHUNKS, 16] (rows of 64 * CHUNKS contiguous bytes, 16-byte loads).
+    # Plane j of a chunk meets the 16 consecutive activations c*C + 16 j + (0..15): a thread's
+    # 4 words meet 4 consecutive x (one 8-byte load), shared by all the rows it holds.
     # Codes become floats without an int->float conversion: OR-ing a code u < 2**23 into the
     # bits of 2**23 (0x4B000000) gives the float32 2**23 + u; subtracting 2**23 + z is exact.
-    # The word tile stays [BLOCK_N, BLOCK_K / E] (16-byte loads); nibble j of every word meets
-    # x[k0 + w*E + j]; the per-group scale multiplies the group's partial sums once.
+    # The scale multiplies each group's partial sums once (a group is PG planes of a chunk or
+    # whole chunks); no atomics unless SPLIT_K > 1.
     E: tl.constexpr = 32 // BITS
-    BW: tl.constexpr = BLOCK_K // E
+    C: tl.constexpr = 16 * E
+    PG: tl.constexpr = GROUP // 16 if GROUP // 16 < E else E  # planes per scale
     MASK: tl.constexpr = (1 << BITS) - 1
     MAGIC: tl.constexpr = 0x4B000000
     pid_m = tl.program_id(0)
@@ -55,34 +60,44 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     rn = tl.where(nmask, offs_n, 0)
-    offs_w = tl.arange(0, BW)
-    blocks = (KW * E) // BLOCK_K
-    per_split = tl.cdiv(blocks, SPLIT_K)
-    b0 = pid_k * per_split
-    b1 = tl.minimum(b0 + per_split, blocks)
-    acc2 = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+    offs_c = tl.arange(0, CHUNKS)
+    offs_i = tl.arange(0, 16)
+    steps = KW // (16 * CHUNKS)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    st0 = pid_k * per_split
+    st1 = tl.minimum(st0 + per_split, steps)
+    acc = tl.zeros([BLOCK_N, CHUNKS, 16], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
-    for b in range(b0, b1):
-        k0 = b * BLOCK_K
-        words = tl.load(qw_ptr + rn[:, None] * KW + (k0 // E + offs_w)[None, :])
-        g = k0 // GROUP
-        s = tl.load(s_ptr + rn * G + g).to(tl.float32)
-        if HAS_ZERO:
-            zoff = (tl.load(z_ptr + rn * G + g).to(tl.float32) + 8388608.0)[:, None]
-        else:
-            zoff = 8388608.0 + (1 << (BITS - 1))
-        part = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+    w_rows = qw_ptr + rn[:, None, None] * KW
+    for st in range(st0, st1):
+        c = st * CHUNKS + offs_c                               # chunk indices [CHUNKS]
+        words = tl.load(w_rows + (c[:, None] * 16 + offs_i[None, :])[None, :, :],
+                        eviction_policy="evict_first")
+        kb = c[:, None] * C + offs_i[None, :]                  # k of plane 0 [CHUNKS, 16]
         for j in tl.static_range(E):
-            kk = k0 + offs_w * E + j
-            xj = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+            if j % PG == 0:
+                g = (c * C + j * 16) // GROUP
+                s = tl.load(s_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
+                if HAS_ZERO:
+                    zoff = (tl.load(z_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)
+                            + 8388608.0)[:, :, None]
+                else:
+                    zoff = 8388608.0 + (1 << (BITS - 1))
+                part = tl.zeros([BLOCK_N, CHUNKS, 16], dtype=tl.float32)
+            kk = kb + j * 16
+            if EVEN_K:
+                xj = tl.load(x_row + kk).to(tl.float32)
+            else:
+                xj = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
             f = (((words >> (j * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)
-            part += (f - zoff) * xj[None, :]
-        acc2 += part * s[:, None]
-    acc = tl.sum(acc2, axis=1)
+            part += (f - zoff) * xj[None, :, :]
+            if j % PG == PG - 1:
+                acc += part * s
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         if pid_k == 0:
-            acc += tl.load(bias_ptr + rn).to(tl.float32)
-    out = acc.to(y_ptr.dtype.element_ty)
+            out += tl.load(bias_ptr + rn).to(tl.float32)
+    out = out.to(y_ptr.dtype.element_ty)
     if SPLIT_K == 1:
         tl.store(y_ptr + pid_m * stride_ym + offs_n, out, mask=nmask)
     else:
@@ -90,30 +105,13 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
 
 
 @triton.jit
-def _unpack(words, BITS: tl.constexpr):
-    """int32 words [R, W] -> codes [R, W * 32/BITS] in natural order (code j of word w at
-    column w*E + j): nibble planes interleaved pairwise, so no word is loaded twice."""
+def _plane_half(words, j: tl.constexpr, z_ptrs, BITS: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """float16 ``u - z`` of bit field ``j`` of ``words [R, 16]`` (exact) without an int->float
+    conversion: the bits 0x6400 | u are the float16 1024 + u (u < 1024), and
+    (1024 + u) - (1024 + z) is exact."""
     MASK: tl.constexpr = (1 << BITS) - 1
-    a0 = words & MASK
-    a1 = (words >> BITS) & MASK
-    a2 = (words >> (2 * BITS)) & MASK
-    a3 = (words >> (3 * BITS)) & MASK
-    if BITS == 4:
-        a4 = (words >> 16) & MASK
-        a5 = (words >> 20) & MASK
-        a6 = (words >> 24) & MASK
-        a7 = (words >> 28) & MASK
-        out = tl.interleave(tl.interleave(tl.interleave(a0, a4), tl.interleave(a2, a6)),
-                            tl.interleave(tl.interleave(a1, a5), tl.interleave(a3, a7)))
-    else:
-        out = tl.interleave(tl.interleave(a0, a2), tl.interleave(a1, a3))
-    return out
-
-
-@triton.jit
-def _codes_to_half(u, z_ptrs, HAS_ZERO: tl.constexpr, HALF: tl.constexpr):
-    """float16 ``u - z`` (exact) without an int->float conversion: the bits 0x6400 | u are the
-    float16 1024 + u (u < 1024), and (1024 + u) - (1024 + z) is exact."""
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    u = (words >> (j * BITS)) & MASK
     h = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
     if HAS_ZERO:
         z = tl.load(z_ptrs).to(tl.float16)
@@ -141,33 +139,49 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                       M, N, K, KW, G, stride_xm, stride_ym,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+                      GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
+                      EVEN_K: tl.constexpr):
+    # One chunk (16 words = C k) a step; plane j of the [BLOCK_N, 16] word tile is the weight
+    # operand of a K=16 tensor-core product with the activations c*C + 16 j + (0..15): no
+    # unpacking shuffle. SWAP computes y^T = W x^T (the dequantized weights are the register
+    # operand A, the activations the shared-memory operand B): the small-M form.
     E: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    HALF: tl.constexpr = 1 << (BITS - 1)
+    C: tl.constexpr = 16 * E
+    PG: tl.constexpr = GROUP // 16 if GROUP // 16 < E else E
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.where(offs_m < M, offs_m, 0)
     rn = tl.where(offs_n < N, offs_n, 0)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_w = tl.arange(0, BLOCK_K // E)
-    blocks = (KW * E) // BLOCK_K
-    per_split = tl.cdiv(blocks, SPLIT_K)
-    b0 = pid_k * per_split
-    b1 = tl.minimum(b0 + per_split, blocks)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for b in range(b0, b1):
-        kk = b * BLOCK_K + offs_k
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=kk[None, :] < K,
-                    other=0.0)
-        words = tl.load(qw_ptr + rn[:, None] * KW + (b * (BLOCK_K // E) + offs_w)[None, :])
-        u = _unpack(words, BITS)
-        g = (b * BLOCK_K) // GROUP
-        s = tl.load(s_ptr + rn * G + g)
-        w = _codes_to_half(u, z_ptr + rn * G + g, HAS_ZERO, HALF) * s[:, None]
-        acc = tl.dot(a, tl.trans(w), acc)
+    offs_i = tl.arange(0, 16)
+    steps = KW // 16
+    per_split = tl.cdiv(steps, SPLIT_K)
+    st0 = pid_k * per_split
+    st1 = tl.minimum(st0 + per_split, steps)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    for st in range(st0, st1):
+        words = tl.load(qw_ptr + rn[:, None] * KW + (st * 16 + offs_i)[None, :])
+        for j in tl.static_range(E):
+            kk = st * C + j * 16 + offs_i
+            if EVEN_K:
+                a = tl.load(x_rows + kk[None, :])
+            else:
+                a = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+            if j % PG == 0:
+                g = (st * C + j * 16) // GROUP
+                s = tl.load(s_ptr + rn * G + g)
+            w = _plane_half(words, j, z_ptr + rn * G + g, BITS, HAS_ZERO) * s[:, None]
+            if SWAP:
+                acc = tl.dot(w, tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+    if SWAP:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
@@ -257,23 +271,23 @@ def _w8a8_matmul_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K,
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, G,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """float16 ``W[n, k] = (u - z) * s`` for ``k < K`` (the large-M path: W then cuBLAS).
-    BLOCK_K divides GROUP: one scale per row and tile."""
+                    BLOCK_N: tl.constexpr):
+    """float16 ``W[n, k] = (u - z) * s`` for ``k < K`` (the large-M path: W then cuBLAS); one
+    program per BLOCK_N rows and chunk (16 words)."""
     E: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = 1 << (BITS - 1)
+    C: tl.constexpr = 16 * E
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = tl.where(offs_n < N, offs_n, 0)
-    kb = tl.program_id(1)
-    words = tl.load(qw_ptr + rn[:, None] * KW + (kb * (BLOCK_K // E)
-                                                  + tl.arange(0, BLOCK_K // E))[None, :])
-    u = _unpack(words, BITS)
-    g = (kb * BLOCK_K) // GROUP
-    s = tl.load(s_ptr + rn * G + g)
-    w = _codes_to_half(u, z_ptr + rn * G + g, HAS_ZERO, HALF) * s[:, None]
-    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=mask)
+    st = tl.program_id(1)
+    offs_i = tl.arange(0, 16)
+    words = tl.load(qw_ptr + rn[:, None] * KW + (st * 16 + offs_i)[None, :])
+    for j in tl.static_range(E):
+        g = (st * C + j * 16) // GROUP
+        s = tl.load(s_ptr + rn * G + g)
+        w = _plane_half(words, j, z_ptr + rn * G + g, BITS, HAS_ZERO) * s[:, None]
+        kk = st * C + j * 16 + offs_i
+        mask = (offs_n[:, None] < N) & (kk[None, :] < K)
+        tl.store(w_ptr + offs_n[:, None] * K + kk[None, :], w, mask=mask)
 
 
 @triton.jit
