@@ -31,8 +31,9 @@ def main() -> int:
     dev = "cuda"
     fails = 0
     cases = [(4, 128, True, 512, 1024), (4, 32, False, 384, 1000), (8, 64, False, 320, 512)]
-    cfgs = [ops._gemv(8, 1, 1, 4, 2), ops._gemv(4, 8, 1, 4, 2), ops._gemv(16, 4, 2, 4, 2),
-            ops._gemv(32, 2, 4, 8, 2), ops._mm(16, 64, 1, 4, 3), ops._mm(16, 64, 2, 4, 3),
+    cfgs = [ops._gemv(8, 1, 1, 4), ops._gemv(4, 8, 1, 4, pf=False), ops._gemv(16, 4, 2, 4),
+            ops._gemv(32, 2, 4, 8), ops._gemv(16, 4, 1, 2), ops._mm(16, 64, 1, 4, 3),
+            ops._mm(16, 64, 2, 4, 3),
             ops._mm(16, 64, 1, 4, 3, swap=True), ops._mm(64, 128, 1, 4, 4),
             ops._mm(128, 128, 1, 8, 3, swap=True), {"kind": "dequant+cublas"}]
     for bits, group, sym, n, k in cases:

@@ -92,7 +92,7 @@ def test_wq_linear(bits, symmetric, kind):
     x = rng.standard_normal((m, k)).astype(np.float16)
     bias = rng.standard_normal(n).astype(np.float16)
     split = 2 if kind.endswith("split") else 1
-    cfg = (ops._gemv(16, 2 // split, split, 4, 2) if kind.startswith("gemv")
+    cfg = (ops._gemv(16, 2 // split, split, 4, pf=split == 1) if kind.startswith("gemv")
            else ops._mm(16, 16, split, 4, 2, gm=2, swap=kind.endswith("swap")))
     y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, bits, group,
                       bias=torch.from_numpy(bias), config=cfg)
@@ -108,7 +108,8 @@ def test_wq_gemv_groups(group):
     n, k = 24, 256
     codes, s, z, (qw, st, zt) = packed(rng, n, k, 4, group, False)
     x = rng.standard_normal((2, k)).astype(np.float16)
-    for cfg in (ops._gemv(8, 2, 1, 4, 2), ops._gemv(4, 1, 2, 4, 2), ops._mm(16, 16, 1, 4, 2)):
+    for cfg in (ops._gemv(8, 2, 1, 4, pf=False), ops._gemv(4, 1, 2, 4),
+                ops._mm(16, 16, 1, 4, 2)):
         y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, group, config=cfg)
         assert rel_err(y.numpy(), _ref_linear(x, codes, s, z, 4, group)) < FLOAT_TOL
 

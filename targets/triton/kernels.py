@@ -36,24 +36,50 @@ def _rint(v):
 
 
 @triton.jit
+def _plane_f32(words, words_hi, j: tl.constexpr, BITS: tl.constexpr, magic0):
+    """float32 ``2**(23 - p) + u`` of bit field ``j`` of ``words``, by one AND-OR (no shift, no
+    int->float conversion): the field is masked in place (bits p .. p+BITS-1) and the exponent
+    150 - p is OR-ed above it, so its unit is 1. Fields that would touch bit 23 (the exponent's
+    lowest bit) come from ``words_hi = words >> 16`` instead (p - 16)."""
+    P0: tl.constexpr = j * BITS
+    HI: tl.constexpr = P0 + BITS > 23
+    P: tl.constexpr = P0 - 16 if HI else P0
+    FIELD: tl.constexpr = ((1 << BITS) - 1) << P
+    if HI:
+        v = words_hi & FIELD
+    else:
+        v = words & FIELD
+    # magic0 = 150 << 23 arrives as a run-time argument: the exponents stay in registers
+    # (loop invariants) and the field masks become the instruction's immediates.
+    return (v | (magic0 - (P << 23))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _plane_base(j: tl.constexpr, BITS: tl.constexpr):
+    """The ``2**(23 - p)`` that :func:`_plane_f32` adds to bit field ``j``."""
+    P0: tl.constexpr = j * BITS
+    P: tl.constexpr = P0 - 16 if P0 + BITS > 23 else P0
+    return (1 << (23 - P)) * 1.0
+
+
+@triton.jit
 def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-                    M, N, K, KW, G, stride_xm, stride_ym,
+                    M, N, K, KW, G, stride_xm, stride_ym, magic0,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
-                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
     # One program: BLOCK_N rows x (its share of) K, CHUNKS chunks of 16 words a step; the word
     # tile is [BLOCK_N, CHUNKS, 16] (rows of 64 * CHUNKS contiguous bytes, 16-byte loads).
     # Plane j of a chunk meets the 16 consecutive activations c*C + 16 j + (0..15): a thread's
     # 4 words meet 4 consecutive x (one 8-byte load), shared by all the rows it holds.
-    # Codes become floats without an int->float conversion: OR-ing a code u < 2**23 into the
-    # bits of 2**23 (0x4B000000) gives the float32 2**23 + u; subtracting 2**23 + z is exact.
-    # The scale multiplies each group's partial sums once (a group is PG planes of a chunk or
-    # whole chunks); no atomics unless SPLIT_K > 1.
+    # A code costs one AND-OR (to the float 2**(23-p) + u, :func:`_plane_f32`), one FADD (minus
+    # 2**(23-p) + z: exact) and one FFMA; the scale multiplies each group's partial sums once
+    # (a group is some planes of a chunk or whole chunks). PREFETCH loads the next step's words
+    # before this step's arithmetic (two steps of loads in flight). No atomics unless
+    # SPLIT_K > 1.
     E: tl.constexpr = 32 // BITS
     C: tl.constexpr = 16 * E
     PG: tl.constexpr = GROUP // 16 if GROUP // 16 < E else E  # planes per scale
-    MASK: tl.constexpr = (1 << BITS) - 1
-    MAGIC: tl.constexpr = 0x4B000000
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -68,29 +94,36 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     st1 = tl.minimum(st0 + per_split, steps)
     acc = tl.zeros([BLOCK_N, CHUNKS, 16], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
-    w_rows = qw_ptr + rn[:, None, None] * KW
+    w_tile = qw_ptr + rn[:, None, None] * KW + (offs_c[:, None] * 16 + offs_i[None, :])[None, :, :]
+    if PREFETCH:  # (the last step re-reads its own words instead of reading past the part)
+        nxt = tl.load(w_tile + tl.minimum(st0, steps - 1) * (16 * CHUNKS),
+                      eviction_policy="evict_first")
     for st in range(st0, st1):
+        if PREFETCH:
+            words = nxt
+            nxt = tl.load(w_tile + tl.minimum(st + 1, st1 - 1) * (16 * CHUNKS),
+                          eviction_policy="evict_first")
+        else:
+            words = tl.load(w_tile + st * (16 * CHUNKS), eviction_policy="evict_first")
+        words_hi = words >> 16
         c = st * CHUNKS + offs_c                               # chunk indices [CHUNKS]
-        words = tl.load(w_rows + (c[:, None] * 16 + offs_i[None, :])[None, :, :],
-                        eviction_policy="evict_first")
         kb = c[:, None] * C + offs_i[None, :]                  # k of plane 0 [CHUNKS, 16]
         for j in tl.static_range(E):
             if j % PG == 0:
                 g = (c * C + j * 16) // GROUP
                 s = tl.load(s_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
                 if HAS_ZERO:
-                    zoff = (tl.load(z_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)
-                            + 8388608.0)[:, :, None]
+                    z = tl.load(z_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
                 else:
-                    zoff = 8388608.0 + (1 << (BITS - 1))
+                    z = (1 << (BITS - 1)) * 1.0
                 part = tl.zeros([BLOCK_N, CHUNKS, 16], dtype=tl.float32)
             kk = kb + j * 16
             if EVEN_K:
                 xj = tl.load(x_row + kk).to(tl.float32)
             else:
                 xj = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-            f = (((words >> (j * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)
-            part += (f - zoff) * xj[None, :, :]
+            f = _plane_f32(words, words_hi, j, BITS, magic0)
+            part += (f - (z + _plane_base(j, BITS))) * xj[None, :, :]
             if j % PG == PG - 1:
                 acc += part * s
     out = tl.sum(tl.sum(acc, axis=2), axis=1)

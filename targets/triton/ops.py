@@ -26,9 +26,9 @@ from . import kernels as K
 # candidate configurations
 
 
-def _gemv(bn, ch, sk, nw, ns):
+def _gemv(bn, ch, sk, nw, ns=1, pf=True):
     return {"kind": "gemv", "BLOCK_N": bn, "CHUNKS": ch, "SPLIT_K": sk, "num_warps": nw,
-            "num_stages": ns}
+            "num_stages": ns, "PREFETCH": pf}
 
 
 def _mm(bm, bn, sk, nw, ns, gm=8, swap=False):
@@ -38,13 +38,15 @@ def _mm(bm, bn, sk, nw, ns, gm=8, swap=False):
 
 # GEMV (M = 1 .. 16): a program holds BLOCK_N rows x CHUNKS chunks of 16 words a step (each row
 # 64 * CHUNKS contiguous bytes a step), whole rows of K unless SPLIT_K > 1 (then float16 atomic
-# adds into a zeroed output: an extra memset). Few rows per program and no split gives
-# thousands of programs (all resident at once) and no second pass.
-GEMV_CONFIGS = [_gemv(bn, ch, sk, nw, ns) for bn, ch, sk, nw, ns in (
-    (4, 8, 1, 4, 2), (8, 8, 1, 4, 2), (8, 4, 1, 4, 2), (16, 4, 1, 4, 2), (16, 8, 1, 8, 2),
-    (32, 4, 1, 8, 2), (8, 8, 1, 4, 4), (16, 4, 1, 4, 4), (4, 4, 1, 4, 2), (2, 8, 1, 4, 2),
-    (8, 8, 2, 4, 2), (16, 4, 2, 4, 2), (16, 8, 2, 8, 2), (32, 8, 4, 8, 2), (16, 4, 4, 4, 2),
-    (32, 4, 8, 4, 2))]
+# adds into a zeroed output: an extra memset). A thread's activations serve every row it holds
+# (BLOCK_N * CHUNKS * 16 / (32 * num_warps) words a thread: 8 or 16 here); PREFETCH keeps the
+# next step's words in flight during this step's arithmetic.
+GEMV_CONFIGS = [_gemv(bn, ch, sk, nw, pf=pf) for bn, ch, sk, nw, pf in (
+    (16, 4, 1, 2, True), (16, 4, 1, 2, False), (16, 8, 1, 4, True), (16, 8, 1, 4, False),
+    (32, 4, 1, 4, True), (32, 4, 1, 4, False), (32, 8, 1, 8, True), (8, 8, 1, 2, True),
+    (8, 4, 1, 2, True), (16, 4, 1, 4, True), (8, 8, 1, 4, True), (4, 8, 1, 4, True),
+    (32, 4, 2, 4, True), (32, 8, 2, 8, True), (16, 8, 2, 4, True), (16, 4, 2, 2, True),
+    (64, 4, 4, 8, True), (32, 4, 4, 4, True), (16, 4, 4, 2, True))]
 SMALL_MM_CONFIGS = [_mm(16, bn, sk, nw, ns, swap=sw)
                     for bn in (64, 128) for sk in (1, 2, 4) for sw in (False, True)
                     for nw, ns in ((4, 3),)]
@@ -66,7 +68,7 @@ W8A8_CONFIGS = [{"kind": "w8a8", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "G
                                            (128, 128, 64, 4, 4), (128, 256, 64, 8, 4),
                                            (128, 256, 128, 8, 4), (256, 128, 128, 8, 4))]
 
-DEFAULT_GEMV = _gemv(8, 1, 1, 4, 2)
+DEFAULT_GEMV = _gemv(8, 1, 1, 4)
 DEFAULT_SMALL_MM = _mm(16, 64, 1, 4, 3)
 DEFAULT_LARGE_MM = _mm(64, 64, 1, 4, 3)
 DEFAULT_W8A8 = W8A8_CONFIGS[1]
@@ -207,10 +209,11 @@ def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, y, bits, group):
     if kind == "gemv":
         grid = (m, triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         K._wq_gemv_kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0),
-                                y.stride(0), BITS=bits, GROUP=group, HAS_ZERO=has_zero,
+                                y.stride(0), 150 << 23, BITS=bits, GROUP=group, HAS_ZERO=has_zero,
                                 HAS_BIAS=has_bias, BLOCK_N=cfg["BLOCK_N"],
                                 CHUNKS=cfg["CHUNKS"], SPLIT_K=cfg["SPLIT_K"], EVEN_K=even_k,
-                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
+                                num_stages=cfg["num_stages"])
     else:
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         K._wq_matmul_kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0),
