@@ -46,7 +46,11 @@ GEMV_CONFIGS = [_gemv(bn, ch, sk, nw, pf=pf) for bn, ch, sk, nw, pf in (
     (32, 4, 1, 4, True), (32, 4, 1, 4, False), (32, 8, 1, 8, True), (8, 8, 1, 2, True),
     (8, 4, 1, 2, True), (16, 4, 1, 4, True), (8, 8, 1, 4, True), (4, 8, 1, 4, True),
     (32, 4, 2, 4, True), (32, 8, 2, 8, True), (16, 8, 2, 4, True), (16, 4, 2, 2, True),
-    (64, 4, 4, 8, True), (32, 4, 4, 4, True), (16, 4, 4, 2, True))]
+    (64, 4, 4, 8, True), (32, 4, 4, 4, True), (16, 4, 4, 2, True),
+    # whole short rows in one or two steps (K = 2048 .. 4096: every load issued at once)
+    (2, 32, 1, 4, True), (4, 16, 1, 4, True), (2, 16, 1, 2, True), (8, 16, 1, 8, True),
+    # small N, long K (down_proj 2048 x 8192): more programs by splitting K
+    (8, 8, 4, 2, True), (8, 8, 2, 2, True), (16, 8, 4, 4, True), (4, 8, 4, 4, True))]
 SMALL_MM_CONFIGS = [_mm(16, bn, sk, nw, ns, swap=sw)
                     for bn in (64, 128) for sk in (1, 2, 4) for sw in (False, True)
                     for nw, ns in ((4, 3),)]
@@ -58,7 +62,11 @@ LARGE_MM_CONFIGS = ([_mm(bm, bn, sk, nw, ns, swap=sw)
                          (256, 128, 1, 8, 3, False), (64, 64, 2, 4, 4, False),
                          (64, 128, 2, 4, 4, False), (64, 128, 1, 4, 4, True),
                          (128, 128, 1, 8, 3, True), (128, 128, 2, 8, 3, True),
-                         (64, 128, 2, 4, 4, True))]
+                         (64, 128, 2, 4, 4, True),
+                         # M ~ 128: one row-tile, so N / BLOCK_N * SPLIT_K programs (>= 132)
+                         (128, 64, 4, 4, 4, True), (128, 64, 2, 4, 4, True),
+                         (128, 128, 4, 8, 3, True), (64, 64, 4, 4, 4, False),
+                         (128, 64, 4, 4, 3, False))]
                     + [{"kind": "dequant+cublas"}])
 W8A8_CONFIGS = [{"kind": "w8a8", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
                  "num_warps": nw, "num_stages": ns}
