@@ -35,7 +35,8 @@ def main() -> int:
             ops._gemv(32, 2, 4, 8), ops._gemv(16, 4, 1, 2), ops._mm(16, 64, 1, 4, 3),
             ops._mm(16, 64, 2, 4, 3),
             ops._mm(16, 64, 1, 4, 3, swap=True), ops._mm(64, 128, 1, 4, 4),
-            ops._mm(128, 128, 1, 8, 3, swap=True), {"kind": "dequant+cublas"}]
+            ops._mm(128, 128, 1, 8, 3, swap=True), ops._mm(16, 128, 2, 4, 3, cat=True),
+            ops._mm(128, 128, 2, 8, 3, swap=True, cat=True), {"kind": "dequant+cublas"}]
     for bits, group, sym, n, k in cases:
         w = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
         codes, s, z = quantize_gpu(w, bits, group, sym)

@@ -83,7 +83,8 @@ def _ref_linear(x, codes, s, z, bits, group, bias=None):
 
 
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
-@pytest.mark.parametrize("kind", ["gemv", "gemv-split", "mm", "mm-split", "mm-swap"])
+@pytest.mark.parametrize("kind", ["gemv", "gemv-split", "mm", "mm-split", "mm-swap",
+                                  "mm-cat", "mm-cat-swap"])
 def test_wq_linear(bits, symmetric, kind):
     rng = np.random.default_rng(7 * bits + symmetric)
     m = 1 if kind.startswith("gemv") else 5
@@ -93,7 +94,8 @@ def test_wq_linear(bits, symmetric, kind):
     bias = rng.standard_normal(n).astype(np.float16)
     split = 2 if kind.endswith("split") else 1
     cfg = (ops._gemv(16, 2 // split, split, 4, pf=split == 1) if kind.startswith("gemv")
-           else ops._mm(16, 16, split, 4, 2, gm=2, swap=kind.endswith("swap")))
+           else ops._mm(16, 16, split, 4, 2, gm=2, swap=kind.endswith("swap"),
+                        cat="cat" in kind))
     y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, bits, group,
                       bias=torch.from_numpy(bias), config=cfg)
     assert y.shape == (m, n) and y.dtype == torch.float16
@@ -109,7 +111,7 @@ def test_wq_gemv_groups(group):
     codes, s, z, (qw, st, zt) = packed(rng, n, k, 4, group, False)
     x = rng.standard_normal((2, k)).astype(np.float16)
     for cfg in (ops._gemv(8, 2, 1, 4, pf=False), ops._gemv(4, 1, 2, 4),
-                ops._mm(16, 16, 1, 4, 2)):
+                ops._mm(16, 16, 1, 4, 2), ops._mm(16, 16, 1, 4, 2, cat=True)):
         y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, group, config=cfg)
         assert rel_err(y.numpy(), _ref_linear(x, codes, s, z, 4, group)) < FLOAT_TOL
 

@@ -154,6 +154,38 @@ def _plane_half(words, j: tl.constexpr, z_ptrs, BITS: tl.constexpr, HAS_ZERO: tl
 
 
 @triton.jit
+def _scaled_plane(words, j: tl.constexpr, st, s_ptr, z_ptr, rn, G, BITS: tl.constexpr,
+                  GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """float16 weights of plane ``j`` of chunk ``st`` (``[R, 16]``): ``(u - z) * s``."""
+    g = (st * (16 * (32 // BITS)) + j * 16) // GROUP
+    s = tl.load(s_ptr + rn * G + g)
+    return _plane_half(words, j, z_ptr + rn * G + g, BITS, HAS_ZERO) * s[:, None]
+
+
+@triton.jit
+def _chunk_half(words, st, s_ptr, z_ptr, rn, G, BITS: tl.constexpr, GROUP: tl.constexpr,
+                HAS_ZERO: tl.constexpr):
+    """float16 weights of chunk ``st`` in natural k order, ``[R, C]``: the planes side by side
+    (column 16 j + i = plane j, word i), by joins and one permutation."""
+    p0 = _scaled_plane(words, 0, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+    p1 = _scaled_plane(words, 1, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+    p2 = _scaled_plane(words, 2, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+    p3 = _scaled_plane(words, 3, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+    t = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [R, 16, 2 (j bit 0), 2 (j bit 1)]
+    if BITS == 4:
+        p4 = _scaled_plane(words, 4, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+        p5 = _scaled_plane(words, 5, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+        p6 = _scaled_plane(words, 6, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+        p7 = _scaled_plane(words, 7, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+        t = tl.join(t, tl.join(tl.join(p4, p5), tl.join(p6, p7)))  # [R, 16, 2, 2, 2]
+        t = tl.permute(t, (0, 4, 3, 2, 1))
+        return tl.reshape(t, (t.shape[0], 128))
+    else:
+        t = tl.permute(t, (0, 3, 2, 1))
+        return tl.reshape(t, (t.shape[0], 64))
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped ordering of output tiles: GROUP_M row-tiles share each column-tile in L2."""
     pid = tl.program_id(0)
@@ -173,11 +205,13 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
-                      EVEN_K: tl.constexpr):
+                      EVEN_K: tl.constexpr, CAT: tl.constexpr):
     # One chunk (16 words = C k) a step; plane j of the [BLOCK_N, 16] word tile is the weight
     # operand of a K=16 tensor-core product with the activations c*C + 16 j + (0..15): no
-    # unpacking shuffle. SWAP computes y^T = W x^T (the dequantized weights are the register
-    # operand A, the activations the shared-memory operand B): the small-M form.
+    # unpacking shuffle. CAT instead puts the planes side by side (the chunk in natural k order,
+    # :func:`_chunk_half`) for one K=C product a step. SWAP computes y^T = W x^T (the
+    # dequantized weights are the register operand A, the activations the shared-memory
+    # operand B): the small-M form.
     E: tl.constexpr = 32 // BITS
     C: tl.constexpr = 16 * E
     PG: tl.constexpr = GROUP // 16 if GROUP // 16 < E else E
@@ -197,9 +231,21 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_rows = x_ptr + rm[:, None] * stride_xm
+    offs_c = tl.arange(0, C)
     for st in range(st0, st1):
         words = tl.load(qw_ptr + rn[:, None] * KW + (st * 16 + offs_i)[None, :])
-        for j in tl.static_range(E):
+        if CAT:
+            kc = st * C + offs_c
+            if EVEN_K:
+                a = tl.load(x_rows + kc[None, :])
+            else:
+                a = tl.load(x_rows + kc[None, :], mask=kc[None, :] < K, other=0.0)
+            w = _chunk_half(words, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+        for j in tl.static_range(E if not CAT else 0):
             kk = st * C + j * 16 + offs_i
             if EVEN_K:
                 a = tl.load(x_rows + kk[None, :])
