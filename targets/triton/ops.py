@@ -240,7 +240,8 @@ def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, y, bits, group):
                                   HAS_BIAS=has_bias, BLOCK_M=cfg["BLOCK_M"],
                                   BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
                                   SPLIT_K=cfg["SPLIT_K"], SWAP=cfg.get("SWAP", False),
-                                  CAT=cfg.get("CAT", False), EVEN_K=even_k, num_warps=cfg["num_warps"],
+                                  CAT=cfg.get("CAT", False), EVEN_K=even_k,
+                                  num_warps=cfg["num_warps"],
                                   num_stages=cfg["num_stages"])
     return y
 
