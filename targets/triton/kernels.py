@@ -1,18 +1,21 @@
 """Triton kernels of the ``triton`` target: low-bit linear layers for LLM inference.
 
 All weight-only kernels read the one packed layout of :mod:`packing` (``qweight`` int32
-``[N, Kp/E]``, K contiguous; float16 ``scales`` and, when asymmetric, uint8 ``zeros`` per
-``[N, group]``) and compute ``y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])`` with
+``[N, Kp/E]`` in chunks of 16 words per row, bit field ``j`` of word ``i`` of a chunk = k
+``16 j + i`` of that chunk: the chunk's *planes*; float16 ``scales`` and, when asymmetric, uint8
+``zeros`` per ``[N, group]``) and compute ``y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])`` with
 ``W[n, k] = (u[n, k] - z[n, g(k)]) * s[n, g(k)]``, ``g(k) = k // group``.
 
 * :func:`_wq_gemv_kernel` (decode, M = 1 .. a few): CUDA-core FMAs in float32,
-  ``y += s * sum_k (u - z) * x`` per group (codes to floats by the 2**23 bit trick);
-  one program per (row of x, block of N, K split); the rows of x are the fastest grid axis, so
-  the programs that read the same weights run together and the later ones hit L2.
+  ``y += s * sum_k (u - z) * x`` per group; a code becomes a float by one AND-OR
+  (:func:`_plane_f32`), a plane of a thread's words meets consecutive activations; one program
+  per (row of x, block of N, K split); the rows of x are the fastest grid axis, so the programs
+  that read the same weights run together and the later ones hit L2.
 * :func:`_wq_matmul_kernel` (M > 1): tensor-core tiles; the weight tile is dequantized to
   float16 inside the main loop (``(u - z)`` exact, one rounding for ``* s``: the same float16
-  weights as :func:`packing.dequantize`), ``tl.dot`` accumulates in float32; optional split-K
-  (float16 atomic adds into a zeroed output).
+  weights as :func:`packing.dequantize`), one K=16 product per plane (or, CAT, the planes joined
+  back into k order for one K=C product), ``tl.dot`` accumulates in float32; optional split-K
+  (float16 atomic adds into a zeroed output) and SWAP (``y^T = W x^T``).
 * :func:`_quant_rows_kernel` (W8A8): per-token dynamic int8 activations, optionally fused with
   RMSNorm: ``h = x * rsqrt(mean(x^2) + eps) * gamma``; ``s_m = max_k |h| / 127``,
   ``q = rint(h * (127 / max_k |h|))`` (round half to even), int8.
