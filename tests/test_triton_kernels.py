@@ -116,6 +116,19 @@ def test_wq_gemv_groups(group):
         assert rel_err(y.numpy(), _ref_linear(x, codes, s, z, 4, group)) < FLOAT_TOL
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_wq_gemv_half2(symmetric):
+    """The float16-pair GEMV (interpreter twin of its PTX): float16 products, 4-term float16
+    partial sums, so a looser but still stated tolerance; groups of whole chunks; M = 2."""
+    rng = np.random.default_rng(21 + symmetric)
+    n, k = 24, 384
+    codes, s, z, (qw, st, zt) = packed(rng, n, k, 4, 128, symmetric)
+    x = rng.standard_normal((2, k)).astype(np.float16)
+    for cfg in (ops._gemv(8, 1, 1, 4, h2=True), ops._gemv(4, 1, 2, 4, pf=False, h2=True)):
+        y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, 128, config=cfg)
+        assert rel_err(y.numpy(), _ref_linear(x, codes, s, z, 4, 128)) < FLOAT_TOL
+
+
 def test_wq_linear_default_configs_3d_input():
     """The dispatch without an explicit config (M=1 GEMV, small M, large M) and a [B, T, K] input."""
     rng = np.random.default_rng(3)

@@ -66,11 +66,90 @@ def _plane_base(j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _pack_h2(lo, hi, ASM: tl.constexpr):
+    """Two float16 tensors -> int32 tensor of float16 pairs (lo in bits 0..15)."""
+    if ASM:
+        return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [lo, hi],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return ((hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+                | (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF))
+
+
+@triton.jit
+def _dot8_h2(words, xp0, xp1, xp2, xp3, zz0, zz1, ASM: tl.constexpr):
+    """``sum_j (u_j - z) / 16 * x_j`` over the 8 codes of each 4-bit word, in float16 pairs
+    (Marlin-style): ``(w & 0x000F000F) | 0x64006400`` is the pair 1024 + u for bit fields 0 and
+    4, ``(w & 0x00F000F0) | 0x64006400`` is 1024 + 16 u for fields 1 and 5 (then 2, 6 and 3, 7
+    from ``w >> 8``); one FMA each makes them ``(u - z) / 16`` exactly (``zz0`` = pair of
+    64 + z/16, ``zz1`` = pair of 4 + z/16); ``xp_j`` = pair (x_j, x_{j+4}). Four float16
+    products accumulate per half (|sum| <= 4 max|x|: no overflow below |x| = 16384); the two
+    halves are added in float32."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 h, a, w8, c0, c1, c2;
+            .reg .f16 lo, hi;
+            .reg .f32 flo, fhi;
+            mov.b32 c0, 0x2C002C00;
+            mov.b32 c1, 0x1C001C00;
+            lop3.b32 h, $1, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 h, h, c0, $6;
+            mul.rn.f16x2 a, h, $2;
+            lop3.b32 h, $1, 0x00F000F0, 0x64006400, 0xEA;
+            fma.rn.f16x2 h, h, c1, $7;
+            fma.rn.f16x2 a, h, $3, a;
+            shr.u32 w8, $1, 8;
+            lop3.b32 h, w8, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 h, h, c0, $6;
+            fma.rn.f16x2 a, h, $4, a;
+            lop3.b32 h, w8, 0x00F000F0, 0x64006400, 0xEA;
+            fma.rn.f16x2 h, h, c1, $7;
+            fma.rn.f16x2 a, h, $5, a;
+            mov.b32 {lo, hi}, a;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $0, flo, fhi;
+            }""",
+            "=f,r,r,r,r,r,r,r", [words, xp0, xp1, xp2, xp3, zz0, zz1],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:  # the same float16 arithmetic for the interpreter (the CI tests)
+        lo = tl.zeros(words.shape, dtype=tl.float16)
+        hi = tl.zeros(words.shape, dtype=tl.float16)
+        for q in tl.static_range(4):
+            if q == 0:
+                xp = xp0
+            elif q == 1:
+                xp = xp1
+            elif q == 2:
+                xp = xp2
+            else:
+                xp = xp3
+            xl = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            xh = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            zoff = (zz0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) + 64.0
+            dl = ((words >> (4 * q)) & 15).to(tl.float32) * 0.0625 + zoff    # (u - z) / 16
+            dh = ((words >> (16 + 4 * q)) & 15).to(tl.float32) * 0.0625 + zoff
+            lo = (dl * xl + lo.to(tl.float32)).to(tl.float16)
+            hi = (dh * xh + hi.to(tl.float32)).to(tl.float16)
+        return lo.to(tl.float32) + hi.to(tl.float32)
+
+
+@triton.jit
+def _load_x16(x_row, kk, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(x_row + kk)
+    else:
+        return tl.load(x_row + kk, mask=kk < K, other=0.0)
+
+
+@triton.jit
 def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                     M, N, K, KW, G, stride_xm, stride_ym, magic0,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
-                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
+                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+                    HALF2: tl.constexpr = False, ASM: tl.constexpr = False):
     # One program: BLOCK_N rows x (its share of) K, CHUNKS chunks of 16 words a step; the word
     # tile is [BLOCK_N, CHUNKS, 16] (rows of 64 * CHUNKS contiguous bytes, 16-byte loads).
     # Plane j of a chunk meets the 16 consecutive activations c*C + 16 j + (0..15): a thread's
@@ -111,7 +190,32 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
         words_hi = words >> 16
         c = st * CHUNKS + offs_c                               # chunk indices [CHUNKS]
         kb = c[:, None] * C + offs_i[None, :]                  # k of plane 0 [CHUNKS, 16]
-        for j in tl.static_range(E):
+        if HALF2:  # 4-bit, a group of whole chunks: float16 pairs (:func:`_dot8_h2`)
+            xs0 = _load_x16(x_row, kb, K, EVEN_K)
+            xs1 = _load_x16(x_row, kb + 16, K, EVEN_K)
+            xs2 = _load_x16(x_row, kb + 32, K, EVEN_K)
+            xs3 = _load_x16(x_row, kb + 48, K, EVEN_K)
+            xs4 = _load_x16(x_row, kb + 64, K, EVEN_K)
+            xs5 = _load_x16(x_row, kb + 80, K, EVEN_K)
+            xs6 = _load_x16(x_row, kb + 96, K, EVEN_K)
+            xs7 = _load_x16(x_row, kb + 112, K, EVEN_K)
+            xp0 = _pack_h2(xs0, xs4, ASM)[None, :, :]
+            xp1 = _pack_h2(xs1, xs5, ASM)[None, :, :]
+            xp2 = _pack_h2(xs2, xs6, ASM)[None, :, :]
+            xp3 = _pack_h2(xs3, xs7, ASM)[None, :, :]
+            g = (c * C) // GROUP
+            s16 = tl.load(s_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None] * 16.0
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
+            else:
+                z = tl.full([BLOCK_N, CHUNKS, 1], 8.0, tl.float32)
+            z16 = z * 0.0625
+            zz0 = (-(z16 + 64.0)).to(tl.float16)
+            zz1 = (-(z16 + 4.0)).to(tl.float16)
+            r = _dot8_h2(words, xp0, xp1, xp2, xp3, _pack_h2(zz0, zz0, ASM),
+                         _pack_h2(zz1, zz1, ASM), ASM)
+            acc += r * s16
+        for j in tl.static_range(E if not HALF2 else 0):
             if j % PG == 0:
                 g = (c * C + j * 16) // GROUP
                 s = tl.load(s_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
