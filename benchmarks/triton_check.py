@@ -32,7 +32,8 @@ def main() -> int:
     fails = 0
     cases = [(4, 128, True, 512, 1024), (4, 32, False, 384, 1000), (8, 64, False, 320, 512)]
     cfgs = [ops._gemv(8, 1, 1, 4), ops._gemv(4, 8, 1, 4, pf=False), ops._gemv(16, 4, 2, 4),
-            ops._gemv(32, 2, 4, 8), ops._gemv(16, 4, 1, 2), ops._mm(16, 64, 1, 4, 3),
+            ops._gemv(32, 2, 4, 8), ops._gemv(16, 4, 1, 2), ops._gemv(8, 8, 1, 2, h2=True),
+            ops._gemv(32, 4, 4, 4, h2=True), ops._mm(16, 64, 1, 4, 3),
             ops._mm(16, 64, 2, 4, 3),
             ops._mm(16, 64, 1, 4, 3, swap=True), ops._mm(64, 128, 1, 4, 4),
             ops._mm(128, 128, 1, 8, 3, swap=True), ops._mm(16, 128, 2, 4, 3, cat=True),
@@ -52,7 +53,8 @@ def main() -> int:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             ref = x.float() @ wref.t() + bias.float()
             for cfg in cfgs:
-                if cfg["kind"] == "gemv" and (m > 16 or not ops._fits(cfg, qw.shape[1])):
+                if cfg["kind"] == "gemv" and (m > 16 or not ops._fits(cfg, qw.shape[1], bits,
+                                                                        group)):
                     continue
                 try:
                     y = ops.wq_linear(x, qw, s, z, bits, group, bias=bias, config=cfg)

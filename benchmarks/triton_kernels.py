@@ -240,7 +240,7 @@ def bench_wq(n, k, ms, bits, copy_bw, gl_make, rows, checks, peers=True):
             [lambda q_=q_, s_=s_: ops.wq_linear(x, q_, s_, None, bits, GROUP)
              for q_, s_ in zip(qws, ss)])
         key = "|".join([torch.cuda.get_device_name(0), "wq", str(ops.m_bucket(m)), str(n), str(k),
-                        str(bits), str(GROUP), "False"])
+                        str(bits), str(GROUP), "False", f"v{ops.TUNE_VERSION}"])
         res["ours_cfg"] = ops.TUNER._load().get(key, {})
         if ti4 and ti4[0] is not None:
             try:
