@@ -30,7 +30,8 @@ def main() -> int:
     torch.manual_seed(0)
     dev = "cuda"
     fails = 0
-    cases = [(4, 128, True, 512, 1024), (4, 32, False, 384, 1000), (8, 64, False, 320, 512)]
+    cases = [(4, 128, True, 512, 1024), (4, 128, False, 256, 1024), (4, 32, False, 384, 1000),
+             (8, 64, False, 320, 512)]
     cfgs = [ops._gemv(8, 1, 1, 4), ops._gemv(4, 8, 1, 4, pf=False), ops._gemv(16, 4, 2, 4),
             ops._gemv(32, 2, 4, 8), ops._gemv(16, 4, 1, 2), ops._gemv(8, 8, 1, 2, h2=True),
             ops._gemv(32, 4, 4, 4, h2=True), ops._mm(16, 64, 1, 4, 3),
