@@ -181,7 +181,8 @@ def run_model(name: str, cfg: dict, steps: int, do_compile: bool) -> dict:
 
 def markdown(rows, env) -> str:
     out = ["## Triton target: end to end", "",
-           f"Machine: {env}. Command: `python benchmarks/triton_e2e.py --compile`. Random "
+           f"Machine: {env}. Command: `python benchmarks/triton_e2e.py "
+           f"{' '.join(sys.argv[1:])}`. Random "
            "weights (see the script's docstring); batch 1; decode tokens/s over 128 greedy "
            "steps after a 16-token prompt; prefill = one 512-token prompt (eager, median of 4). "
            "The float16 model holds the dequantized W4A16 weights: same function.", "",

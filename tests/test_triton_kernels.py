@@ -44,10 +44,26 @@ def test_pack_roundtrip_exact(bits):
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 1 << bits, (5, 40), dtype=np.uint8)
     words = packing.pack(codes, bits, 16, pad_code=3)
-    assert words.dtype == np.int32 and words.shape == (5, 48 * bits // 32)
+    kp = packing.padded_k(40, 16, bits)
+    assert kp == 16 * 32 // bits  # one chunk of 16 words
+    assert words.dtype == np.int32 and words.shape == (5, kp * bits // 32)
     out = packing.unpack(words, bits)
     np.testing.assert_array_equal(out[:, :40], codes)
     assert (out[:, 40:] == 3).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_layout_chunked_planes(bits):
+    """Bit field j of word i of chunk c holds the code of k = c*C + 16 j + i (C = 16 * 32/bits)."""
+    rng = np.random.default_rng(1)
+    e, c = 32 // bits, 16 * 32 // bits
+    codes = rng.integers(0, 1 << bits, (3, 2 * c), dtype=np.uint8)
+    words = packing.pack(codes, bits, 16, pad_code=0).view(np.uint32)
+    for n in range(3):
+        for w in range(words.shape[1]):
+            for j in range(e):
+                k = (w // 16) * c + 16 * j + w % 16
+                assert (int(words[n, w]) >> (j * bits)) & ((1 << bits) - 1) == codes[n, k]
 
 
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
@@ -55,7 +71,7 @@ def test_dequant_kernel_exact(bits, symmetric):
     rng = np.random.default_rng(bits + symmetric)
     n, k, group = 24, 72, 32  # K not a multiple of the group: padded
     codes, s, z, (qw, st, zt) = packed(rng, n, k, bits, group, symmetric)
-    w = ops.dequantize(qw, st, zt, bits, group, k, block_n=16, block_k=32).numpy()
+    w = ops.dequantize(qw, st, zt, bits, group, k, block_n=16).numpy()
     ref = packing.dequantize(codes, s, z, bits, group)
     np.testing.assert_array_equal(w.view(np.uint16), ref.view(np.uint16))
 
@@ -67,7 +83,8 @@ def _ref_linear(x, codes, s, z, bits, group, bias=None):
 
 
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
-@pytest.mark.parametrize("kind", ["gemv", "gemv-split", "mm", "mm-split"])
+@pytest.mark.parametrize("kind", ["gemv", "gemv-split", "mm", "mm-split", "mm-swap",
+                                  "mm-cat", "mm-cat-swap"])
 def test_wq_linear(bits, symmetric, kind):
     rng = np.random.default_rng(7 * bits + symmetric)
     m = 1 if kind.startswith("gemv") else 5
@@ -76,12 +93,40 @@ def test_wq_linear(bits, symmetric, kind):
     x = rng.standard_normal((m, k)).astype(np.float16)
     bias = rng.standard_normal(n).astype(np.float16)
     split = 2 if kind.endswith("split") else 1
-    cfg = (ops._gemv(16, 32, split, 4, 2) if kind.startswith("gemv")
-           else ops._mm(16, 16, 32, split, 4, 2, gm=2))
+    cfg = (ops._gemv(16, 2 // split, split, 4, pf=split == 1) if kind.startswith("gemv")
+           else ops._mm(16, 16, split, 4, 2, gm=2, swap=kind.endswith("swap"),
+                        cat="cat" in kind))
     y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, bits, group,
                       bias=torch.from_numpy(bias), config=cfg)
     assert y.shape == (m, n) and y.dtype == torch.float16
     assert rel_err(y.numpy(), _ref_linear(x, codes, s, z, bits, group, bias)) < FLOAT_TOL
+
+
+@pytest.mark.parametrize("group", [16, 32, 128, 256])
+def test_wq_gemv_groups(group):
+    """Groups shorter than a chunk (a scale per 1 or 2 planes), a chunk, and longer; K a
+    multiple of the chunk (no activation masking) and M = 2 rows."""
+    rng = np.random.default_rng(group)
+    n, k = 24, 256
+    codes, s, z, (qw, st, zt) = packed(rng, n, k, 4, group, False)
+    x = rng.standard_normal((2, k)).astype(np.float16)
+    for cfg in (ops._gemv(8, 2, 1, 4, pf=False), ops._gemv(4, 1, 2, 4),
+                ops._mm(16, 16, 1, 4, 2), ops._mm(16, 16, 1, 4, 2, cat=True)):
+        y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, group, config=cfg)
+        assert rel_err(y.numpy(), _ref_linear(x, codes, s, z, 4, group)) < FLOAT_TOL
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_wq_gemv_half2(symmetric):
+    """The float16-pair GEMV (interpreter twin of its PTX): float16 products, 4-term float16
+    partial sums, so a looser but still stated tolerance; groups of whole chunks; M = 2."""
+    rng = np.random.default_rng(21 + symmetric)
+    n, k = 24, 384
+    codes, s, z, (qw, st, zt) = packed(rng, n, k, 4, 128, symmetric)
+    x = rng.standard_normal((2, k)).astype(np.float16)
+    for cfg in (ops._gemv(8, 1, 1, 4, h2=True), ops._gemv(4, 1, 2, 4, pf=False, h2=True)):
+        y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, 128, config=cfg)
+        assert rel_err(y.numpy(), _ref_linear(x, codes, s, z, 4, 128)) < FLOAT_TOL
 
 
 def test_wq_linear_default_configs_3d_input():

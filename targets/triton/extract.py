@@ -123,7 +123,8 @@ def pack_record(rec: dict[str, Any], name: str, tensors: dict[str, np.ndarray]) 
         zeros = rec["zeros"]
         pad = (1 << (bits - 1)) if zeros is None else zeros[:, -1]
         tensors[name + ".qweight"] = packing.pack(rec["codes"], bits, group, pad)
-        tensors[name + ".scales"] = np.ascontiguousarray(rec["scales"])
+        scales, zeros = packing.pad_groups(rec["scales"], zeros, k, bits, group)
+        tensors[name + ".scales"] = np.ascontiguousarray(scales)
         if zeros is not None:
             tensors[name + ".zeros"] = np.ascontiguousarray(zeros)
         return {"kind": "wq", "bits": bits, "group": group, "out": n, "in": k,

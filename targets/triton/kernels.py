@@ -1,18 +1,21 @@
 """Triton kernels of the ``triton`` target: low-bit linear layers for LLM inference.
 
 All weight-only kernels read the one packed layout of :mod:`packing` (``qweight`` int32
-``[N, Kp/E]``, K contiguous; float16 ``scales`` and, when asymmetric, uint8 ``zeros`` per
-``[N, group]``) and compute ``y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])`` with
+``[N, Kp/E]`` in chunks of 16 words per row, bit field ``j`` of word ``i`` of a chunk = k
+``16 j + i`` of that chunk: the chunk's *planes*; float16 ``scales`` and, when asymmetric, uint8
+``zeros`` per ``[N, group]``) and compute ``y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])`` with
 ``W[n, k] = (u[n, k] - z[n, g(k)]) * s[n, g(k)]``, ``g(k) = k // group``.
 
 * :func:`_wq_gemv_kernel` (decode, M = 1 .. a few): CUDA-core FMAs in float32,
-  ``y += s * sum_k (u - z) * x`` per group (codes to floats by the 2**23 bit trick);
-  one program per (row of x, block of N, K split); the rows of x are the fastest grid axis, so
-  the programs that read the same weights run together and the later ones hit L2.
+  ``y += s * sum_k (u - z) * x`` per group; a code becomes a float by one AND-OR
+  (:func:`_plane_f32`), a plane of a thread's words meets consecutive activations; one program
+  per (row of x, block of N, K split); the rows of x are the fastest grid axis, so the programs
+  that read the same weights run together and the later ones hit L2.
 * :func:`_wq_matmul_kernel` (M > 1): tensor-core tiles; the weight tile is dequantized to
   float16 inside the main loop (``(u - z)`` exact, one rounding for ``* s``: the same float16
-  weights as :func:`packing.dequantize`), ``tl.dot`` accumulates in float32; optional split-K
-  (float16 atomic adds into a zeroed output).
+  weights as :func:`packing.dequantize`), one K=16 product per plane (or, CAT, the planes joined
+  back into k order for one K=C product), ``tl.dot`` accumulates in float32; optional split-K
+  (float16 atomic adds into a zeroed output) and SWAP (``y^T = W x^T``).
 * :func:`_quant_rows_kernel` (W8A8): per-token dynamic int8 activations, optionally fused with
   RMSNorm: ``h = x * rsqrt(mean(x^2) + eps) * gamma``; ``s_m = max_k |h| / 127``,
   ``q = rint(h * (127 / max_k |h|))`` (round half to even), int8.
@@ -36,53 +39,205 @@ def _rint(v):
 
 
 @triton.jit
+def _plane_f32(words, words_hi, j: tl.constexpr, BITS: tl.constexpr, magic0):
+    """float32 ``2**(23 - p) + u`` of bit field ``j`` of ``words``, by one AND-OR (no shift, no
+    int->float conversion): the field is masked in place (bits p .. p+BITS-1) and the exponent
+    150 - p is OR-ed above it, so its unit is 1. Fields that would touch bit 23 (the exponent's
+    lowest bit) come from ``words_hi = words >> 16`` instead (p - 16)."""
+    P0: tl.constexpr = j * BITS
+    HI: tl.constexpr = P0 + BITS > 23
+    P: tl.constexpr = P0 - 16 if HI else P0
+    FIELD: tl.constexpr = ((1 << BITS) - 1) << P
+    if HI:
+        v = words_hi & FIELD
+    else:
+        v = words & FIELD
+    # magic0 = 150 << 23 arrives as a run-time argument: the exponents stay in registers
+    # (loop invariants) and the field masks become the instruction's immediates.
+    return (v | (magic0 - (P << 23))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _plane_base(j: tl.constexpr, BITS: tl.constexpr):
+    """The ``2**(23 - p)`` that :func:`_plane_f32` adds to bit field ``j``."""
+    P0: tl.constexpr = j * BITS
+    P: tl.constexpr = P0 - 16 if P0 + BITS > 23 else P0
+    return (1 << (23 - P)) * 1.0
+
+
+@triton.jit
+def _pack_h2(lo, hi, ASM: tl.constexpr):
+    """Two float16 tensors -> int32 tensor of float16 pairs (lo in bits 0..15)."""
+    if ASM:
+        return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [lo, hi],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return ((hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+                | (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF))
+
+
+@triton.jit
+def _dot8_h2(words, xp0, xp1, xp2, xp3, zz0, zz1, ASM: tl.constexpr):
+    """``sum_j (u_j - z) / 16 * x_j`` over the 8 codes of each 4-bit word, in float16 pairs
+    (Marlin-style): ``(w & 0x000F000F) | 0x64006400`` is the pair 1024 + u for bit fields 0 and
+    4, ``(w & 0x00F000F0) | 0x64006400`` is 1024 + 16 u for fields 1 and 5 (then 2, 6 and 3, 7
+    from ``w >> 8``); one FMA each makes them ``(u - z) / 16`` exactly (``zz0`` = pair of
+    64 + z/16, ``zz1`` = pair of 4 + z/16); ``xp_j`` = pair (x_j, x_{j+4}). Four float16
+    products accumulate per half (|sum| <= 4 max|x|: no overflow below |x| = 16384); the two
+    halves are added in float32."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 h, a, w8, c0, c1, c2;
+            .reg .f16 lo, hi;
+            .reg .f32 flo, fhi;
+            mov.b32 c0, 0x2C002C00;
+            mov.b32 c1, 0x1C001C00;
+            lop3.b32 h, $1, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 h, h, c0, $6;
+            mul.rn.f16x2 a, h, $2;
+            lop3.b32 h, $1, 0x00F000F0, 0x64006400, 0xEA;
+            fma.rn.f16x2 h, h, c1, $7;
+            fma.rn.f16x2 a, h, $3, a;
+            shr.u32 w8, $1, 8;
+            lop3.b32 h, w8, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 h, h, c0, $6;
+            fma.rn.f16x2 a, h, $4, a;
+            lop3.b32 h, w8, 0x00F000F0, 0x64006400, 0xEA;
+            fma.rn.f16x2 h, h, c1, $7;
+            fma.rn.f16x2 a, h, $5, a;
+            mov.b32 {lo, hi}, a;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $0, flo, fhi;
+            }""",
+            "=f,r,r,r,r,r,r,r", [words, xp0, xp1, xp2, xp3, zz0, zz1],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:  # the same float16 arithmetic for the interpreter (the CI tests)
+        lo = tl.zeros(words.shape, dtype=tl.float16)
+        hi = tl.zeros(words.shape, dtype=tl.float16)
+        for q in tl.static_range(4):
+            if q == 0:
+                xp = xp0
+            elif q == 1:
+                xp = xp1
+            elif q == 2:
+                xp = xp2
+            else:
+                xp = xp3
+            xl = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            xh = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            zoff = (zz0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) + 64.0
+            dl = ((words >> (4 * q)) & 15).to(tl.float32) * 0.0625 + zoff    # (u - z) / 16
+            dh = ((words >> (16 + 4 * q)) & 15).to(tl.float32) * 0.0625 + zoff
+            lo = (dl * xl + lo.to(tl.float32)).to(tl.float16)
+            hi = (dh * xh + hi.to(tl.float32)).to(tl.float16)
+        return lo.to(tl.float32) + hi.to(tl.float32)
+
+
+@triton.jit
+def _load_x16(x_row, kk, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(x_row + kk)
+    else:
+        return tl.load(x_row + kk, mask=kk < K, other=0.0)
+
+
+@triton.jit
 def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-                    M, N, K, KW, G, stride_xm, stride_ym,
+                    M, N, K, KW, G, stride_xm, stride_ym, magic0,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SPLIT_K: tl.constexpr):
-    # Codes become floats without an int->float conversion: OR-ing a code u < 2**23 into the
-    # bits of 2**23 (0x4B000000) gives the float32 2**23 + u; subtracting 2**23 + z is exact.
-    # The word tile stays [BLOCK_N, BLOCK_K / E] (16-byte loads); nibble j of every word meets
-    # x[k0 + w*E + j]; the per-group scale multiplies the group's partial sums once.
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+                    HALF2: tl.constexpr = False, ASM: tl.constexpr = False):
+    # One program: BLOCK_N rows x (its share of) K, CHUNKS chunks of 16 words a step; the word
+    # tile is [BLOCK_N, CHUNKS, 16] (rows of 64 * CHUNKS contiguous bytes, 16-byte loads).
+    # Plane j of a chunk meets the 16 consecutive activations c*C + 16 j + (0..15): a thread's
+    # 4 words meet 4 consecutive x (one 8-byte load), shared by all the rows it holds.
+    # A code costs one AND-OR (to the float 2**(23-p) + u, :func:`_plane_f32`), one FADD (minus
+    # 2**(23-p) + z: exact) and one FFMA; the scale multiplies each group's partial sums once
+    # (a group is some planes of a chunk or whole chunks). PREFETCH loads the next step's words
+    # before this step's arithmetic (two steps of loads in flight). No atomics unless
+    # SPLIT_K > 1.
     E: tl.constexpr = 32 // BITS
-    BW: tl.constexpr = BLOCK_K // E
-    MASK: tl.constexpr = (1 << BITS) - 1
-    MAGIC: tl.constexpr = 0x4B000000
+    C: tl.constexpr = 16 * E
+    PG: tl.constexpr = GROUP // 16 if GROUP // 16 < E else E  # planes per scale
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     rn = tl.where(nmask, offs_n, 0)
-    offs_w = tl.arange(0, BW)
-    blocks = (KW * E) // BLOCK_K
-    per_split = tl.cdiv(blocks, SPLIT_K)
-    b0 = pid_k * per_split
-    b1 = tl.minimum(b0 + per_split, blocks)
-    acc2 = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+    offs_c = tl.arange(0, CHUNKS)
+    offs_i = tl.arange(0, 16)
+    steps = KW // (16 * CHUNKS)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    st0 = pid_k * per_split
+    st1 = tl.minimum(st0 + per_split, steps)
+    acc = tl.zeros([BLOCK_N, CHUNKS, 16], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
-    for b in range(b0, b1):
-        k0 = b * BLOCK_K
-        words = tl.load(qw_ptr + rn[:, None] * KW + (k0 // E + offs_w)[None, :])
-        g = k0 // GROUP
-        s = tl.load(s_ptr + rn * G + g).to(tl.float32)
-        if HAS_ZERO:
-            zoff = (tl.load(z_ptr + rn * G + g).to(tl.float32) + 8388608.0)[:, None]
+    w_tile = qw_ptr + rn[:, None, None] * KW + (offs_c[:, None] * 16 + offs_i[None, :])[None, :, :]
+    if PREFETCH:  # (the last step re-reads its own words instead of reading past the part)
+        nxt = tl.load(w_tile + tl.minimum(st0, steps - 1) * (16 * CHUNKS),
+                      eviction_policy="evict_first")
+    for st in range(st0, st1):
+        if PREFETCH:
+            words = nxt
+            nxt = tl.load(w_tile + tl.minimum(st + 1, st1 - 1) * (16 * CHUNKS),
+                          eviction_policy="evict_first")
         else:
-            zoff = 8388608.0 + (1 << (BITS - 1))
-        part = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
-        for j in tl.static_range(E):
-            kk = k0 + offs_w * E + j
-            xj = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-            f = (((words >> (j * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)
-            part += (f - zoff) * xj[None, :]
-        acc2 += part * s[:, None]
-    acc = tl.sum(acc2, axis=1)
+            words = tl.load(w_tile + st * (16 * CHUNKS), eviction_policy="evict_first")
+        words_hi = words >> 16
+        c = st * CHUNKS + offs_c                               # chunk indices [CHUNKS]
+        kb = c[:, None] * C + offs_i[None, :]                  # k of plane 0 [CHUNKS, 16]
+        if HALF2:  # 4-bit, a group of whole chunks: float16 pairs (:func:`_dot8_h2`)
+            xs0 = _load_x16(x_row, kb, K, EVEN_K)
+            xs1 = _load_x16(x_row, kb + 16, K, EVEN_K)
+            xs2 = _load_x16(x_row, kb + 32, K, EVEN_K)
+            xs3 = _load_x16(x_row, kb + 48, K, EVEN_K)
+            xs4 = _load_x16(x_row, kb + 64, K, EVEN_K)
+            xs5 = _load_x16(x_row, kb + 80, K, EVEN_K)
+            xs6 = _load_x16(x_row, kb + 96, K, EVEN_K)
+            xs7 = _load_x16(x_row, kb + 112, K, EVEN_K)
+            xp0 = _pack_h2(xs0, xs4, ASM)[None, :, :]
+            xp1 = _pack_h2(xs1, xs5, ASM)[None, :, :]
+            xp2 = _pack_h2(xs2, xs6, ASM)[None, :, :]
+            xp3 = _pack_h2(xs3, xs7, ASM)[None, :, :]
+            g = (c * C) // GROUP
+            s16 = tl.load(s_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None] * 16.0
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
+            else:
+                z = tl.full([BLOCK_N, CHUNKS, 1], 8.0, tl.float32)
+            z16 = z * 0.0625
+            zz0 = (-(z16 + 64.0)).to(tl.float16)
+            zz1 = (-(z16 + 4.0)).to(tl.float16)
+            r = _dot8_h2(words, xp0, xp1, xp2, xp3, _pack_h2(zz0, zz0, ASM),
+                         _pack_h2(zz1, zz1, ASM), ASM)
+            acc += r * s16
+        for j in tl.static_range(E if not HALF2 else 0):
+            if j % PG == 0:
+                g = (c * C + j * 16) // GROUP
+                s = tl.load(s_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
+                else:
+                    z = (1 << (BITS - 1)) * 1.0
+                part = tl.zeros([BLOCK_N, CHUNKS, 16], dtype=tl.float32)
+            kk = kb + j * 16
+            if EVEN_K:
+                xj = tl.load(x_row + kk).to(tl.float32)
+            else:
+                xj = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+            f = _plane_f32(words, words_hi, j, BITS, magic0)
+            part += (f - (z + _plane_base(j, BITS))) * xj[None, :, :]
+            if j % PG == PG - 1:
+                acc += part * s
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         if pid_k == 0:
-            acc += tl.load(bias_ptr + rn).to(tl.float32)
-    out = acc.to(y_ptr.dtype.element_ty)
+            out += tl.load(bias_ptr + rn).to(tl.float32)
+    out = out.to(y_ptr.dtype.element_ty)
     if SPLIT_K == 1:
         tl.store(y_ptr + pid_m * stride_ym + offs_n, out, mask=nmask)
     else:
@@ -90,36 +245,51 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
 
 
 @triton.jit
-def _unpack(words, BITS: tl.constexpr):
-    """int32 words [R, W] -> codes [R, W * 32/BITS] in natural order (code j of word w at
-    column w*E + j): nibble planes interleaved pairwise, so no word is loaded twice."""
+def _plane_half(words, j: tl.constexpr, z_ptrs, BITS: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """float16 ``u - z`` of bit field ``j`` of ``words [R, 16]`` (exact) without an int->float
+    conversion: the bits 0x6400 | u are the float16 1024 + u (u < 1024), and
+    (1024 + u) - (1024 + z) is exact."""
     MASK: tl.constexpr = (1 << BITS) - 1
-    a0 = words & MASK
-    a1 = (words >> BITS) & MASK
-    a2 = (words >> (2 * BITS)) & MASK
-    a3 = (words >> (3 * BITS)) & MASK
-    if BITS == 4:
-        a4 = (words >> 16) & MASK
-        a5 = (words >> 20) & MASK
-        a6 = (words >> 24) & MASK
-        a7 = (words >> 28) & MASK
-        out = tl.interleave(tl.interleave(tl.interleave(a0, a4), tl.interleave(a2, a6)),
-                            tl.interleave(tl.interleave(a1, a5), tl.interleave(a3, a7)))
-    else:
-        out = tl.interleave(tl.interleave(a0, a2), tl.interleave(a1, a3))
-    return out
-
-
-@triton.jit
-def _codes_to_half(u, z_ptrs, HAS_ZERO: tl.constexpr, HALF: tl.constexpr):
-    """float16 ``u - z`` (exact) without an int->float conversion: the bits 0x6400 | u are the
-    float16 1024 + u (u < 1024), and (1024 + u) - (1024 + z) is exact."""
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    u = (words >> (j * BITS)) & MASK
     h = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
     if HAS_ZERO:
         z = tl.load(z_ptrs).to(tl.float16)
         return h - (z + 1024.0)[:, None]
     else:
         return h - (1024.0 + HALF)
+
+
+@triton.jit
+def _scaled_plane(words, j: tl.constexpr, st, s_ptr, z_ptr, rn, G, BITS: tl.constexpr,
+                  GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """float16 weights of plane ``j`` of chunk ``st`` (``[R, 16]``): ``(u - z) * s``."""
+    g = (st * (16 * (32 // BITS)) + j * 16) // GROUP
+    s = tl.load(s_ptr + rn * G + g)
+    return _plane_half(words, j, z_ptr + rn * G + g, BITS, HAS_ZERO) * s[:, None]
+
+
+@triton.jit
+def _chunk_half(words, st, s_ptr, z_ptr, rn, G, BITS: tl.constexpr, GROUP: tl.constexpr,
+                HAS_ZERO: tl.constexpr):
+    """float16 weights of chunk ``st`` in natural k order, ``[R, C]``: the planes side by side
+    (column 16 j + i = plane j, word i), by joins and one permutation."""
+    p0 = _scaled_plane(words, 0, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+    p1 = _scaled_plane(words, 1, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+    p2 = _scaled_plane(words, 2, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+    p3 = _scaled_plane(words, 3, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+    t = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [R, 16, 2 (j bit 0), 2 (j bit 1)]
+    if BITS == 4:
+        p4 = _scaled_plane(words, 4, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+        p5 = _scaled_plane(words, 5, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+        p6 = _scaled_plane(words, 6, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+        p7 = _scaled_plane(words, 7, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+        t = tl.join(t, tl.join(tl.join(p4, p5), tl.join(p6, p7)))  # [R, 16, 2, 2, 2]
+        t = tl.permute(t, (0, 4, 3, 2, 1))
+        return tl.reshape(t, (t.shape[0], 128))
+    else:
+        t = tl.permute(t, (0, 3, 2, 1))
+        return tl.reshape(t, (t.shape[0], 64))
 
 
 @triton.jit
@@ -141,33 +311,63 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                       M, N, K, KW, G, stride_xm, stride_ym,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+                      GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
+                      EVEN_K: tl.constexpr, CAT: tl.constexpr):
+    # One chunk (16 words = C k) a step; plane j of the [BLOCK_N, 16] word tile is the weight
+    # operand of a K=16 tensor-core product with the activations c*C + 16 j + (0..15): no
+    # unpacking shuffle. CAT instead puts the planes side by side (the chunk in natural k order,
+    # :func:`_chunk_half`) for one K=C product a step. SWAP computes y^T = W x^T (the
+    # dequantized weights are the register operand A, the activations the shared-memory
+    # operand B): the small-M form.
     E: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    HALF: tl.constexpr = 1 << (BITS - 1)
+    C: tl.constexpr = 16 * E
+    PG: tl.constexpr = GROUP // 16 if GROUP // 16 < E else E
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.where(offs_m < M, offs_m, 0)
     rn = tl.where(offs_n < N, offs_n, 0)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_w = tl.arange(0, BLOCK_K // E)
-    blocks = (KW * E) // BLOCK_K
-    per_split = tl.cdiv(blocks, SPLIT_K)
-    b0 = pid_k * per_split
-    b1 = tl.minimum(b0 + per_split, blocks)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for b in range(b0, b1):
-        kk = b * BLOCK_K + offs_k
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=kk[None, :] < K,
-                    other=0.0)
-        words = tl.load(qw_ptr + rn[:, None] * KW + (b * (BLOCK_K // E) + offs_w)[None, :])
-        u = _unpack(words, BITS)
-        g = (b * BLOCK_K) // GROUP
-        s = tl.load(s_ptr + rn * G + g)
-        w = _codes_to_half(u, z_ptr + rn * G + g, HAS_ZERO, HALF) * s[:, None]
-        acc = tl.dot(a, tl.trans(w), acc)
+    offs_i = tl.arange(0, 16)
+    steps = KW // 16
+    per_split = tl.cdiv(steps, SPLIT_K)
+    st0 = pid_k * per_split
+    st1 = tl.minimum(st0 + per_split, steps)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    offs_c = tl.arange(0, C)
+    for st in range(st0, st1):
+        words = tl.load(qw_ptr + rn[:, None] * KW + (st * 16 + offs_i)[None, :])
+        if CAT:
+            kc = st * C + offs_c
+            if EVEN_K:
+                a = tl.load(x_rows + kc[None, :])
+            else:
+                a = tl.load(x_rows + kc[None, :], mask=kc[None, :] < K, other=0.0)
+            w = _chunk_half(words, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+        for j in tl.static_range(E if not CAT else 0):
+            kk = st * C + j * 16 + offs_i
+            if EVEN_K:
+                a = tl.load(x_rows + kk[None, :])
+            else:
+                a = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+            if j % PG == 0:
+                g = (st * C + j * 16) // GROUP
+                s = tl.load(s_ptr + rn * G + g)
+            w = _plane_half(words, j, z_ptr + rn * G + g, BITS, HAS_ZERO) * s[:, None]
+            if SWAP:
+                acc = tl.dot(w, tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+    if SWAP:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
@@ -257,23 +457,23 @@ def _w8a8_matmul_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K,
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, G,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """float16 ``W[n, k] = (u - z) * s`` for ``k < K`` (the large-M path: W then cuBLAS).
-    BLOCK_K divides GROUP: one scale per row and tile."""
+                    BLOCK_N: tl.constexpr):
+    """float16 ``W[n, k] = (u - z) * s`` for ``k < K`` (the large-M path: W then cuBLAS); one
+    program per BLOCK_N rows and chunk (16 words)."""
     E: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = 1 << (BITS - 1)
+    C: tl.constexpr = 16 * E
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = tl.where(offs_n < N, offs_n, 0)
-    kb = tl.program_id(1)
-    words = tl.load(qw_ptr + rn[:, None] * KW + (kb * (BLOCK_K // E)
-                                                  + tl.arange(0, BLOCK_K // E))[None, :])
-    u = _unpack(words, BITS)
-    g = (kb * BLOCK_K) // GROUP
-    s = tl.load(s_ptr + rn * G + g)
-    w = _codes_to_half(u, z_ptr + rn * G + g, HAS_ZERO, HALF) * s[:, None]
-    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=mask)
+    st = tl.program_id(1)
+    offs_i = tl.arange(0, 16)
+    words = tl.load(qw_ptr + rn[:, None] * KW + (st * 16 + offs_i)[None, :])
+    for j in tl.static_range(E):
+        g = (st * C + j * 16) // GROUP
+        s = tl.load(s_ptr + rn * G + g)
+        w = _plane_half(words, j, z_ptr + rn * G + g, BITS, HAS_ZERO) * s[:, None]
+        kk = st * C + j * 16 + offs_i
+        mask = (offs_n[:, None] < N) & (kk[None, :] < K)
+        tl.store(w_ptr + offs_n[:, None] * K + kk[None, :], w, mask=mask)
 
 
 @triton.jit

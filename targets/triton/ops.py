@@ -26,42 +26,82 @@ from . import kernels as K
 # candidate configurations
 
 
-def _gemv(bn, bk, sk, nw, ns):
-    return {"kind": "gemv", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw,
-            "num_stages": ns}
+def _gemv(bn, ch, sk, nw, ns=1, pf=True, h2=False):
+    c = {"kind": "gemv", "BLOCK_N": bn, "CHUNKS": ch, "SPLIT_K": sk, "num_warps": nw,
+         "num_stages": ns, "PREFETCH": pf}
+    if h2:
+        c["HALF2"] = True
+    return c
 
 
-def _mm(bm, bn, bk, sk, nw, ns, gm=8):
-    return {"kind": "mm", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk,
-            "GROUP_M": gm, "num_warps": nw, "num_stages": ns}
+def _mm(bm, bn, sk, nw, ns, gm=8, swap=False, cat=False):
+    return {"kind": "mm", "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": sk, "GROUP_M": gm,
+            "SWAP": swap, "CAT": cat, "num_warps": nw, "num_stages": ns}
 
 
-# GEMV: a thread's x loads are shared by the rows it holds, so tall tiles (BLOCK_N 64 .. 256)
-# with split-K for parallelism do fewer loads per weight than short ones.
-GEMV_CONFIGS = [_gemv(bn, bk, sk, nw, ns)
-                for bn in (32, 64, 128, 256) for bk in (64, 128) for sk in (1, 2, 4, 8)
-                for nw, ns in ((4, 3), (8, 3), (4, 5))]
-SMALL_MM_CONFIGS = [_mm(16, bn, bk, sk, nw, ns)
-                    for bn in (64, 128) for bk in (64, 128) for sk in (2, 4, 8)
-                    for nw, ns in ((4, 3), (4, 5))]
-LARGE_MM_CONFIGS = ([_mm(bm, bn, bk, 1, nw, ns)
-                     for bm, bn, bk, nw, ns in ((64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                                (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
-                                                (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                                                (256, 128, 64, 8, 3), (128, 128, 128, 8, 3))]
-                    + [_mm(bm, bn, 64, sk, 4, 4) for bm, bn, sk in ((64, 64, 2), (64, 128, 2))]
+# GEMV (M = 1 .. 16): a program holds BLOCK_N rows x CHUNKS chunks of 16 words a step (each row
+# 64 * CHUNKS contiguous bytes a step), whole rows of K unless SPLIT_K > 1 (then float16 atomic
+# adds into a zeroed output: an extra memset). A thread's activations serve every row it holds
+# (BLOCK_N * CHUNKS * 16 / (32 * num_warps) words a thread: 8 or 16 here); PREFETCH keeps the
+# next step's words in flight during this step's arithmetic.
+GEMV_CONFIGS = [_gemv(bn, ch, sk, nw, pf=pf) for bn, ch, sk, nw, pf in (
+    (16, 4, 1, 2, True), (16, 4, 1, 2, False), (16, 8, 1, 4, True), (16, 8, 1, 4, False),
+    (32, 4, 1, 4, True), (32, 4, 1, 4, False), (32, 8, 1, 8, True), (8, 8, 1, 2, True),
+    (8, 4, 1, 2, True), (16, 4, 1, 4, True), (8, 8, 1, 4, True), (4, 8, 1, 4, True),
+    (32, 4, 2, 4, True), (32, 8, 2, 8, True), (16, 8, 2, 4, True), (16, 4, 2, 2, True),
+    (64, 4, 4, 8, True), (32, 4, 4, 4, True), (16, 4, 4, 2, True),
+    # whole short rows in one or two steps (K = 2048 .. 4096: every load issued at once)
+    (2, 32, 1, 4, True), (4, 16, 1, 4, True), (2, 16, 1, 2, True), (8, 16, 1, 8, True),
+    # small N, long K (down_proj 2048 x 8192): more programs by splitting K
+    (8, 8, 4, 2, True), (8, 8, 2, 2, True), (16, 8, 4, 4, True), (4, 8, 4, 4, True),
+    # rows of an odd number of chunks (K = 576: 5 chunks) take one chunk a step
+    (8, 1, 1, 2, True), (16, 1, 1, 2, True), (32, 1, 1, 2, True), (64, 1, 1, 4, True))] + [
+    # float16-pair arithmetic (4-bit, groups of whole chunks): ~3 instead of ~4 instructions
+    # per weight
+    _gemv(bn, ch, sk, nw, h2=True) for bn, ch, sk, nw in (
+        (32, 8, 1, 8), (16, 4, 1, 4), (4, 16, 1, 4), (32, 4, 4, 4), (16, 4, 1, 2), (32, 4, 1, 4),
+        (8, 8, 1, 2), (32, 8, 2, 8))]
+SMALL_MM_CONFIGS = ([_mm(16, bn, sk, nw, ns, swap=sw)
+                     for bn in (64, 128) for sk in (1, 2, 4) for sw in (False, True)
+                     for nw, ns in ((4, 3),)]
+                    + [_mm(16, bn, 4, 4, 3, swap=sw, cat=True)
+                       for bn, sw in ((64, False), (128, False), (128, True))])
+LARGE_MM_CONFIGS = ([_mm(bm, bn, sk, nw, ns, swap=sw)
+                     for bm, bn, sk, nw, ns, sw in (
+                         (64, 64, 1, 4, 4, False), (64, 128, 1, 4, 4, False),
+                         (128, 64, 1, 4, 4, False), (128, 128, 1, 8, 3, False),
+                         (128, 128, 1, 4, 4, False), (128, 256, 1, 8, 3, False),
+                         (256, 128, 1, 8, 3, False), (64, 64, 2, 4, 4, False),
+                         (64, 128, 2, 4, 4, False), (64, 128, 1, 4, 4, True),
+                         (128, 128, 1, 8, 3, True), (128, 128, 2, 8, 3, True),
+                         (64, 128, 2, 4, 4, True),
+                         # M ~ 128: one row-tile, so N / BLOCK_N * SPLIT_K programs (>= 132)
+                         (128, 64, 4, 4, 4, True), (128, 64, 2, 4, 4, True),
+                         (128, 128, 4, 8, 3, True), (64, 64, 4, 4, 4, False),
+                         (128, 64, 4, 4, 3, False))]
+                    + [_mm(bm, bn, sk, nw, ns, swap=sw, cat=True)
+                       for bm, bn, sk, nw, ns, sw in (
+                           (128, 128, 4, 8, 3, True), (128, 128, 2, 8, 3, False),
+                           (128, 64, 4, 4, 4, True), (128, 256, 1, 8, 3, False),
+                           (64, 128, 2, 4, 4, False))]
                     + [{"kind": "dequant+cublas"}])
 W8A8_CONFIGS = [{"kind": "w8a8", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
                  "num_warps": nw, "num_stages": ns}
                 for bm, bn, bk, nw, ns in ((16, 64, 128, 4, 4), (64, 64, 128, 4, 4),
                                            (64, 128, 128, 4, 4), (128, 128, 128, 8, 3),
                                            (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-                                           (128, 128, 64, 4, 4), (128, 256, 64, 8, 4))]
+                                           (128, 128, 64, 4, 4), (128, 256, 64, 8, 4),
+                                           (128, 256, 128, 8, 4), (256, 128, 128, 8, 4))]
 
-DEFAULT_GEMV = _gemv(16, 64, 1, 4, 3)
-DEFAULT_SMALL_MM = _mm(16, 64, 64, 1, 4, 3)
-DEFAULT_LARGE_MM = _mm(64, 64, 64, 1, 4, 3)
+DEFAULT_GEMV = _gemv(8, 1, 1, 4)
+DEFAULT_SMALL_MM = _mm(16, 64, 1, 4, 3)
+DEFAULT_LARGE_MM = _mm(64, 64, 1, 4, 3)
 DEFAULT_W8A8 = W8A8_CONFIGS[1]
+
+
+# Part of every tuning-table key: entries written for other kernels (other config fields) are
+# never read back. 2: the chunked-plane layout's GEMV / tiled configs (CHUNKS, SWAP, CAT, ...).
+TUNE_VERSION = 2
 
 
 def m_bucket(m: int) -> int:
@@ -80,6 +120,7 @@ class Tuner:
         self._lock = threading.Lock()
         self._table: dict[str, dict] | None = None
         self.enabled = os.environ.get("LBCC_TRITON_TUNE", "1") != "0"
+        self.trials: dict[str, list] = {}  # key -> [(µs, config)] of the last tuning (reports)
 
     def _load(self) -> dict[str, dict]:
         if self._table is None:
@@ -109,20 +150,25 @@ class Tuner:
         """
         if device.type != "cuda" or not self.enabled:
             return default
-        full = "|".join([_device_name(device), *map(str, key)])
+        full = "|".join([_device_name(device), *map(str, key), f"v{TUNE_VERSION}"])
         table = self._load()
         if full in table:
             return table[full]
         if torch.cuda.is_current_stream_capturing():
             return default
+        if default not in candidates:
+            candidates = [*candidates, default]  # (always timed: a finite entry in the table)
         fns_for = make_fns()
         best, best_t = default, float("inf")
+        trials = self.trials.setdefault(full, [])
         for cfg in candidates:
             try:
                 t = graph_time_us(fns_for(cfg))
-            except Exception:  # a config the compiler rejects (shared memory, registers)
+            except Exception as e:  # a config the compiler rejects (shared memory, registers)
                 torch.cuda.synchronize()
+                trials.append((None, cfg, f"{type(e).__name__}: {str(e)[:120]}"))
                 continue
+            trials.append((round(t, 2), cfg))
             if t < best_t:
                 best, best_t = cfg, t
         with self._lock:
@@ -185,6 +231,7 @@ def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, y, bits, group):
     has_zero, has_bias = zeros is not None, bias is not None
     zp = zeros if has_zero else scales
     bp = bias if has_bias else scales
+    even_k = k == kw * (32 // bits)
     kind = cfg["kind"]
     if kind == "dequant+cublas":
         w = dequantize(qw, scales, zeros, bits, group, k)
@@ -194,30 +241,38 @@ def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, y, bits, group):
     if kind == "gemv":
         grid = (m, triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         K._wq_gemv_kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0),
-                                y.stride(0), BITS=bits, GROUP=group, HAS_ZERO=has_zero,
+                                y.stride(0), 150 << 23, BITS=bits, GROUP=group, HAS_ZERO=has_zero,
                                 HAS_BIAS=has_bias, BLOCK_N=cfg["BLOCK_N"],
-                                BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
-                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                CHUNKS=cfg["CHUNKS"], SPLIT_K=cfg["SPLIT_K"], EVEN_K=even_k,
+                                PREFETCH=cfg.get("PREFETCH", False),
+                                HALF2=cfg.get("HALF2", False), ASM=not _INTERPRET,
+                                num_warps=cfg["num_warps"],
+                                num_stages=cfg["num_stages"])
     else:
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         K._wq_matmul_kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0),
                                   y.stride(0), BITS=bits, GROUP=group, HAS_ZERO=has_zero,
                                   HAS_BIAS=has_bias, BLOCK_M=cfg["BLOCK_M"],
-                                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                  GROUP_M=cfg["GROUP_M"], SPLIT_K=cfg["SPLIT_K"],
-                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                  BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
+                                  SPLIT_K=cfg["SPLIT_K"], SWAP=cfg.get("SWAP", False),
+                                  CAT=cfg.get("CAT", False), EVEN_K=even_k,
+                                  num_warps=cfg["num_warps"],
+                                  num_stages=cfg["num_stages"])
     return y
 
 
-def _fits(cfg: dict, group: int, bits: int) -> bool:
-    """BLOCK_K divides the group (one scale per row and step); GEMV steps are as long as the
-    group allows, up to 128 (shorter ones were never faster on an H200)."""
-    bk = cfg.get("BLOCK_K")
-    if bk is None:
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX in the interpreter
+
+
+def _fits(cfg: dict, kw: int, bits: int = 4, group: int = 128) -> bool:
+    """A GEMV step (CHUNKS x 16 words) divides the packed row, and the split leaves every part
+    at least one step; HALF2 GEMVs take 4-bit codes in groups of whole chunks."""
+    if cfg["kind"] != "gemv":
         return True
-    if cfg["kind"] == "gemv" and bk != min(128, group):
+    if cfg.get("HALF2") and (bits != 4 or group % 128):
         return False
-    return bk <= group and group % bk == 0 and bk >= 32 // bits
+    step = 16 * cfg["CHUNKS"]
+    return kw % step == 0 and kw // step >= cfg["SPLIT_K"]
 
 
 def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
@@ -228,7 +283,7 @@ def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m, n = x2.shape[0], qw.shape[0]
+    m, n, kw = x2.shape[0], qw.shape[0], qw.shape[1]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n)
@@ -238,9 +293,7 @@ def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
             default = DEFAULT_GEMV if m <= 2 else DEFAULT_SMALL_MM
         else:
             cands, default = LARGE_MM_CONFIGS, DEFAULT_LARGE_MM
-        cands = [c for c in cands if _fits(c, group, bits)]
-        if not _fits(default, group, bits):
-            default = dict(default, BLOCK_K=group)
+        cands = [c for c in cands if _fits(c, kw, bits, group)]
         key = ("wq", m_bucket(m), n, k, bits, group, zeros is not None)
 
         def make_fns():
@@ -257,15 +310,14 @@ def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
 
 
 def dequantize(qw: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-               group: int, k: int, block_n: int = 32, block_k: int = 128) -> torch.Tensor:
+               group: int, k: int, block_n: int = 32) -> torch.Tensor:
     """float16 ``W [N, k]`` from packed weights (bit-identical to ``packing.dequantize``)."""
     n, kw = qw.shape
-    block_k = min(block_k, group)
     w = torch.empty((n, k), dtype=torch.float16, device=qw.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    grid = (triton.cdiv(n, block_n), kw // 16)
     K._dequant_kernel[grid](qw, scales, zeros if zeros is not None else scales, w, n, k, kw,
                             scales.shape[1], BITS=bits, GROUP=group, HAS_ZERO=zeros is not None,
-                            BLOCK_N=block_n, BLOCK_K=block_k)
+                            BLOCK_N=block_n)
     return w
 
 

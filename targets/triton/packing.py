@@ -1,12 +1,19 @@
 """The packed weight layout of the ``triton`` target, in numpy (done once, at compile time).
 
-One layout for every shape and every kernel:
+One layout for every shape and every kernel (format version 2, "chunked planes"):
 
-* ``qweight``: int32 ``[N, Kp // E]`` with ``E = 32 // bits`` codes per word, K contiguous. Word
-  ``w`` of row ``n`` holds the unsigned codes ``u[n, w*E + j]`` in bits ``[j*bits, (j+1)*bits)``.
-  ``Kp`` is K rounded up to a multiple of the group size; the padding codes equal the zero point,
-  so the padded weights are exactly 0 (the kernels also mask the activations there).
-* ``scales``: float16 ``[N, Kp // group]``.
+* ``qweight``: int32 ``[N, Kp // E]`` with ``E = 32 // bits`` codes per word. The words of a
+  row come in *chunks* of ``CW = 16`` consecutive words that cover ``C = 16 * E`` consecutive
+  k (128 for 4-bit, 64 for 8-bit). Word ``i`` of chunk ``c`` (word index ``16 c + i``) holds in
+  bits ``[j*bits, (j+1)*bits)`` the unsigned code ``u[n, c*C + 16*j + i]``: bit field ``j`` of
+  the chunk's 16 words (its *plane* ``j``) is the run of 16 consecutive k ``c*C + 16 j .. +15``.
+  So a thread that holds words ``i .. i+3`` of a chunk needs, for each plane, 4 *consecutive*
+  activations (one vector load), a plane of a ``[rows, 16]`` word tile is itself a ``[rows, 16]``
+  operand of a K=16 tensor-core product, and a plane never straddles a quantization group
+  (groups are 16, 32, ... k long and start at multiples of 16).
+* ``Kp`` is K rounded up to a multiple of ``max(group, C)``; the padding codes equal the zero
+  point, so the padded weights are exactly 0 (the kernels also mask the activations there).
+* ``scales``: float16 ``[N, Kp // group]``; groups that lie wholly in the padding have scale 1.
 * ``zeros``: uint8 ``[N, Kp // group]`` (asymmetric only; symmetric weights use the constant zero
   point ``2**(bits-1)``, so no zero tensor is stored or read).
 
@@ -21,6 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
+CHUNK_WORDS = 16  # words per chunk (per plane: 16 consecutive k)
+
 
 def codes_per_word(bits: int) -> int:
     if bits not in (4, 8):
@@ -28,8 +37,14 @@ def codes_per_word(bits: int) -> int:
     return 32 // bits
 
 
-def padded_k(k: int, group: int) -> int:
-    return -(-k // group) * group
+def chunk_k(bits: int) -> int:
+    """k values per chunk of 16 words: 128 (4-bit), 64 (8-bit)."""
+    return CHUNK_WORDS * codes_per_word(bits)
+
+
+def padded_k(k: int, group: int, bits: int = 4) -> int:
+    step = max(group, chunk_k(bits))
+    return -(-k // step) * step
 
 
 def pack(codes: np.ndarray, bits: int, group: int, pad_code: int | np.ndarray) -> np.ndarray:
@@ -42,26 +57,41 @@ def pack(codes: np.ndarray, bits: int, group: int, pad_code: int | np.ndarray) -
     if codes.min(initial=0) < 0 or codes.max(initial=0) >= (1 << bits):
         raise ValueError(f"codes out of range for {bits}-bit packing")
     n, k = codes.shape
-    kp = padded_k(k, group)
+    kp = padded_k(k, group, bits)
     full = np.empty((n, kp), np.uint32)
     full[:, :k] = codes
     if kp > k:
         full[:, k:] = np.broadcast_to(np.asarray(pad_code, np.uint32).reshape(-1, 1), (n, kp - k))
-    full = full.reshape(n, kp // e, e)
-    words = np.zeros((n, kp // e), np.uint32)
+    planes = full.reshape(n, kp // chunk_k(bits), e, CHUNK_WORDS)  # [n, chunk, plane j, word i]
+    words = np.zeros((n, kp // chunk_k(bits), CHUNK_WORDS), np.uint32)
     for j in range(e):
-        words |= full[:, :, j] << np.uint32(j * bits)
-    return words.view(np.int32)
+        words |= planes[:, :, j, :] << np.uint32(j * bits)
+    return words.reshape(n, kp // e).view(np.int32)
 
 
 def unpack(words: np.ndarray, bits: int, k: int | None = None) -> np.ndarray:
     """int32 words ``[N, Kp // E]`` -> unsigned codes ``[N, k]`` (uint8)."""
     e = codes_per_word(bits)
     w = np.asarray(words).view(np.uint32)
+    n = w.shape[0]
+    w = w.reshape(n, -1, CHUNK_WORDS)
     mask = np.uint32((1 << bits) - 1)
-    codes = np.stack([(w >> np.uint32(j * bits)) & mask for j in range(e)], axis=-1)
-    codes = codes.reshape(w.shape[0], -1).astype(np.uint8)
+    codes = np.stack([(w >> np.uint32(j * bits)) & mask for j in range(e)], axis=2)
+    codes = codes.reshape(n, -1).astype(np.uint8)  # [n, chunk, plane, word] = natural k order
     return codes if k is None else codes[:, :k]
+
+
+def pad_groups(scales: np.ndarray, zeros: np.ndarray | None, k: int, bits: int, group: int):
+    """Scales / zero points ``[N, ceil(K / group)]`` -> ``[N, Kp // group]``: groups wholly in
+    the padding get scale 1 and the last real group's zero point (the padding's code)."""
+    g = padded_k(k, group, bits) // group
+    extra = g - scales.shape[1]
+    if extra <= 0:
+        return scales, zeros
+    scales = np.concatenate([scales, np.ones((scales.shape[0], extra), scales.dtype)], 1)
+    if zeros is not None:
+        zeros = np.concatenate([zeros, np.repeat(zeros[:, -1:], extra, 1)], 1)
+    return scales, zeros
 
 
 def quantize_groupwise(w: np.ndarray, bits: int, group: int, symmetric: bool):
@@ -69,14 +99,16 @@ def quantize_groupwise(w: np.ndarray, bits: int, group: int, symmetric: bool):
 
     Symmetric: ``s = max|w| / (2**(bits-1) - 1)``, ``u = clip(round(w/s) + 2**(bits-1))``;
     asymmetric: ``s = (max - min) / (2**bits - 1)``, ``z = clip(round(-min/s))``,
-    ``u = clip(round(w/s) + z)``. Returns ``(codes uint8 [N,K], scales f16 [N,G], zeros u8 [N,G])``;
-    the scales are rounded to float16 before the codes are computed.
+    ``u = clip(round(w/s) + z)``. Returns ``(codes uint8 [N,K], scales f16 [N,G], zeros u8 [N,G])``
+    with ``G = Kp // group`` (see :func:`padded_k`; groups wholly in the padding: scale 1, zero
+    point as the last real group's); the scales are rounded to float16 before the codes are
+    computed.
     """
     n, k = w.shape
-    kp = padded_k(k, group)
-    wp = np.zeros((n, kp), np.float32)
+    kg = -(-k // group) * group
+    wp = np.zeros((n, kg), np.float32)
     wp[:, :k] = w
-    g = wp.reshape(n, kp // group, group)
+    g = wp.reshape(n, kg // group, group)
     qmax = (1 << bits) - 1
     if symmetric:
         zero = np.full(g.shape[:2], 1 << (bits - 1), np.float32)
@@ -89,8 +121,9 @@ def quantize_groupwise(w: np.ndarray, bits: int, group: int, symmetric: bool):
     if not symmetric:
         zero = np.clip(np.round(-lo / sf), 0, qmax)
     u = np.clip(np.round(g / sf[..., None]) + zero[..., None], 0, qmax)
-    codes = u.reshape(n, kp)[:, :k].astype(np.uint8)
-    return codes, s, zero.astype(np.uint8)
+    codes = u.reshape(n, kg)[:, :k].astype(np.uint8)
+    s, z = pad_groups(s, zero.astype(np.uint8), k, bits, group)
+    return codes, s, z
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int,

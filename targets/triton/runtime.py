@@ -79,7 +79,9 @@ class Linear:
 def torch_dequantize(qw, scales, zeros, bits: int, group: int, k: int) -> torch.Tensor:
     """float16 ``(u - z) * s`` from packed words, in torch (the layout of ``packing.py``)."""
     shifts = torch.arange(0, 32, bits, device=qw.device, dtype=torch.int32)
-    u = ((qw[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)
+    words = qw.reshape(*qw.shape[:-1], qw.shape[-1] // 16, 16, 1)  # [.., chunk, word i, 1]
+    # bit field j of word i of a chunk is k = 16 j + i of that chunk: [.., chunk, j, i]
+    u = ((words >> shifts) & ((1 << bits) - 1)).transpose(-1, -2).flatten(-3)
     s = scales.repeat_interleave(group, -1)
     z = (zeros.repeat_interleave(group, -1).to(torch.float16) if zeros is not None
          else torch.full_like(s, 1 << (bits - 1)))
@@ -247,5 +249,8 @@ def load(path: str | os.PathLike = os.path.dirname(os.path.abspath(__file__)),
 
     with open(os.path.join(path, "manifest.json")) as f:
         manifest = json.load(f)
+    if manifest.get("version") != 2:
+        raise ValueError(f"{path}: packed-weight format version {manifest.get('version')}; this "
+                         "module reads version 2 (recompile the model with this lbcc)")
     tensors = load_file(os.path.join(path, "weights.safetensors"))
     return Model(manifest, tensors, torch.device(device))
