@@ -140,8 +140,8 @@ def test_fp32_greedy_matches_transformers(tiny, seed):
 
 @pytest.mark.slow
 def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
-    """capture-normalize + fuse-ort on the cache graph: GroupQueryAttention (rotary inside),
-    SkipSimplifiedLayerNormalization; greedy tokens unchanged."""
+    """capture-normalize + fuse-ort on the cache graph: GroupQueryAttention (rotary inside, Q/K/V
+    packed into one MatMul), SkipSimplifiedLayerNormalization; greedy tokens unchanged."""
     import onnx_ir as ir
 
     from lbcc.modelio import save_model
@@ -153,6 +153,11 @@ def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
         ir.from_proto(ir.to_proto(kv)))
     notes = run.records[-1].notes
     assert notes["matched"]["gqa"] == 2 and notes["matched"]["rotary_from_position_ids"] == 4
+    assert notes["matched"]["pack_qkv"] == 2
+    gqas = [n for n in run.model.graph if n.op_type == "GroupQueryAttention"]
+    assert all(n.inputs[1] is None and n.inputs[0].producer().op_type == "MatMul" for n in gqas)
+    assert gqas[0].inputs[0].producer().metadata_props["lbcc.layer"] == \
+        "model.layers.0.self_attn.qkv_proj"
     assert notes["fused_ops_in_graph"]["com.microsoft::GroupQueryAttention"] == 2
     assert notes["fused_ops_in_graph"]["com.microsoft::SkipSimplifiedLayerNormalization"] == 4
     assert "cos_sin_cache" in notes["why_not"]  # the older rotary form: the tracer says why
