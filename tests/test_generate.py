@@ -133,9 +133,12 @@ def test_fp32_greedy_matches_transformers(tiny, seed):
     ref = _hf_greedy(hf, prompt, 40)
     assert len(set(ref)) > 10, "degenerate reference: the test would prove little"
     gen = Generator(d / "kv.onnx", max_context=128)
+    assert not gen.share_buffer  # unfused: present = concat(past, new)
     got = list(gen.generate_ids(prompt, 40, stop_at_eos=False))
     assert got == ref
     assert gen.stats.new_tokens == 40 and gen.stats.decode_tokens_per_s > 0
+    with pytest.raises(BadInputError, match="share past and present"):
+        Generator(d / "kv.onnx", max_context=128, share_buffer=True)
 
 
 @pytest.mark.slow
@@ -163,8 +166,14 @@ def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
     assert "cos_sin_cache" in notes["why_not"]  # the older rotary form: the tracer says why
     save_model(run.model, tmp_path / "fused.onnx")
     prompt = np.random.default_rng(5).integers(0, VOCAB, 11)
+    ref = _hf_greedy(hf, prompt, 40)
     gen = Generator(tmp_path / "fused.onnx", max_context=128)
-    assert list(gen.generate_ids(prompt, 40, stop_at_eos=False)) == _hf_greedy(hf, prompt, 40)
+    assert gen.share_buffer  # GroupQueryAttention writes into one past/present buffer in place
+    assert list(gen.generate_ids(prompt, 40, stop_at_eos=False)) == ref
+    assert list(gen.generate_ids(prompt[:7], 40, stop_at_eos=False)) == _hf_greedy(hf, prompt[:7],
+                                                                                    40)
+    concat = Generator(tmp_path / "fused.onnx", max_context=128, share_buffer=False)
+    assert list(concat.generate_ids(prompt, 40, stop_at_eos=False)) == ref
 
 
 @pytest.mark.slow
@@ -310,7 +319,7 @@ def test_genai_config_lets_onnxruntime_genai_load_the_model(tiny, tmp_path):
     dec = cfg["model"]["decoder"]
     assert (dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]) == (2, 2, 16)
     assert dec["inputs"]["position_ids"] == "position_ids"
-    assert cfg["search"]["past_present_share_buffer"] is False
+    assert cfg["search"]["past_present_share_buffer"] is True  # presents are GQA outputs
     og = pytest.importorskip("onnxruntime_genai")
     prompt = [5, 77, 300, 12, 9]
     ref = list(Generator(tmp_path / "out" / "model.onnx", max_context=128).generate_ids(
