@@ -14,10 +14,11 @@ the mask as an additive bias where GQA does not apply).
 
 ``pack_qkv``: ``GroupQueryAttention(MatMul(x, Wq), MatMul(x, Wk), MatMul(x, Wv), ...)`` ->
 ``GroupQueryAttention(MatMul(x, [Wq | Wk | Wv]), -, -, ...)``, GQA's packed-QKV form (the one
-onnxruntime-genai's builder emits): one projection a layer instead of three. Exact: each output
-column of the concatenated weight is the column it was, and the weight passes that follow quantize
-per output column (or per group of one column), so they round it as before; the fused MatMul is the
-layer ``<attention>.qkv_proj`` in reports and recipes (a rule on ``*.k_proj`` no longer matches).
+onnxruntime-genai's builder emits): one projection a layer instead of three. Each output column
+of the concatenated weight is the column it was, and lbcc's weight quantizers scale per output
+column (or per group within one), so the columns round as before (the tests compare the cache graph
+with the cache-free one); the fused MatMul is the layer ``<attention>.qkv_proj`` in reports and
+recipes (a rule on ``*.k_proj`` no longer matches it).
 """
 
 from __future__ import annotations
