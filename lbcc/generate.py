@@ -202,28 +202,41 @@ class Generator:
             if stop_at_eos and token in self.eos_ids:
                 return
 
+    #: positions a shared cache holds beyond the prompt at first; it doubles when full, so a
+    #: large ``max_new_tokens`` does not allocate its whole cache up front
+    initial_room = 1024
+
     def _shared_steps(self, ids: np.ndarray, max_new_tokens: int) -> Any:
         """``run(token)``: the prefill (``token`` None), then one decode step a token; returns the
-        last position's logits. Past and present share one buffer of ``len(ids) +
-        max_new_tokens`` positions a cache; the binding is built once and only the step's token,
-        position and attention-mask length change."""
+        last position's logits. Past and present share one buffer a cache (``len(ids) +
+        max_new_tokens - 1`` positions, or :attr:`initial_room` beyond the prompt, doubled when
+        full); the binding is built once and only the step's token, position and attention-mask
+        length change."""
         import onnxruntime as ort
 
         layout, sess = self.layout, self.session
-        capacity = int(ids.size) + max_new_tokens
-        shape = (1, layout.kv_heads, capacity, layout.head_dim)
+        needed = int(ids.size) + max_new_tokens - 1  # the last new token is never fed back
         binding = sess.io_binding()
-        keep: list[Any] = []  # numpy buffers behind the bound OrtValues: alive while we run
-        for past, present in zip(layout.past_names(), layout.output_names()[1:]):
-            buf = np.zeros(shape, layout.dtype)
-            value = ort.OrtValue.ortvalue_from_numpy(buf)
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-            keep += [buf, value]
-        ones = np.ones(capacity, np.int64)
+        keep: dict[str, Any] = {}  # numpy buffers behind the bound OrtValues: alive while we run
+        state: dict[str, Any] = {"past": 0, "capacity": 0}
+
+        def bind_caches(capacity: int) -> None:
+            """(Re)allocate the caches at ``capacity`` positions, keeping the valid ones."""
+            shape = (1, layout.kv_heads, capacity, layout.head_dim)
+            for past, present in zip(layout.past_names(), layout.output_names()[1:]):
+                buf = np.zeros(shape, layout.dtype)
+                if past in keep:
+                    buf[:, :, :state["past"]] = keep[past][:, :, :state["past"]]
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+                keep[past], keep[present] = buf, value
+            keep["ones"] = np.ones(capacity, np.int64)
+            state["capacity"] = capacity
+
+        bind_caches(min(needed, int(ids.size) + self.initial_room))
         token_buf = np.zeros((1, 1), np.int64)
         pos_buf = np.zeros((1, 1), np.int64)
-        state = {"past": 0, "logits": None}
 
         def run(token: int | None) -> np.ndarray:
             if token is None:  # prefill: the prompt at positions 0 .. n-1
@@ -233,10 +246,9 @@ class Generator:
                 sess.run_with_iobinding(binding)
                 logits = binding.get_outputs()[-1].numpy()  # bound last: the newest output
                 # decode steps write their [1, 1, vocab] logits into one preallocated buffer
-                state["logits"] = np.empty((1, 1, logits.shape[-1]), logits.dtype)
-                keep.append(state["logits"])
+                keep["logits"] = np.empty((1, 1, logits.shape[-1]), logits.dtype)
                 binding.bind_ortvalue_output(
-                    "logits", ort.OrtValue.ortvalue_from_numpy(state["logits"]))
+                    "logits", ort.OrtValue.ortvalue_from_numpy(keep["logits"]))
                 binding.bind_ortvalue_input("input_ids",
                                             ort.OrtValue.ortvalue_from_numpy(token_buf))
                 if layout.has_position_ids:
@@ -245,14 +257,16 @@ class Generator:
                 state["past"] = int(ids.size)
                 return logits[0, -1]
             past = state["past"]
+            if past + 1 > state["capacity"]:
+                bind_caches(min(max(2 * state["capacity"], past + 1), max(needed, past + 1)))
             token_buf[0, 0] = token
             pos_buf[0, 0] = past
             if layout.has_attention_mask:
                 binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(
-                    ones[: past + 1].reshape(1, past + 1)))
+                    keep["ones"][: past + 1].reshape(1, past + 1)))
             sess.run_with_iobinding(binding)
             state["past"] = past + 1
-            return state["logits"][0, -1]
+            return keep["logits"][0, -1]
 
         return run
 
