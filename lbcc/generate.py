@@ -5,10 +5,11 @@ token at position ``n + i``. Two ways to carry the cache between steps, both thr
 (no step copies a cache through numpy):
 
 - shared buffer (every ``present.N.*`` is a ``GroupQueryAttention`` output, i.e. a fused graph;
-  onnxruntime-genai's ``past_present_share_buffer``): one buffer a cache of the full length
-  ``prompt + new tokens``, bound as ``past`` and as ``present``; the kernel finds the valid length
-  from ``seqlens_k`` and writes the new entries in place, so a step copies nothing and allocates
-  nothing. The binding, the caches and the step's small inputs are made once a generation.
+  onnxruntime-genai's ``past_present_share_buffer``): one buffer a cache, sized for ``prompt + new
+  tokens`` (up to 1024 positions beyond the prompt at first, doubled when full), bound as ``past``
+  and as ``present``; the kernel finds the valid length from ``seqlens_k`` and writes the new
+  entries in place, so a step copies and allocates nothing. The binding, the caches and the step's
+  small inputs are made once a generation (in the timed prefill step).
 - concatenation (any other graph): ``present = concat(past, new)`` is a new value each step and
   becomes the next ``past``.
 
@@ -234,12 +235,12 @@ class Generator:
             keep["ones"] = np.ones(capacity, np.int64)
             state["capacity"] = capacity
 
-        bind_caches(min(needed, int(ids.size) + self.initial_room))
         token_buf = np.zeros((1, 1), np.int64)
         pos_buf = np.zeros((1, 1), np.int64)
 
         def run(token: int | None) -> np.ndarray:
             if token is None:  # prefill: the prompt at positions 0 .. n-1
+                bind_caches(min(needed, int(ids.size) + self.initial_room))
                 for name, value in layout.token_inputs(ids[None, :], 0).items():
                     binding.bind_cpu_input(name, value)
                 binding.bind_output("logits", "cpu")
