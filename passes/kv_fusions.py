@@ -19,6 +19,9 @@ of the concatenated weight is the column it was, and lbcc's weight quantizers sc
 column (or per group within one), so the columns round as before (the tests compare the cache graph
 with the cache-free one); the fused MatMul is the layer ``<attention>.qkv_proj`` in reports and
 recipes (a rule on ``*.k_proj`` no longer matches it).
+
+``drop_unused_norm_stats``: the fused RMS norms no longer compute the mean / inverse standard
+deviation outputs nobody reads.
 """
 
 from __future__ import annotations
@@ -143,6 +146,42 @@ def pack_qkv(model: ir.Model, debug: bool = False) -> int:
     return count
 
 
+def drop_unused_norm_stats(model: ir.Model, debug: bool = False) -> int:
+    """Omit the unused ``mean`` / ``inv_std_var`` outputs (1, 2) of the fused RMS norms.
+
+    onnxscript's fusions name every output of ``(Skip)SimplifiedLayerNormalization``; ONNX Runtime
+    then allocates and writes the statistics that nothing reads, twice a layer each step (decode
+    steps are small enough for that to show). An omitted optional output is an empty name, as in
+    onnxruntime-genai's graphs. Returns how many nodes changed."""
+    graph, count = model.graph, 0
+    for node in list(graph):
+        if node.op_type not in ("SimplifiedLayerNormalization",
+                                "SkipSimplifiedLayerNormalization") \
+                or node.domain not in ("", "ai.onnx", "com.microsoft"):
+            continue
+        outs = node.outputs
+        drop = {i for i in (1, 2) if i < len(outs) and outs[i].name
+                and not outs[i].uses() and not outs[i].is_graph_output()}
+        if not drop:
+            continue
+        new = ir.Node(node.domain, node.op_type, list(node.inputs),
+                      attributes=list(node.attributes.values()), num_outputs=len(outs),
+                      name=node.name, metadata_props=dict(node.metadata_props))
+        graph.insert_before(node, new)
+        for i, (old_out, new_out) in enumerate(zip(outs, new.outputs)):
+            if i in drop:
+                new_out.name = ""
+                continue
+            new_out.name, new_out.shape, new_out.type = old_out.name, old_out.shape, old_out.type
+            old_out.name = None
+            old_out.replace_all_uses_with(new_out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        count += 1
+    if debug and not count:
+        print("Rule: DropUnusedNormStats failed: no RMS norm with unused mean / inv_std_var")
+    return count
+
+
 def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
     """(name, fuse function, kwargs) of the fusions that need a KV-cache graph, in order."""
     from onnxscript.rewriter.ort_fusions import gqa, sdpa, sdpa_via_mha
@@ -152,5 +191,6 @@ def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
         ("sdpa", sdpa.fuse_sdpa, {"apply_shape_inference": True}),
         ("gqa", gqa.fuse_gqa, {}),
         ("pack_qkv", pack_qkv, {}),
+        ("drop_unused_norm_stats", drop_unused_norm_stats, {}),
         ("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha, {}),
     ]

@@ -157,6 +157,10 @@ def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
     notes = run.records[-1].notes
     assert notes["matched"]["gqa"] == 2 and notes["matched"]["rotary_from_position_ids"] == 4
     assert notes["matched"]["pack_qkv"] == 2
+    # the norms' unused mean / inv_std_var outputs are omitted (empty names), as genai's are
+    assert notes["matched"]["drop_unused_norm_stats"] == 4  # the skip norms
+    skip = next(n for n in run.model.graph if n.op_type == "SkipSimplifiedLayerNormalization")
+    assert [o.name for o in skip.outputs][1:3] == ["", ""]
     gqas = [n for n in run.model.graph if n.op_type == "GroupQueryAttention"]
     assert all(n.inputs[1] is None and n.inputs[0].producer().op_type == "MatMul" for n in gqas)
     assert gqas[0].inputs[0].producer().metadata_props["lbcc.layer"] == \
