@@ -2,7 +2,8 @@
 
 Models (all from the same HF weights, ``.cache/smollm2/hf``):
 
-  lbcc-fp32        capture(kv_cache=True) + capture-normalize + fuse-ort (GQA, rotary, skip-norm)
+  lbcc-fp32        capture(kv_cache=True) + capture-normalize + fuse-ort (GQA with packed QKV and
+                   rotary inside, skip-norm)
   lbcc-w8a8        lbcc.compile(..., kv_cache=True, preset="w8a8"), calibrated on 16 x 512 tokens of
                    wikitext-2-tokens/valid.txt
   lbcc-w4a16       the same with preset "w4a16" (RTN + clip search on the same calibration text;
@@ -17,7 +18,8 @@ Models (all from the same HF weights, ``.cache/smollm2/hf``):
 Measured, models interleaved round-robin, ``--threads`` intra-op threads:
 - prefill: time of the first step (``--prompt`` tokens, from wiki.test.raw);
 - decode: tokens/s over the next ``--new - 1`` tokens, greedy, no stop at EOS; lbcc models run
-  through :class:`lbcc.generate.Generator`, genai models through onnxruntime-genai's own
+  through :class:`lbcc.generate.Generator` (past and present in one shared buffer a cache, as
+  every present is a GroupQueryAttention output), genai models through onnxruntime-genai's own
   ``og.Generator`` (and through lbcc's Generator too, which reads their inputs the same way);
 - no-cache "decode step": one forward pass of the cache-free graph at prompt + new/2 tokens (what
   each token costs when every step recomputes the whole sequence);
@@ -28,6 +30,9 @@ Measured, models interleaved round-robin, ``--threads`` intra-op threads:
   kernel time by op type, for lbcc-w4a16-e4 and genai-int4 (both under lbcc's runner).
 
     python benchmarks/generate.py --write-md BENCHMARKS-generate.md
+
+onnxruntime-genai must be importable (``pip install onnxruntime-genai``); models are built once
+into ``--out`` and reused (delete them after changing the passes).
 """
 
 from __future__ import annotations
@@ -86,21 +91,18 @@ def build(out: Path, hf_dir: Path) -> dict[str, Path]:
         run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(ir.load(raw))
         (out / "fp32-kv.fusions.json").write_text(json.dumps(run.records[-1].notes, indent=1))
         save_model(run.model, paths["lbcc-fp32"], external_data=True)
-    for preset in ("w8a8", "w4a16"):
-        for kind, src in (("kv", raw), ("nocache", SAMPLE / "model.onnx")):
-            path = paths[f"lbcc-{preset}" if kind == "kv" else f"nocache-{preset}"]
-            if path.exists():
-                continue
-            log(f"compiling {path.name}")
-            r = lbcc.compile(str(src), preset=preset, calibration=str(calib),
-                             tokenizer=str(hf_dir), progress=False)
-            r.save(path, report_path=path.with_suffix(".json"), external_data=True)
-    if not paths["lbcc-w4a16-e4"].exists():
-        log(f"compiling {paths['lbcc-w4a16-e4'].name}")
-        r = lbcc.compile(str(raw), recipe=w4a16_e4(), calibration=str(calib),
-                         tokenizer=str(hf_dir), progress=False)
-        r.save(paths["lbcc-w4a16-e4"], report_path=paths["lbcc-w4a16-e4"].with_suffix(".json"),
-               external_data=True)
+    jobs = [("lbcc-w4a16-e4", raw, w4a16_e4()), ("lbcc-w4a16", raw, "w4a16"),
+            ("nocache-w4a16", SAMPLE / "model.onnx", "w4a16"), ("lbcc-w8a8", raw, "w8a8"),
+            ("nocache-w8a8", SAMPLE / "model.onnx", "w8a8")]
+    for name, src, recipe in jobs:
+        path = paths[name]
+        if path.exists():
+            continue
+        log(f"compiling {path.name}")
+        r = lbcc.compile(str(src), preset=recipe if isinstance(recipe, str) else None,
+                         recipe=None if isinstance(recipe, str) else recipe,
+                         calibration=str(calib), tokenizer=str(hf_dir), progress=False)
+        r.save(path, report_path=path.with_suffix(".json"), external_data=True)
     for prec in ("int4", "fp32"):
         d = out / f"genai-{prec}"
         if not (d / "genai_config.json").exists():
