@@ -2,8 +2,10 @@
 
 onnxruntime-genai reads a model directory: the ONNX decoder, ``genai_config.json`` (names of the
 graph's inputs / outputs, shapes of the cache, special tokens, search defaults) and the tokenizer
-files. lbcc's KV-cache graph (:mod:`lbcc.kvcache`) already uses its input / output names; the cache
-grows by concatenation (``present`` = ``past`` + new), so ``past_present_share_buffer`` is false.
+files. lbcc's KV-cache graph (:mod:`lbcc.kvcache`) already uses its input / output names.
+``past_present_share_buffer`` is true when every ``present`` is a ``GroupQueryAttention`` output
+(a fused graph: the kernel writes into a fixed-size buffer in place, as genai's own models do),
+false when the cache grows by concatenation (``present`` = ``past`` + new).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
-def genai_config(layout: KVLayout, hf_config: dict[str, Any], filename: str) -> dict[str, Any]:
-    """The config dict for a model file ``filename`` with cache ``layout`` and HF ``config.json``."""
+def genai_config(layout: KVLayout, hf_config: dict[str, Any], filename: str,
+                 share_buffer: bool = False) -> dict[str, Any]:
+    """The config dict for a model file ``filename`` with cache ``layout`` and HF ``config.json``;
+    ``share_buffer``: the graph can run with past and present in one buffer."""
     heads = hf_config.get("num_attention_heads")
     hidden = hf_config.get("hidden_size")
     if not heads or not hidden:
@@ -57,7 +61,7 @@ def genai_config(layout: KVLayout, hf_config: dict[str, Any], filename: str) -> 
             },
         },
         "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "num_return_sequences": 1, "past_present_share_buffer": share_buffer,
                    "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
                    "early_stopping": True, "length_penalty": 1.0, "diversity_penalty": 0.0,
                    "no_repeat_ngram_size": 0},
@@ -66,11 +70,12 @@ def genai_config(layout: KVLayout, hf_config: dict[str, Any], filename: str) -> 
 
 def write_genai_config(model_path: str | Path, hf_dir: str | Path) -> Path:
     """Write ``genai_config.json`` (atomically) and copy the tokenizer files beside the model."""
-    from lbcc.kvcache import kv_layout
+    from lbcc.kvcache import kv_layout, presents_from_gqa
     from lbcc.modelio import load_model
 
     model_path, hf_dir = Path(model_path), Path(hf_dir)
-    layout = kv_layout(load_model(model_path))
+    model = load_model(model_path)
+    layout = kv_layout(model)
     if layout is None:
         raise BadInputError(f"{str(model_path)!r} has no KV cache; onnxruntime-genai needs one.",
                             "Compile with --kv-cache.")
@@ -79,7 +84,7 @@ def write_genai_config(model_path: str | Path, hf_dir: str | Path) -> Path:
     except (OSError, ValueError) as exc:
         raise BadInputError(f"cannot read {str(hf_dir / 'config.json')!r}: {exc}",
                             "Pass the Hugging Face model directory.") from None
-    cfg = genai_config(layout, hf_config, model_path.name)
+    cfg = genai_config(layout, hf_config, model_path.name, share_buffer=presents_from_gqa(model))
     out = model_path.parent / "genai_config.json"
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(cfg, indent=4))

@@ -1,9 +1,17 @@
 """Text generation over a KV-cache graph (:mod:`lbcc.kvcache`) in ONNX Runtime.
 
 One prefill runs the prompt ``ids[0:n]`` with an empty cache; each decode step feeds the last
-token at position ``n + i`` with the cache the previous step returned (``present`` becomes the
-next ``past``). The caches stay ONNX Runtime values between steps (I/O binding), so no step copies
-them through numpy.
+token at position ``n + i``. Two ways to carry the cache between steps, both through I/O binding
+(no step copies a cache through numpy):
+
+- shared buffer (every ``present.N.*`` is a ``GroupQueryAttention`` output, i.e. a fused graph;
+  onnxruntime-genai's ``past_present_share_buffer``): one buffer a cache, sized for ``prompt + new
+  tokens`` (up to 1024 positions beyond the prompt at first, doubled when full), bound as ``past``
+  and as ``present``; the kernel finds the valid length from ``seqlens_k`` and writes the new
+  entries in place, so a step copies and allocates nothing. The binding, the caches and the step's
+  small inputs are made once a generation (in the timed prefill step).
+- concatenation (any other graph): ``present = concat(past, new)`` is a new value each step and
+  becomes the next ``past``.
 
 Next-token choice from the last position's logits ``z``:
 - greedy: ``argmax z``;
@@ -23,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from lbcc.errors import BadInputError
-from lbcc.kvcache import KVLayout, kv_layout
+from lbcc.kvcache import KVLayout, kv_layout, presents_from_gqa
 
 
 @dataclasses.dataclass
@@ -71,11 +79,14 @@ class Generator:
     ``model``: path to the .onnx file. ``tokenizer``: a tokenizer.json or a HF directory (needed
     for text prompts; token-id generation works without). ``max_context``: the longest sequence
     (prompt + new tokens); by default ``context_length`` of a genai_config.json beside the model,
-    else ``max_position_embeddings`` of the tokenizer directory's config.json.
+    else ``max_position_embeddings`` of the tokenizer directory's config.json. ``share_buffer``:
+    keep the cache in one fixed-size buffer a layer (see the module docstring); by default when
+    the graph allows it.
     """
 
     def __init__(self, model: str | os.PathLike, tokenizer: Any = None, *, threads: int = 2,
-                 max_context: int | None = None, session: Any = None):
+                 max_context: int | None = None, session: Any = None,
+                 share_buffer: bool | None = None):
         from lbcc.evaluate import make_session
 
         self.model_path = Path(model)
@@ -97,6 +108,13 @@ class Generator:
             raise BadInputError(f"{str(self.model_path)!r} lacks the outputs {sorted(missing)} a "
                                 "KV-cache graph returns.",
                                 "Export it with lbcc's KV-cache capture (--kv-cache).")
+        can_share = presents_from_gqa(self.model_path)
+        if share_buffer and not can_share:
+            raise BadInputError(f"{str(self.model_path)!r} cannot share past and present cache "
+                                "buffers: not every present.N.* is a GroupQueryAttention output.",
+                                "Compile it with lbcc (fuse-ort makes GroupQueryAttention), or "
+                                "pass share_buffer=False.")
+        self.share_buffer = can_share if share_buffer is None else share_buffer
 
     # ------------------------------------------------------------------ set-up helpers
     def _load_tokenizer(self, spec: Any) -> Any:
@@ -157,8 +175,6 @@ class Generator:
                      greedy: bool = True, top_p: float = 0.9, temperature: float = 1.0,
                      seed: int = 0, stop_at_eos: bool = True) -> Iterator[int]:
         """Yield new token ids one at a time (greedy, or top-p sampling with ``seed``)."""
-        import onnxruntime as ort
-
         ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
         self._check_prompt(ids)
         if max_new_tokens < 1:
@@ -168,27 +184,13 @@ class Generator:
         if self.max_context is not None:
             max_new_tokens = min(max_new_tokens, self.max_context - ids.size)
         rng = np.random.default_rng(seed)
-        layout, sess = self.layout, self.session
         self.stats = stats = GenerationStats(prompt_tokens=int(ids.size))
-        past: list[Any] = layout.empty_past(1)
-        out_names = layout.output_names()
-        feed_ids, past_len = ids[None, :], 0
+        run = self._shared_steps(ids, max_new_tokens) if self.share_buffer \
+            else self._concat_steps(ids)
+        token: int | None = None
         for step in range(max_new_tokens):
             start = time.perf_counter()
-            binding = sess.io_binding()
-            for name, value in layout.token_inputs(feed_ids, past_len).items():
-                binding.bind_cpu_input(name, value)
-            for name, value in zip(layout.past_names(), past):
-                if isinstance(value, ort.OrtValue):
-                    binding.bind_ortvalue_input(name, value)
-                else:
-                    binding.bind_cpu_input(name, value)
-            for name in out_names:
-                binding.bind_output(name, "cpu")
-            sess.run_with_iobinding(binding)
-            outs = dict(zip(out_names, binding.get_outputs()))
-            logits = outs["logits"].numpy()[0, -1]
-            past = [outs[name] for name in layout.output_names()[1:]]
+            logits = run(token)
             token = int(np.argmax(logits)) if greedy else sample_top_p(logits, top_p,
                                                                        temperature, rng)
             elapsed = time.perf_counter() - start
@@ -200,8 +202,103 @@ class Generator:
             yield token
             if stop_at_eos and token in self.eos_ids:
                 return
-            past_len += feed_ids.shape[1]
-            feed_ids = np.array([[token]], dtype=np.int64)
+
+    #: positions a shared cache holds beyond the prompt at first; it doubles when full, so a
+    #: large ``max_new_tokens`` does not allocate its whole cache up front
+    initial_room = 1024
+
+    def _shared_steps(self, ids: np.ndarray, max_new_tokens: int) -> Any:
+        """``run(token)``: the prefill (``token`` None), then one decode step a token; returns the
+        last position's logits. Past and present share one buffer a cache (``len(ids) +
+        max_new_tokens - 1`` positions, or :attr:`initial_room` beyond the prompt, doubled when
+        full); the binding is built once and only the step's token, position and attention-mask
+        length change."""
+        import onnxruntime as ort
+
+        layout, sess = self.layout, self.session
+        needed = int(ids.size) + max_new_tokens - 1  # the last new token is never fed back
+        binding = sess.io_binding()
+        keep: dict[str, Any] = {}  # numpy buffers behind the bound OrtValues: alive while we run
+        state: dict[str, Any] = {"past": 0, "capacity": 0}
+
+        def bind_caches(capacity: int) -> None:
+            """(Re)allocate the caches at ``capacity`` positions, keeping the valid ones."""
+            shape = (1, layout.kv_heads, capacity, layout.head_dim)
+            for past, present in zip(layout.past_names(), layout.output_names()[1:]):
+                buf = np.zeros(shape, layout.dtype)
+                if past in keep:
+                    buf[:, :, :state["past"]] = keep[past][:, :, :state["past"]]
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+                keep[past], keep[present] = buf, value
+            keep["ones"] = np.ones(capacity, np.int64)
+            state["capacity"] = capacity
+
+        token_buf = np.zeros((1, 1), np.int64)
+        pos_buf = np.zeros((1, 1), np.int64)
+
+        def run(token: int | None) -> np.ndarray:
+            if token is None:  # prefill: the prompt at positions 0 .. n-1
+                bind_caches(min(needed, int(ids.size) + self.initial_room))
+                for name, value in layout.token_inputs(ids[None, :], 0).items():
+                    binding.bind_cpu_input(name, value)
+                binding.bind_output("logits", "cpu")
+                sess.run_with_iobinding(binding)
+                logits = binding.get_outputs()[-1].numpy()  # bound last: the newest output
+                # decode steps write their [1, 1, vocab] logits into one preallocated buffer
+                keep["logits"] = np.empty((1, 1, logits.shape[-1]), logits.dtype)
+                binding.bind_ortvalue_output(
+                    "logits", ort.OrtValue.ortvalue_from_numpy(keep["logits"]))
+                binding.bind_ortvalue_input("input_ids",
+                                            ort.OrtValue.ortvalue_from_numpy(token_buf))
+                if layout.has_position_ids:
+                    binding.bind_ortvalue_input("position_ids",
+                                                ort.OrtValue.ortvalue_from_numpy(pos_buf))
+                state["past"] = int(ids.size)
+                return logits[0, -1]
+            past = state["past"]
+            if past + 1 > state["capacity"]:
+                bind_caches(min(max(2 * state["capacity"], past + 1), max(needed, past + 1)))
+            token_buf[0, 0] = token
+            pos_buf[0, 0] = past
+            if layout.has_attention_mask:
+                binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(
+                    keep["ones"][: past + 1].reshape(1, past + 1)))
+            sess.run_with_iobinding(binding)
+            state["past"] = past + 1
+            return keep["logits"][0, -1]
+
+        return run
+
+    def _concat_steps(self, ids: np.ndarray) -> Any:
+        """``run(token)`` for a graph whose ``present`` is ``concat(past, new)``: each step's
+        presents (ONNX Runtime values, not copied) become the next step's pasts."""
+        import onnxruntime as ort
+
+        layout, sess = self.layout, self.session
+        out_names = layout.output_names()
+        state: dict[str, Any] = {"past": layout.empty_past(1), "len": 0}
+
+        def run(token: int | None) -> np.ndarray:
+            feed_ids = ids[None, :] if token is None else np.array([[token]], np.int64)
+            binding = sess.io_binding()
+            for name, value in layout.token_inputs(feed_ids, state["len"]).items():
+                binding.bind_cpu_input(name, value)
+            for name, value in zip(layout.past_names(), state["past"]):
+                if isinstance(value, ort.OrtValue):
+                    binding.bind_ortvalue_input(name, value)
+                else:
+                    binding.bind_cpu_input(name, value)
+            for name in out_names:
+                binding.bind_output(name, "cpu")
+            sess.run_with_iobinding(binding)
+            outs = binding.get_outputs()
+            state["past"] = list(outs[1:])
+            state["len"] += feed_ids.shape[1]
+            return outs[0].numpy()[0, -1]
+
+        return run
 
     def generate(self, prompt: str, max_new_tokens: int = 64, **kwargs: Any) -> Iterator[str]:
         """Yield the text of new tokens as it becomes printable (whole UTF-8 characters)."""

@@ -14,6 +14,7 @@ shape / dtype triples, so it serves an ``ir.Model`` and an ONNX Runtime session 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any, Sequence
 
@@ -146,3 +147,26 @@ def prefill_inputs(source: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
         name = _triples(source)[0][0]
         return {name: ids}
     return layout.feed(ids, layout.empty_past(ids.shape[0]), 0)
+
+
+def presents_from_gqa(source: Any) -> bool:
+    """Every ``present.N.*`` output is a ``com.microsoft::GroupQueryAttention`` output: the one
+    kernel that can write the new entries into a past buffer in place, so past and present may be
+    one fixed-size buffer (onnxruntime-genai's ``past_present_share_buffer``). ``source``: an
+    ``ir.Model`` or the path of an .onnx file (its external data is not read)."""
+    if isinstance(source, (str, os.PathLike)):
+        import onnx
+
+        try:
+            graph = onnx.load(str(source), load_external_data=False).graph
+        except Exception:  # noqa: BLE001 - unreadable: the caller falls back to concatenation
+            return False
+        producer = {o: (n.domain, n.op_type) for n in graph.node for o in n.output}
+        outputs = [o.name for o in graph.output]
+    else:
+        graph = source.graph if hasattr(source, "graph") else source
+        producer = {o.name: (n.domain, n.op_type) for n in graph for o in n.outputs}
+        outputs = [o.name for o in graph.outputs]
+    presents = [o for o in outputs if PRESENT_RE.match(o)]
+    return bool(presents) and all(producer.get(o) == ("com.microsoft", "GroupQueryAttention")
+                                  for o in presents)

@@ -9,14 +9,26 @@ ORT's ``com.microsoft::RotaryEmbedding(x, position_ids, cos_cache, sin_cache)`` 
 ``cos_cache[p, e] = cos(p * inv_freq[e])`` for ``p`` in ``[0, max(position_ids)]``, computed in
 the graph (a Range, a Mul, Cos, Sin: shared by every layer), so any context length works.
 
-Attention: onnxscript's SDPA fusion, then SDPA -> ``com.microsoft::MultiHeadAttention`` with
-the mask as an additive bias.
+Attention: onnxscript's SDPA and GQA fusions (SDPA -> ``com.microsoft::MultiHeadAttention`` with
+the mask as an additive bias where GQA does not apply).
+
+``pack_qkv``: ``GroupQueryAttention(MatMul(x, Wq), MatMul(x, Wk), MatMul(x, Wv), ...)`` ->
+``GroupQueryAttention(MatMul(x, [Wq | Wk | Wv]), -, -, ...)``, GQA's packed-QKV form (the one
+onnxruntime-genai's builder emits): one projection a layer instead of three. Each output column
+of the concatenated weight is the column it was, and lbcc's weight quantizers scale per output
+column (or per group within one), so the columns round as before (the tests compare the cache graph
+with the cache-free one); the fused MatMul is the layer ``<attention>.qkv_proj`` in reports and
+recipes (a rule on ``*.k_proj`` no longer matches it).
+
+``drop_unused_norm_stats``: the fused RMS norms no longer compute the mean / inverse standard
+deviation outputs nobody reads.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _fusion_utils, _ir_utils, pattern
 
@@ -75,6 +87,101 @@ rotary_from_position_ids = _fusion_utils.apply_fusion_rules(
     pattern.RewriteRuleSet([RotaryFromPositionIds.rule()]))
 
 
+def _packable(gqa: ir.Node) -> str:
+    """Why the Q/K/V inputs of ``gqa`` cannot be packed into one MatMul ("" when they can)."""
+    if len(gqa.inputs) < 3 or any(v is None for v in gqa.inputs[:3]):
+        return "query/key/value are already packed"
+    mms = [v.producer() for v in gqa.inputs[:3]]
+    if any(m is None or m.op_type != "MatMul" or m.domain not in ("", "ai.onnx") for m in mms):
+        return "query/key/value are not all MatMul outputs"
+    if len({id(m.inputs[0]) for m in mms}) != 1:
+        return "query/key/value MatMuls do not share their input"
+    ws = [m.inputs[1].const_value if m.inputs[1] is not None else None for m in mms]
+    if any(w is None or len(w.shape) != 2 or not w.dtype.is_floating_point() for w in ws):
+        return "a query/key/value weight is not a constant 2-D float matrix"
+    if len({(w.shape[0], w.dtype) for w in ws}) != 1:
+        return "query/key/value weights differ in rows or dtype"
+    if any(len(v.uses()) != 1 for v in gqa.inputs[:3]) or any(v.is_graph_output()
+                                                            for v in gqa.inputs[:3]):
+        return "a query/key/value projection has another consumer"
+    return ""
+
+
+def pack_qkv(model: ir.Model, debug: bool = False) -> int:
+    """Q, K, V projections of each GroupQueryAttention -> one MatMul (packed QKV); the count."""
+    from lbcc.irutils import LAYER_KEY, NAME_SCOPES_KEY, add_initializer, layer_name
+
+    graph, count, why = model.graph, 0, []
+    for gqa in list(graph):
+        if gqa.op_type != "GroupQueryAttention" or gqa.domain != "com.microsoft":
+            continue
+        reason = _packable(gqa)
+        if reason:
+            why.append(f"{gqa.name}: {reason}")
+            continue
+        mms = [v.producer() for v in gqa.inputs[:3]]
+        q_layer = layer_name(mms[0])
+        layer = (q_layer.rsplit(".", 1)[0] + "." if "." in q_layer else "") + "qkv_proj"
+        w = np.concatenate([m.inputs[1].const_value.numpy() for m in mms], axis=1)
+        weight = add_initializer(graph, f"{layer}.weight", w)
+        q_out = mms[0].outputs[0]
+        shape = None
+        if q_out.shape is not None and len(q_out.shape) >= 1:
+            shape = ir.Shape([*list(q_out.shape)[:-1], w.shape[1]])
+        out = ir.Value(name=f"{layer}.output", shape=shape, type=q_out.type)
+        node = ir.Node("", "MatMul", [mms[0].inputs[0], weight], outputs=[out],
+                       name=f"{layer}.MatMul")
+        node.metadata_props[LAYER_KEY] = layer
+        if NAME_SCOPES_KEY in mms[0].metadata_props:
+            node.metadata_props[NAME_SCOPES_KEY] = mms[0].metadata_props[NAME_SCOPES_KEY]
+        graph.insert_before(mms[0], node)
+        gqa.replace_input_with(0, out)
+        gqa.replace_input_with(1, None)
+        gqa.replace_input_with(2, None)
+        graph.remove(mms, safe=True)
+        count += 1
+    if debug and not count:
+        print("Rule: PackQKV failed: " + ("; ".join(why[:2]) if why
+                                          else "not a GroupQueryAttention in the graph"))
+    return count
+
+
+def drop_unused_norm_stats(model: ir.Model, debug: bool = False) -> int:
+    """Omit the unused ``mean`` / ``inv_std_var`` outputs (1, 2) of the fused RMS norms.
+
+    onnxscript's fusions name every output of ``(Skip)SimplifiedLayerNormalization``; ONNX Runtime
+    then allocates and writes the statistics that nothing reads, twice a layer each step (decode
+    steps are small enough for that to show). An omitted optional output is an empty name, as in
+    onnxruntime-genai's graphs. Returns how many nodes changed."""
+    graph, count = model.graph, 0
+    for node in list(graph):
+        if node.op_type not in ("SimplifiedLayerNormalization",
+                                "SkipSimplifiedLayerNormalization") \
+                or node.domain not in ("", "ai.onnx", "com.microsoft"):
+            continue
+        outs = node.outputs
+        drop = {i for i in (1, 2) if i < len(outs) and outs[i].name
+                and not outs[i].uses() and not outs[i].is_graph_output()}
+        if not drop:
+            continue
+        new = ir.Node(node.domain, node.op_type, list(node.inputs),
+                      attributes=list(node.attributes.values()), num_outputs=len(outs),
+                      name=node.name, metadata_props=dict(node.metadata_props))
+        graph.insert_before(node, new)
+        for i, (old_out, new_out) in enumerate(zip(outs, new.outputs)):
+            if i in drop:
+                new_out.name = ""
+                continue
+            new_out.name, new_out.shape, new_out.type = old_out.name, old_out.shape, old_out.type
+            old_out.name = None
+            old_out.replace_all_uses_with(new_out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        count += 1
+    if debug and not count:
+        print("Rule: DropUnusedNormStats failed: no RMS norm with unused mean / inv_std_var")
+    return count
+
+
 def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
     """(name, fuse function, kwargs) of the fusions that need a KV-cache graph, in order."""
     from onnxscript.rewriter.ort_fusions import gqa, sdpa, sdpa_via_mha
@@ -83,5 +190,7 @@ def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
         ("rotary_from_position_ids", rotary_from_position_ids, {}),
         ("sdpa", sdpa.fuse_sdpa, {"apply_shape_inference": True}),
         ("gqa", gqa.fuse_gqa, {}),
+        ("pack_qkv", pack_qkv, {}),
+        ("drop_unused_norm_stats", drop_unused_norm_stats, {}),
         ("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha, {}),
     ]

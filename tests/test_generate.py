@@ -133,15 +133,18 @@ def test_fp32_greedy_matches_transformers(tiny, seed):
     ref = _hf_greedy(hf, prompt, 40)
     assert len(set(ref)) > 10, "degenerate reference: the test would prove little"
     gen = Generator(d / "kv.onnx", max_context=128)
+    assert not gen.share_buffer  # unfused: present = concat(past, new)
     got = list(gen.generate_ids(prompt, 40, stop_at_eos=False))
     assert got == ref
     assert gen.stats.new_tokens == 40 and gen.stats.decode_tokens_per_s > 0
+    with pytest.raises(BadInputError, match="share past and present"):
+        Generator(d / "kv.onnx", max_context=128, share_buffer=True)
 
 
 @pytest.mark.slow
 def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
-    """capture-normalize + fuse-ort on the cache graph: GroupQueryAttention (rotary inside),
-    SkipSimplifiedLayerNormalization; greedy tokens unchanged."""
+    """capture-normalize + fuse-ort on the cache graph: GroupQueryAttention (rotary inside, Q/K/V
+    packed into one MatMul), SkipSimplifiedLayerNormalization; greedy tokens unchanged."""
     import onnx_ir as ir
 
     from lbcc.modelio import save_model
@@ -153,13 +156,30 @@ def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
         ir.from_proto(ir.to_proto(kv)))
     notes = run.records[-1].notes
     assert notes["matched"]["gqa"] == 2 and notes["matched"]["rotary_from_position_ids"] == 4
+    assert notes["matched"]["pack_qkv"] == 2
+    # the norms' unused mean / inv_std_var outputs are omitted (empty names), as genai's are
+    assert notes["matched"]["drop_unused_norm_stats"] == 4  # the skip norms
+    skip = next(n for n in run.model.graph if n.op_type == "SkipSimplifiedLayerNormalization")
+    assert [o.name for o in skip.outputs][1:3] == ["", ""]
+    gqas = [n for n in run.model.graph if n.op_type == "GroupQueryAttention"]
+    assert all(n.inputs[1] is None and n.inputs[0].producer().op_type == "MatMul" for n in gqas)
+    assert gqas[0].inputs[0].producer().metadata_props["lbcc.layer"] == \
+        "model.layers.0.self_attn.qkv_proj"
     assert notes["fused_ops_in_graph"]["com.microsoft::GroupQueryAttention"] == 2
     assert notes["fused_ops_in_graph"]["com.microsoft::SkipSimplifiedLayerNormalization"] == 4
     assert "cos_sin_cache" in notes["why_not"]  # the older rotary form: the tracer says why
     save_model(run.model, tmp_path / "fused.onnx")
     prompt = np.random.default_rng(5).integers(0, VOCAB, 11)
+    ref = _hf_greedy(hf, prompt, 40)
     gen = Generator(tmp_path / "fused.onnx", max_context=128)
-    assert list(gen.generate_ids(prompt, 40, stop_at_eos=False)) == _hf_greedy(hf, prompt, 40)
+    assert gen.share_buffer  # GroupQueryAttention writes into one past/present buffer in place
+    assert list(gen.generate_ids(prompt, 40, stop_at_eos=False)) == ref
+    assert list(gen.generate_ids(prompt[:7], 40, stop_at_eos=False)) == _hf_greedy(hf, prompt[:7],
+                                                                                    40)
+    concat = Generator(tmp_path / "fused.onnx", max_context=128, share_buffer=False)
+    assert list(concat.generate_ids(prompt, 40, stop_at_eos=False)) == ref
+    gen.initial_room = 3  # the shared cache fills up and is reallocated (doubled) while decoding
+    assert list(gen.generate_ids(prompt, 40, stop_at_eos=False)) == ref
 
 
 @pytest.mark.slow
@@ -305,7 +325,7 @@ def test_genai_config_lets_onnxruntime_genai_load_the_model(tiny, tmp_path):
     dec = cfg["model"]["decoder"]
     assert (dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]) == (2, 2, 16)
     assert dec["inputs"]["position_ids"] == "position_ids"
-    assert cfg["search"]["past_present_share_buffer"] is False
+    assert cfg["search"]["past_present_share_buffer"] is True  # presents are GQA outputs
     og = pytest.importorskip("onnxruntime_genai")
     prompt = [5, 77, 300, 12, 9]
     ref = list(Generator(tmp_path / "out" / "model.onnx", max_context=128).generate_ids(
