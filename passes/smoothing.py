@@ -21,8 +21,7 @@ weights, ``sum_i ||X W_i - Q(X / s) Q(s W_i)||^2 / sum_i ||X W_i||^2``; a group 
 when no alpha beats not smoothing, and when even smoothed every consumer stays below the
 recipe's ``min_sqnr_db`` (``-10 log10`` of its relative error): those layers fall back to int8 per
 block of input channels at run time, where the rows scaled by a large ``s_j`` would only widen
-their weight blocks (measured on SmolLM2: smoothing the down-projections that fall back anyway
-took W8A8 from 1.05x to 1.16x float perplexity). Groups whose weights or norm scale are shared with another
+their weight blocks. Groups whose weights or norm scale are shared with another
 consumer (a tied lm_head / embedding) are skipped with that reason. The model changes, so the
 activation statistics are recomputed for the passes after it. Run before weight rounding.
 """
@@ -36,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lbcc.irutils import layer_name
+from lbcc.numerics import sqnr_db
 from lbcc.pipeline import Pass
 from lbcc.passes.calibrate import ACTIVATION_STATS
 
@@ -215,8 +215,7 @@ class SmoothQuant(Pass):
                    "error_before": round(base, 6), "error_after": round(err, 6),
                    "alpha": a}
             if s is not None and self.min_sqnr_db is not None:
-                best_db = max(-10 * np.log10(max(n / d, 1e-30)) if d else np.inf
-                              for n, d in consumer_errors(x, weights, s, refs))
+                best_db = max(sqnr_db(d, n) for n, d in consumer_errors(x, weights, s, refs))
                 if best_db < self.min_sqnr_db:
                     s = None
                     row["reason"] = (f"every consumer stays below {self.min_sqnr_db} dB even "
