@@ -65,6 +65,7 @@ class WeightSpec:
 class ActivationSpec:
     #: static: uint8 per tensor from calibrated ranges; dynamic: uint8 per tensor at run time;
     #: dynamic-block: int8 per block of ``weights.group_size`` input channels at run time;
+    #: dynamic-token: int8 per token (row) at run time, symmetric, s_t = max_k |x_tk| / 127;
     #: none: float activations (weight-only)
     mode: str = "static"
     method: str = "mse"  # range selection for static: mse | minmax | percentile
@@ -78,7 +79,9 @@ class ActivationSpec:
     #: the kept calibration rows: -10 log10 ||XW - Q(X)Q(W)||^2 / ||XW||^2)
     criterion: str = "estimate"
     #: what an outlier-dominated input gets instead: dynamic-block (int8 per block of 32 input
-    #: channels, computed at run time) or none (weight-only)
+    #: channels, computed at run time), dynamic-token (int8 per token at run time, per-channel
+    #: weights; a layer whose measured per-token SQNR is still below ``min_sqnr_db`` gets
+    #: dynamic-block) or none (weight-only)
     fallback: str = "dynamic-block"
     fallback_group_size: int = 32
 
@@ -176,7 +179,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-ACTIVATION_MODES = ("static", "dynamic", "dynamic-block", "none")
+ACTIVATION_MODES = ("static", "dynamic", "dynamic-block", "dynamic-token", "none")
 
 #: layer-name patterns of MLP down-projections across common model families (HF Llama/Mistral/
 #: Qwen/SmolLM, llama.c-style w2, OPT/Phi fc2, GPT-NeoX/Bloom, GPT-2)
@@ -218,8 +221,8 @@ PRESETS["w8a8-sq"].smoothing.method = "smoothquant"
 PRESETS["w4a16-gptq"] = copy.deepcopy(PRESETS["w4a16"])
 PRESETS["w4a16-gptq"].name = "w4a16-gptq"
 PRESETS["w4a16-gptq"].weights.method = "gptq"
-# outlier-aware W8A8: SmoothQuant (norm -> q/k/v, gate/up and up -> down groups, alpha searched
-# per group), then per layer static uint8 when its output SQNR measured on calibration rows is at
+# outlier-aware W8A8: SmoothQuant (norm -> q/k/v and norm -> gate/up groups, alpha searched per
+# group), then per layer static uint8 when its output SQNR measured on calibration rows is at
 # least 25 dB, else int8 per block at run time (the outlier report's "keep higher" layers)
 PRESETS["auto"] = copy.deepcopy(PRESETS["w8a8-sq"])
 PRESETS["auto"].name = "auto"
@@ -351,8 +354,9 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     if a.criterion not in ("estimate", "measured"):
         raise BadInputError(f"{where}: activations.criterion must be estimate or measured, not "
                             f"{a.criterion!r}.", "")
-    if a.fallback not in ("dynamic-block", "none"):
-        raise BadInputError(f"{where}: activations.fallback must be dynamic-block or none, not "
+    if a.fallback not in ("dynamic-block", "dynamic-token", "none"):
+        raise BadInputError(f"{where}: activations.fallback must be dynamic-block, dynamic-token "
+                            f"or none, not "
                             f"{a.fallback!r}.", "")
     mp = recipe.mixed_precision
     if mp.avg_bits is not None and mp.max_ppl_increase is not None:

@@ -94,6 +94,13 @@ def check_recipe(recipe: "Recipe", target: Target, layer_names: list[str] | None
             raise TargetError(f"{where}: activation mode {act!r} quantizes per block of the "
                               "weight groups, and the weights are per-channel.",
                               "Set weights.group_size (e.g. 32).")
+        fallback = recipe.activations.fallback
+        if act == "static" and fallback == "dynamic-token" and \
+                fallback not in caps.activation_modes.get(8, frozenset()):
+            raise TargetError(f"{where}: target {target.name!r} has no per-token dynamic "
+                              "activations for the static fallback (activations.fallback = "
+                              "\"dynamic-token\").",
+                              "Use activations.fallback = \"dynamic-block\" or \"none\".")
         if act not in caps.activation_modes[w.bits]:
             raise TargetError(f"{where}: target {target.name!r} cannot run {w.bits}-bit weights "
                               f"with activation mode {act!r}.",

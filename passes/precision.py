@@ -4,9 +4,10 @@ For every site the recipe (after per-layer overrides) gives the weight spec and 
 mode. For static activations the calibration statistics of the site's input give the range
 [lo, hi] (by the recipe's method) and the estimated SQNR of the layer output when the input is
 quantized per tensor (:func:`output_sqnr_db`); an input below ``min_sqnr_db`` is
-outlier-dominated, and its
-layer gets the recipe's fallback (int8 per block of input channels computed at run time, or float
-activations), with the measured reason written to the plan. The plan is stored on the node
+outlier-dominated, and its layer gets the recipe's fallback (int8 per token or per block of input
+channels computed at run time, or float activations), with the measured reason written to the
+plan. The per-token fallback is itself checked on the calibration rows: a layer whose per-token
+output SQNR is still below the threshold gets int8 per block. The plan is stored on the node
 (``lbcc.plan`` metadata) and in the report's per-layer table; later passes only execute it.
 """
 
@@ -53,18 +54,29 @@ def output_sqnr_db(obs: Any, lo: float, hi: float, site: Any) -> float:
     return sqnr_db(float((ms * r).sum()), obs.quant_noise(lo, hi) * float(r.sum()))
 
 
+def fake_quant_per_token(x: np.ndarray) -> np.ndarray:
+    """Symmetric int8 per row (token): s_t = max_k |x_tk| / 127, x_tk -> s_t round(x_tk / s_t)."""
+    s = np.abs(x).max(axis=-1, keepdims=True) / 127.0
+    s = np.where(s > 0, s, 1.0)
+    return np.rint(x / s) * s
+
+
 def measured_output_sqnr_db(rows: np.ndarray, lo: float, hi: float, site: Any,
-                            weight: dict[str, Any]) -> float:
+                            weight: dict[str, Any], per_token: bool = False) -> float:
     """Output SQNR of the layer run W8A8 on calibration ``rows``: the input fake-quantized to
-    uint8 on [lo, hi], the weight to its planned integer grid (per channel, symmetric)."""
+    uint8 on [lo, hi] (or, ``per_token``, to int8 per row at run time), the weight to its planned
+    integer grid (per channel, symmetric)."""
     from lbcc.numerics import quantize_weight
 
     w = site.weight.const_value.numpy().astype(np.float32)
     w = w if site.kind == "matmul" else w.T  # as [K, N]
     x = rows.astype(np.float32)
-    step = (hi - lo) / 255.0 or 1.0
-    zp = np.clip(np.rint(-lo / step), 0, 255)
-    xq = (np.clip(np.rint(x / step) + zp, 0, 255) - zp) * step
+    if per_token:
+        xq = fake_quant_per_token(x)
+    else:
+        step = (hi - lo) / 255.0 or 1.0
+        zp = np.clip(np.rint(-lo / step), 0, 255)
+        xq = (np.clip(np.rint(x / step) + zp, 0, 255) - zp) * step
     wq = quantize_weight(w.T, bits=weight.get("value_bits", weight["bits"]), block_size=None,
                          symmetric=True).dequantize().T
     ref = x @ w
@@ -89,7 +101,7 @@ class SelectPrecision(Pass):
     def _value_bits(self, w: Any, weight: dict[str, Any], activation: str) -> int:
         """Bits of the integer grid a weight actually uses: 7 for saturation-safe int8 weights
         of uint8-activation layers on targets that are exact only on [-64, 63], else its bits."""
-        if (activation in ("static", "dynamic") and w.saturation_safe and weight["bits"] == 8
+        if (activation in ("static", "dynamic", "dynamic-token") and w.saturation_safe and weight["bits"] == 8
                 and weight["symmetric"] and self.int8_weight_max_exact < 127):
             return 7
         return weight["bits"]
@@ -158,15 +170,27 @@ class SelectPrecision(Pass):
                     plan["input_sqnr_db"] = round(obs.sqnr_db(lo, hi), 2)
                     plan["outliers"] = obs.outlier_summary()
                     if sqnr < acts.min_sqnr_db:
-                        plan["activation"] = acts.fallback
+                        fallback, why_not_token = acts.fallback, ""
+                        if fallback == "dynamic-token" and obs.rows is not None:
+                            tok = measured_output_sqnr_db(
+                                obs.rows, lo, hi, site,
+                                {**weight,
+                                 "value_bits": self._value_bits(w, weight, "dynamic-token")},
+                                per_token=True)
+                            plan["token_sqnr_db"] = round(tok, 2)
+                            if tok < acts.min_sqnr_db:
+                                fallback = "dynamic-block"
+                                why_not_token = (f"; per-token int8 measured {tok:.1f} dB, "
+                                                 "below it too")
+                        plan["activation"] = fallback
                         plan["reason"] = (
                             f"input is outlier-dominated: {plan.get('sqnr_criterion', 'estimated')} "
                             f"output SQNR with per-tensor "
                             f"uint8 input {sqnr:.1f} dB < {acts.min_sqnr_db} dB (input abs-max "
                             f"{plan['outliers'].get('absmax', 0):.1f} = "
                             f"{plan['outliers'].get('max_over_median', 0):.0f}x the median "
-                            f"channel); kept at {acts.fallback}")
-                        if acts.fallback == "dynamic-block":
+                            f"channel){why_not_token}; kept at {fallback}")
+                        if fallback == "dynamic-block":
                             plan["weight"] = {**weight, "group_size": acts.fallback_group_size,
                                               "bits": 8}
             value_bits = self._value_bits(w, plan["weight"], plan["activation"])

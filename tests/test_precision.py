@@ -198,3 +198,89 @@ def test_auto_preset_measures_and_follows_the_outlier_report(tmp_path):
     for p in plans:
         if "range" in p:
             assert (p["activation"] == "static") == (p["sqnr_db"] >= 25.0)
+
+
+def _single_matmul(tmp_path, x, w):
+    """One MatMul ``y = x @ w`` (x [1, S, K]) saved to disk, with ``x`` as its calibration."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    s, k = x.shape[1:]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, s, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, s, w.shape[1]])],
+        [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "one.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    np.savez(tmp_path / "one_calib.npz", x=x)
+    return path, NpzFeed(tmp_path / "one_calib.npz")
+
+
+def _token_fallback_recipe():
+    recipe = preset("w8a8")
+    recipe.activations.fallback = "dynamic-token"
+    recipe.activations.criterion = "measured"
+    return recipe
+
+
+def test_token_outliers_fall_back_to_exact_per_token_int8(tmp_path):
+    """Massive activations in a few tokens (the attention-sink position) ruin one per-tensor
+    scale; the per-token fallback quantizes each row on its own range, and ORT's integer kernel
+    then computes exactly sum_k (u_tk - 128) (q_kn) * s_t * s_n."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 64, 64)).astype(np.float32)
+    x[:, 0, 5] = 100.0  # the first token of every sample carries a massive activation
+    w = (0.1 * rng.standard_normal((64, 24))).astype(np.float32)
+    w[5] /= 100.0  # which the weights damp: that token's output is an ordinary one
+    path, feed = _single_matmul(tmp_path, x, w)
+    result = lbcc.compile(str(path), recipe=_token_fallback_recipe(), calibration=feed,
+                          progress=False)
+    plan = next(r for r in result.report.layers if r["node"] == "proj")
+    assert plan["plan"]["activation"] == "dynamic-token"
+    assert plan["plan"]["token_sqnr_db"] >= 22.0 > plan["plan"]["sqnr_db"]
+    assert "MatMulIntegerToFloat" in plan["lowered_to"]
+    mm = next(n for n in result.model.graph if n.op_type == "MatMulIntegerToFloat")
+    q = mm.inputs[1].const_value.numpy().astype(np.int64) - 128  # uint8 storage of int8
+    s_w = mm.inputs[3].const_value.numpy().astype(np.float64)
+    assert mm.inputs[1].const_value.dtype == lbcc_uint8() and np.abs(q).max() == 127
+    xs = x[0].astype(np.float32)
+    s_t = np.maximum(np.abs(xs).max(axis=-1, keepdims=True) * np.float32(1 / 127),
+                     np.float32(1e-30))
+    u = np.rint(xs / s_t)
+    exact = (u.astype(np.float64) @ q) * s_t * s_w
+    got = M.run_ort(result.model, {"x": x[:1]})[0][0]
+    assert M.rel_err(exact, got) < 1e-5
+    static = preset("w8a8")
+    static.activations.min_sqnr_db = -1e9  # all static, whatever the SQNR
+    forced = lbcc.compile(str(path), recipe=static, calibration=feed, progress=False)
+    ref = x[0] @ w
+    assert M.rel_err(ref, got) < 0.3 * M.rel_err(ref, M.run_ort(forced.model,
+                                                                 {"x": x[:1]})[0][0])
+
+
+def lbcc_uint8():
+    import onnx_ir as ir
+
+    return ir.DataType.UINT8
+
+
+def test_channel_outliers_skip_the_per_token_fallback(tmp_path):
+    """A massive channel in every token defeats per-token scales as much as per-tensor ones:
+    the measured per-token SQNR is below the threshold too, and the layer gets per-block int8."""
+    x = _outlier_inputs()
+    np.savez(tmp_path / "calib.npz", x=x)
+    result = lbcc.compile(_outlier_model(), recipe=_token_fallback_recipe(),
+                          calibration=NpzFeed(tmp_path / "calib.npz"), progress=False)
+    first = next(r for r in result.report.layers if r["layer"] == "fc1")["plan"]
+    assert first["activation"] == "dynamic-block"
+    assert first["token_sqnr_db"] < 22.0 and "per-token" in first["reason"]
+
+
+def test_targets_without_per_token_activations_refuse_that_fallback():
+    from lbcc.errors import TargetError
+    from lbcc.target import check_recipe, get_target
+
+    check_recipe(_token_fallback_recipe(), get_target("ort-int8"))
+    with pytest.raises(TargetError, match="per-token"):
+        check_recipe(_token_fallback_recipe(), get_target("c"))

@@ -3,7 +3,8 @@
 Static W8A8 is emitted as QDQ (uint8 activations per tensor, int8 weights per channel, stored as
 uint8 + 128 when the recipe is saturation-safe, see ``lowering``), which
 ONNX Runtime fuses into ``MatMulIntegerToFloat`` at load; per-tensor dynamic W8A8 as
-``DynamicQuantizeMatMul``; grouped weights (4-bit, or 8-bit with per-block dynamic activations)
+``DynamicQuantizeMatMul``; per-token dynamic W8A8 as ``MatMulIntegerToFloat`` on a
+per-row quantized input; grouped weights (4-bit, or 8-bit with per-block dynamic activations)
 as ``MatMulNBits`` with ``accuracy_level=4`` (activations quantized to int8 per block inside the
 kernel) and ``GatherBlockQuantized`` for the embedding.
 """
@@ -26,12 +27,13 @@ class OrtInt8Target:
     capabilities = Capabilities(
         weight_bits=frozenset({4, 8}),
         weight_granularity={8: frozenset({None}) | GROUPS, 4: GROUPS},
-        activation_modes={8: frozenset({"static", "dynamic", "dynamic-block", "none"}),
+        activation_modes={8: frozenset({"static", "dynamic", "dynamic-block", "dynamic-token",
+                                        "none"}),
                           4: frozenset({"none", "dynamic-block"})},
         activation_dtype="uint8",
         quantizable_ops=frozenset({"MatMul", "Gemm", "Gather"}),
         weight_layout_for_mode={"static": "channel", "dynamic": "channel",
-                                "dynamic-block": "group"},
+                                "dynamic-token": "channel", "dynamic-block": "group"},
     )
 
     def passes(self, recipe: Any) -> list:

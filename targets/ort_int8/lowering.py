@@ -16,6 +16,10 @@ Patterns (W stored as produced by ``round-weights-rtn``; x float; q int):
   same int8 table the lm_head uses when the two are tied.
 - static QDQ (``MatMul(DQ(Q(x)), DQ(q[K,N] int8, axis=1))``) is left as it is: ONNX Runtime fuses
   it into ``MatMulIntegerToFloat`` at load time.
+- per-token dynamic activations (plan ``dynamic-token``, per-channel int8 weights):
+  ``s = max(ReduceMax(|x|, -1) / 127, tiny)``, ``u = QuantizeLinear(x / s, 1, 128)`` (uint8, once
+  per input tensor), ``y = MatMulIntegerToFloat(u, q, 1, w_scale, 128, zp) * s``: ONNX Runtime's
+  integer kernel with the per-row scale applied after it (its own scales are per tensor).
 - ``uint8_weights`` (the recipe's ``weights.saturation_safe``): the int8 weights of static and
   dynamic per-tensor layers are stored as ``q + 128`` (uint8) with zero point 128. The value
   ``DQ`` gives is unchanged; ONNX Runtime then runs u8 x u8 kernels, which widen both operands
@@ -90,6 +94,9 @@ class LowerORT(Pass):
         layers = self.context.notes.setdefault("layers", {})
         self._nbits: dict[int, dict[str, Any]] = {}  # id(DQ node) -> MatMulNBits initializers
         self._transposed_int8: dict[int, ir.Value] = {}  # id(DQ node) -> its q^T [K, N]
+        self._per_token: dict[int, tuple[ir.Value, ir.Value]] = {}  # id(x) -> (uint8 x, scale)
+        self._consts: dict[str, ir.Value] = {}
+        self._graph = graph
 
         def bump(key: str, node: ir.Node, lowered_to: str) -> None:
             counts[key] = counts.get(key, 0) + 1
@@ -111,6 +118,10 @@ class LowerORT(Pass):
                 elif plan.get("activation") == "dynamic":
                     self._to_dynamic_quantize_matmul(graph, node, dq, transposed)
                     bump("DynamicQuantizeMatMul", node, "com.microsoft::DynamicQuantizeMatMul")
+                elif plan.get("activation") == "dynamic-token":
+                    self._to_per_token_matmul(graph, node, dq, transposed)
+                    bump("per-token MatMulIntegerToFloat", node,
+                         "per-token int8 -> com.microsoft::MatMulIntegerToFloat")
                 elif transposed:
                     self._untranspose(graph, node, dq)
                     bump("QDQ MatMul (transposed weight re-stored)", node,
@@ -142,7 +153,8 @@ class LowerORT(Pass):
     def _offset_weight(self, node: ir.Node) -> bool:
         """Whether this MatMul's int8 weight is stored as uint8 (see the module docstring)."""
         plan = plan_of(node) or {}
-        return self.uint8_weights and plan.get("activation") in ("static", "dynamic")
+        return self.uint8_weights and plan.get("activation") in ("static", "dynamic",
+                                                                  "dynamic-token")
 
     @staticmethod
     def _uint8_parts(graph: ir.Graph, base: str, q: np.ndarray, zp: np.ndarray | None,
@@ -237,6 +249,77 @@ class LowerORT(Pass):
             self._transposed_int8[id(dq)] = qv
         new = ir.node("DynamicQuantizeMatMul", inputs, domain=MS, name=f"{node.name}_dqmm")
         self._replace(graph, node, new)
+
+    # --- per-token dynamic int8
+    def _token_quantize(self, graph: ir.Graph, node: ir.Node) -> tuple[ir.Value, ir.Value]:
+        """(uint8 x with zero point 128, per-row scale [..., 1]) of ``node``'s input, made once
+        per input tensor and inserted before its first quantized consumer."""
+        x = node.inputs[0]
+        if id(x) in self._per_token:
+            return self._per_token[id(x)]
+        base = x.name or node.name
+        const = self._shared_const
+        nodes = [ir.node("Abs", [x])]
+        nodes.append(ir.node("ReduceMax", [nodes[-1].outputs[0],
+                                           const("per_token_axes", np.array([-1], np.int64))],
+                             attributes={"keepdims": 1}))
+        nodes.append(ir.node("Mul", [nodes[-1].outputs[0],
+                                     const("per_token_inv127", np.array(1 / 127, np.float32))]))
+        nodes.append(ir.node("Max", [nodes[-1].outputs[0],
+                                     const("per_token_tiny", np.array(1e-30, np.float32))],
+                             name=f"{base}_token_scale"))
+        scale = nodes[-1].outputs[0]
+        nodes.append(ir.node("Div", [x, scale]))
+        nodes.append(ir.node("QuantizeLinear", [nodes[-1].outputs[0],
+                                                const("per_token_one", np.array(1, np.float32)),
+                                                const("per_token_zero_point",
+                                                      np.array(128, np.uint8))],
+                             name=f"{base}_token_quantize"))
+        for n in nodes:
+            copy_identity(node, n)
+        graph.insert_before(node, nodes)
+        self._per_token[id(x)] = (nodes[-1].outputs[0], scale)
+        return self._per_token[id(x)]
+
+    def _to_per_token_matmul(self, graph: ir.Graph, node: ir.Node, dq: ir.Node,
+                             transposed: bool) -> None:
+        q, scale, zp, axis, _ = _dq_parts(dq)
+        if transposed:  # stored [N, K] with one scale per row
+            q, zp = q.T, (zp.T if zp is not None else None)
+        if q.dtype != np.int8 or zp is not None and np.any(zp != 0):
+            raise TargetError(f"layer {layer_name(node)!r}: per-token activations need "
+                              "symmetric int8 weights.", "Use symmetric 8-bit weights.")
+        base = dq.inputs[0].name.removesuffix("_q")
+        n = q.shape[1]
+        if self._offset_weight(node):
+            qv, zpv = self._uint8_parts(graph, f"{base}_tok", np.ascontiguousarray(q), None, n)
+        else:
+            qv = add_initializer(graph, f"{base}_tok", np.ascontiguousarray(q))
+            zpv = add_initializer(graph, f"{base}_tok_zero_point", np.zeros(n, np.int8))
+        if transposed:
+            self._transposed_int8[id(dq)] = qv
+        xq, s = self._token_quantize(graph, node)
+        one = self._shared_const("per_token_one", np.array(1, np.float32))
+        x_zp = self._shared_const("per_token_zero_point", np.array(128, np.uint8))
+        w_scale = add_initializer(graph, f"{base}_tok_scale",
+                                  np.ascontiguousarray(scale.reshape(-1), np.float32))
+        mm = ir.node("MatMulIntegerToFloat", [xq, qv, one, w_scale, x_zp, zpv], domain=MS,
+                     name=f"{node.name}_token")
+        mul = ir.node("Mul", [mm.outputs[0], s], name=f"{node.name}_token_scale")
+        for n in (mm, mul):
+            copy_identity(node, n)
+        for k, v in node.metadata_props.items():  # the plan stays with the integer MatMul
+            if k.startswith("lbcc."):
+                mm.metadata_props[k] = v
+        mm.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        graph.insert_before(node, [mm, mul])
+        self._swap_output(graph, node, mul)
+
+    def _shared_const(self, name: str, value: np.ndarray) -> ir.Value:
+        """One initializer per name for the small constants every per-token layer uses."""
+        if name not in self._consts:
+            self._consts[name] = add_initializer(self._graph, name, value)
+        return self._consts[name]
 
     # --- tied per-channel int8: store q^T so the QDQ MatMul pattern is the plain one
     def _untranspose(self, graph: ir.Graph, node: ir.Node, dq: ir.Node) -> None:
