@@ -111,7 +111,7 @@ LARGE_MM_CONFIGS = ([_mm(bm, bn, sk, nw, ns, swap=sw)
                            (64, 128, 4, 4, 4, False, True), (64, 128, 2, 4, 4, False, True),
                            (128, 64, 4, 4, 4, False, True), (64, 256, 4, 8, 3, False, True),
                            (128, 128, 4, 8, 3, True, True), (128, 128, 1, 8, 3, False, True),
-                           (128, 256, 1, 8, 3, False, True), (256, 128, 1, 8, 3, False, True),
+                           (128, 256, 1, 8, 3, False, True),
                            (128, 128, 1, 8, 4, False, True))]
                     # two programs an SM (shared memory of 2 stages, registers capped): one
                     # dequantizes while the other's product runs
