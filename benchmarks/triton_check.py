@@ -3,7 +3,8 @@
     python benchmarks/triton_check.py
 
 Every kernel form (GEMV with and without split-K, tiled with and without SWAP and split-K, the
-dequantize kernel behind dequant+cublas) on 4- and 8-bit, symmetric and asymmetric, several
+natural-order tiled kernel with and without float16-pair dequantization, the dequantize kernel
+behind dequant+cublas) on 4- and 8-bit, symmetric and asymmetric, several
 group sizes, K a multiple of the chunk or not; relative Frobenius error against float32 math on
 the same dequantized weights (< 2e-3 passes). Prints one line per case and a summary; exits 1
 on a failure. Runs in a few seconds (the compilation dominates).
@@ -38,7 +39,11 @@ def main() -> int:
             ops._mm(16, 64, 2, 4, 3),
             ops._mm(16, 64, 1, 4, 3, swap=True), ops._mm(64, 128, 1, 4, 4),
             ops._mm(128, 128, 1, 8, 3, swap=True), ops._mm(16, 128, 2, 4, 3, cat=True),
-            ops._mm(128, 128, 2, 8, 3, swap=True, cat=True), {"kind": "dequant+cublas"}]
+            ops._mm(128, 128, 2, 8, 3, swap=True, cat=True), ops._nat(64, 128, 1, 4, 4),
+            ops._nat(128, 128, 2, 8, 3, h2=True), ops._nat(128, 256, 4, 8, 3, h2=True),
+            ops._nat(128, 128, 2, 8, 3, swap=True, h2=True), ops._nat(16, 64, 1, 4, 3),
+            ops._dqmm(), ops._dqmm(64, 128, 4), ops._dqmm(4, 2048, 4),
+            ops._nat(128, 128, 4, 8, 2, h2=True, maxnreg=128)]
     for bits, group, sym, n, k in cases:
         w = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
         codes, s, z = quantize_gpu(w, bits, group, sym)
@@ -54,8 +59,8 @@ def main() -> int:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             ref = x.float() @ wref.t() + bias.float()
             for cfg in cfgs:
-                if cfg["kind"] == "gemv" and (m > 16 or not ops._fits(cfg, qw.shape[1], bits,
-                                                                        group)):
+                if ((cfg["kind"] == "gemv" and m > 16)
+                        or not ops._fits(cfg, qw.shape[1], bits, group)):
                     continue
                 try:
                     y = ops.wq_linear(x, qw, s, z, bits, group, bias=bias, config=cfg)

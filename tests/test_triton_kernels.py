@@ -82,20 +82,44 @@ def _ref_linear(x, codes, s, z, bits, group, bias=None):
     return y if bias is None else y + bias
 
 
+def test_dequant_kernel_tiles():
+    """The natural-order dequantization with other tiles (K a multiple of the tile: the
+    unmasked form; a tile of 2 groups), and dequant + matmul through it."""
+    rng = np.random.default_rng(5)
+    n, k, group = 32, 256, 64
+    codes, s, z, (qw, st, zt) = packed(rng, n, k, 4, group, False)
+    ref = packing.dequantize(codes, s, z, 4, group)
+    for bn, bk in ((16, 128), (32, 256), (8, 64)):
+        w = ops.dequantize(qw, st, zt, 4, group, k, block_n=bn, block_k=bk).numpy()
+        np.testing.assert_array_equal(w.view(np.uint16), ref.view(np.uint16))
+    x = rng.standard_normal((3, k)).astype(np.float16)
+    bias = rng.standard_normal(n).astype(np.float16)
+    y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, group, bias=torch.from_numpy(bias),
+                      config=ops._dqmm(8, 128, 4))
+    assert rel_err(y.float().numpy(), _ref_linear(x, codes, s, z, 4, group, bias)) < FLOAT_TOL
+
+
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
 @pytest.mark.parametrize("kind", ["gemv", "gemv-split", "mm", "mm-split", "mm-swap",
-                                  "mm-cat", "mm-cat-swap"])
+                                  "mm-cat", "mm-cat-swap", "nat", "nat-split", "nat-swap",
+                                  "nat-h2", "nat-h2-swap"])
 def test_wq_linear(bits, symmetric, kind):
+    if "h2" in kind and bits != 4:
+        pytest.skip("float16-pair dequantization: 4-bit only")
     rng = np.random.default_rng(7 * bits + symmetric)
     m = 1 if kind.startswith("gemv") else 5
-    n, k, group = 40, 200, 64
+    n, k = 40, 200
+    group = 128 if "h2" in kind else 64
     codes, s, z, (qw, st, zt) = packed(rng, n, k, bits, group, symmetric)
     x = rng.standard_normal((m, k)).astype(np.float16)
     bias = rng.standard_normal(n).astype(np.float16)
     split = 2 if kind.endswith("split") else 1
-    cfg = (ops._gemv(16, 2 // split, split, 4, pf=split == 1) if kind.startswith("gemv")
-           else ops._mm(16, 16, split, 4, 2, gm=2, swap=kind.endswith("swap"),
-                        cat="cat" in kind))
+    if kind.startswith("gemv"):
+        cfg = ops._gemv(16, 2 // split, split, 4, pf=split == 1)
+    elif kind.startswith("nat"):
+        cfg = ops._nat(16, 16, split, 4, 2, gm=2, swap=kind.endswith("swap"), h2="h2" in kind)
+    else:
+        cfg = ops._mm(16, 16, split, 4, 2, gm=2, swap=kind.endswith("swap"), cat="cat" in kind)
     y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, bits, group,
                       bias=torch.from_numpy(bias), config=cfg)
     assert y.shape == (m, n) and y.dtype == torch.float16
@@ -111,7 +135,8 @@ def test_wq_gemv_groups(group):
     codes, s, z, (qw, st, zt) = packed(rng, n, k, 4, group, False)
     x = rng.standard_normal((2, k)).astype(np.float16)
     for cfg in (ops._gemv(8, 2, 1, 4, pf=False), ops._gemv(4, 1, 2, 4),
-                ops._mm(16, 16, 1, 4, 2), ops._mm(16, 16, 1, 4, 2, cat=True)):
+                ops._mm(16, 16, 1, 4, 2), ops._mm(16, 16, 1, 4, 2, cat=True),
+                ops._nat(16, 16, 1, 4, 2)):
         y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, group, config=cfg)
         assert rel_err(y.numpy(), _ref_linear(x, codes, s, z, 4, group)) < FLOAT_TOL
 

@@ -16,6 +16,13 @@ All weight-only kernels read the one packed layout of :mod:`packing` (``qweight`
   weights as :func:`packing.dequantize`), one K=16 product per plane (or, CAT, the planes joined
   back into k order for one K=C product), ``tl.dot`` accumulates in float32; optional split-K
   (float16 atomic adds into a zeroed output) and SWAP (``y^T = W x^T``).
+* :func:`_wq_mm_nat_kernel` (M ~ 64 and up): one chunk a step in natural k order (each element
+  takes its own word and field, so no join / permute), optionally dequantized as float16 pairs
+  (:func:`_deq_pair_h2`, ``lop3`` + ``sub.f16x2`` + ``mul.f16x2``: the same weights bit for
+  bit), one K = C ``tl.dot`` a step; split-K, grouped tile order, a register cap for two
+  programs an SM.
+* :func:`_dequant_nat_kernel`: float16 ``W`` in natural k order (the dequantize + cuBLAS path
+  for large M), vector loads and 16-byte stores, no shuffles.
 * :func:`_quant_rows_kernel` (W8A8): per-token dynamic int8 activations, optionally fused with
   RMSNorm: ``h = x * rsqrt(mean(x^2) + eps) * gamma``; ``s_m = max_k |h| / 127``,
   ``q = rint(h * (127 / max_k |h|))`` (round half to even), int8.
@@ -381,6 +388,124 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
 
 
 @triton.jit
+def _deq_pair_h2(v, zz, s, ASM: tl.constexpr):
+    """4-bit: the float16 weights of bit fields 0 and 4 of ``v`` (a word shifted right by
+    4 jp), ``((1024 + u) - (1024 + z)) * s`` for each: one ``lop3`` makes the pair
+    1024 + u (Marlin-style), one ``sub.f16x2`` the exact ``u - z``, one ``mul.f16x2`` the one
+    rounding, so the weights are bit-identical to :func:`packing.dequantize`. ``zz`` = float16
+    1024 + z, ``s`` = float16 scale. Returns (field 0, field 4)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, zz2, ss2;
+            mov.b32 zz2, {$3, $3};
+            mov.b32 ss2, {$4, $4};
+            lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA;
+            sub.f16x2 t, t, zz2;
+            mul.rn.f16x2 t, t, ss2;
+            mov.b32 {$0, $1}, t;
+            }""",
+            "=h,=h,r,h,h", [v, zz, s], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        lo = ((v & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (((v >> 16) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return (lo - zz) * s, (hi - zz) * s
+
+
+@triton.jit
+def _wq_mm_nat_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+                      M, N, K, KW, G, stride_xm, stride_ym,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
+                      EVEN_K: tl.constexpr, H2: tl.constexpr = False, ASM: tl.constexpr = False):
+    # The tiled form for M >= ~64: one chunk (C = 16 * 32 / BITS k) a step, its weights
+    # dequantized in *natural* k order as a [BLOCK_N, E, 16] tile (plane j of the chunk's 16
+    # words: each element takes its own word, so no join / permute / shuffle; the E threads that
+    # share a word read it from L1) viewed as [BLOCK_N, C]: one K = C tensor-core product a step
+    # with the [BLOCK_M, C] activation tile, which the pipeliner stages in shared memory
+    # (num_stages). Scales and zero points are read once per group. Grouped tile order
+    # (GROUP_M row tiles share a column tile in L2), optional split-K (float16 atomic adds into
+    # a zeroed output) and SWAP (y^T = W x^T).
+    E: tl.constexpr = 32 // BITS
+    C: tl.constexpr = 16 * E
+    MASK: tl.constexpr = (1 << BITS) - 1
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    PG: tl.constexpr = GROUP // 16 if GROUP // 16 < E else E  # planes per scale
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.where(offs_m < M, offs_m, 0)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    offs_i = tl.arange(0, 16)
+    offs_j = tl.arange(0, E)
+    offs_c = tl.arange(0, C)
+    sh = (offs_j * BITS)[None, :, None]
+    steps = KW // 16
+    per_split = tl.cdiv(steps, SPLIT_K)
+    st0 = pid_k * per_split
+    st1 = tl.minimum(st0 + per_split, steps)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    w_rows = qw_ptr + rn[:, None, None] * KW + offs_i[None, None, :]
+    for st in range(st0, st1):
+        kc = st * C + offs_c
+        if EVEN_K:
+            a = tl.load(x_rows + kc[None, :])
+        else:
+            a = tl.load(x_rows + kc[None, :], mask=kc[None, :] < K, other=0.0)
+        words = tl.load(w_rows + st * 16)                                 # [BN, 1, 16]
+        if H2:  # 4-bit, one group a chunk or more: fields jp and jp + 4 as float16 pairs
+            g = (st * C) // GROUP
+            s = tl.load(s_ptr + rn * G + g)[:, None, None]
+            if HAS_ZERO:
+                zz = tl.load(z_ptr + rn * G + g).to(tl.float16)[:, None, None] + 1024.0
+            else:
+                zz = tl.full([BLOCK_N, 1, 1], 1024.0 + HALF, tl.float16)
+            v = words >> (tl.arange(0, 4) * 4)[None, :, None]              # [BN, 4, 16]
+            lo, hi = _deq_pair_h2(v, zz.broadcast_to(v.shape), s.broadcast_to(v.shape), ASM)
+            w = tl.permute(tl.join(lo, hi), (0, 3, 1, 2))                 # [BN, 2, 4, 16]
+        else:
+            u = (words >> sh) & MASK                                      # [BN, E, 16]
+            h = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)    # 1024 + u, exact
+            if PG == E:  # one group (or more) a chunk: one scale a row
+                g = (st * C) // GROUP
+                s = tl.load(s_ptr + rn * G + g)[:, None, None]
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + rn * G + g).to(tl.float16)[:, None, None]
+            else:  # PG planes a group
+                gj = (st * C + offs_j * 16) // GROUP
+                s = tl.load(s_ptr + rn[:, None] * G + gj[None, :])[:, :, None]
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + rn[:, None] * G + gj[None, :]).to(tl.float16)[:, :, None]
+            if HAS_ZERO:
+                w = (h - (z + 1024.0)) * s
+            else:
+                w = (h - (1024.0 + HALF)) * s
+        w = tl.reshape(w, (BLOCK_N, C))                                   # natural k order
+        if SWAP:
+            acc = tl.dot(w, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+    if SWAP:
+        acc = tl.trans(acc)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    out = acc.to(y_ptr.dtype.element_ty)
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(ptrs, out, mask=mask)
+    else:
+        tl.atomic_add(ptrs, out, mask=mask)
+
+
+@triton.jit
 def _quant_rows_kernel(x_ptr, gamma_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, eps,
                        HAS_NORM: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per row. BLOCK_K >= K: the row is read once and kept in registers;
@@ -455,25 +580,48 @@ def _w8a8_matmul_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K,
 
 
 @triton.jit
-def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, G,
-                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """float16 ``W[n, k] = (u - z) * s`` for ``k < K`` (the large-M path: W then cuBLAS); one
-    program per BLOCK_N rows and chunk (16 words)."""
+def _dequant_nat_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, G, stride_wn,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """float16 ``W[n, k] = (u - z) * s`` in natural k order, a ``[BLOCK_N, BLOCK_K]`` tile a
+    program (the large-M path: W, then cuBLAS), held as ``[BLOCK_N, groups, GROUP]``. Each
+    element reads its own word (word ``16 (k // C) + k % 16``, field ``(k % C) // 16``): a
+    thread's consecutive k are consecutive words (vector loads; the 32 // BITS threads that share
+    a word read it from L1) and its outputs consecutive halves (16-byte stores): no shuffle.
+    ``(u - z)`` exact, one rounding for ``* s``: bit-identical to :func:`packing.dequantize`."""
     E: tl.constexpr = 32 // BITS
     C: tl.constexpr = 16 * E
+    MASK: tl.constexpr = (1 << BITS) - 1
+    NG: tl.constexpr = BLOCK_K // GROUP
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = tl.where(offs_n < N, offs_n, 0)
-    st = tl.program_id(1)
-    offs_i = tl.arange(0, 16)
-    words = tl.load(qw_ptr + rn[:, None] * KW + (st * 16 + offs_i)[None, :])
-    for j in tl.static_range(E):
-        g = (st * C + j * 16) // GROUP
-        s = tl.load(s_ptr + rn * G + g)
-        w = _plane_half(words, j, z_ptr + rn * G + g, BITS, HAS_ZERO) * s[:, None]
-        kk = st * C + j * 16 + offs_i
-        mask = (offs_n[:, None] < N) & (kk[None, :] < K)
-        tl.store(w_ptr + offs_n[:, None] * K + kk[None, :], w, mask=mask)
+    g = tl.program_id(1) * NG + tl.arange(0, NG)
+    rn = tl.where(offs_n < N, offs_n, 0)[:, None, None]
+    k = g[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]      # [1, NG, GROUP]
+    widx = (k // C) * 16 + k % 16
+    sh = ((k % C) // 16) * BITS
+    sg = rn * G + g[None, :, None]                                          # [BN, NG, 1]
+    if EVEN:
+        words = tl.load(qw_ptr + rn * KW + widx)
+        s = tl.load(s_ptr + sg)
+    else:
+        words = tl.load(qw_ptr + rn * KW + widx, mask=widx < KW, other=0)
+        s = tl.load(s_ptr + sg, mask=g[None, :, None] < G, other=1.0)
+    u = (words >> sh) & MASK
+    h = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)             # 1024 + u, exact
+    if HAS_ZERO:
+        if EVEN:
+            z = tl.load(z_ptr + sg).to(tl.float16)
+        else:
+            z = tl.load(z_ptr + sg, mask=g[None, :, None] < G, other=0).to(tl.float16)
+        w = (h - (z + 1024.0)) * s
+    else:
+        w = (h - (1024.0 + (1 << (BITS - 1)))) * s
+    on = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None, None]
+    ptrs = w_ptr + on * stride_wn + k
+    if EVEN:
+        tl.store(ptrs, w)
+    else:
+        tl.store(ptrs, w, mask=(on < N) & (k < K))
 
 
 @triton.jit

@@ -39,6 +39,22 @@ def _mm(bm, bn, sk, nw, ns, gm=8, swap=False, cat=False):
             "SWAP": swap, "CAT": cat, "num_warps": nw, "num_stages": ns}
 
 
+def _nat(bm, bn, sk, nw, ns, gm=8, swap=False, h2=False, maxnreg=None):
+    """The natural-order tiled kernel (:func:`kernels._wq_mm_nat_kernel`); h2: float16-pair
+    dequantization (4-bit, groups of whole chunks); maxnreg: a register cap (so that two
+    programs fit on one SM: one dequantizes while the other's tensor-core product runs)."""
+    c = {"kind": "nat", "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": sk, "GROUP_M": gm,
+         "SWAP": swap, "H2": h2, "num_warps": nw, "num_stages": ns}
+    if maxnreg:
+        c["maxnreg"] = maxnreg
+    return c
+
+
+def _dqmm(bn=8, bk=1024, nw=4):
+    """Dequantize (natural order, :func:`kernels._dequant_nat_kernel`) then cuBLAS."""
+    return {"kind": "dequant+cublas", "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
+
+
 # GEMV (M = 1 .. 16): a program holds BLOCK_N rows x CHUNKS chunks of 16 words a step (each row
 # 64 * CHUNKS contiguous bytes a step), whole rows of K unless SPLIT_K > 1 (then float16 atomic
 # adds into a zeroed output: an extra memset). A thread's activations serve every row it holds
@@ -60,7 +76,8 @@ GEMV_CONFIGS = [_gemv(bn, ch, sk, nw, pf=pf) for bn, ch, sk, nw, pf in (
     # per weight
     _gemv(bn, ch, sk, nw, h2=True) for bn, ch, sk, nw in (
         (32, 8, 1, 8), (16, 4, 1, 4), (4, 16, 1, 4), (32, 4, 4, 4), (16, 4, 1, 2), (32, 4, 1, 4),
-        (8, 8, 1, 2), (32, 8, 2, 8))]
+        (8, 8, 1, 2), (32, 8, 2, 8), (8, 8, 1, 4), (16, 8, 1, 4), (8, 16, 1, 4), (16, 8, 1, 8),
+        (4, 8, 1, 2), (8, 4, 1, 2), (16, 8, 2, 4), (8, 8, 2, 2))]
 SMALL_MM_CONFIGS = ([_mm(16, bn, sk, nw, ns, swap=sw)
                      for bn in (64, 128) for sk in (1, 2, 4) for sw in (False, True)
                      for nw, ns in ((4, 3),)]
@@ -84,7 +101,24 @@ LARGE_MM_CONFIGS = ([_mm(bm, bn, sk, nw, ns, swap=sw)
                            (128, 128, 4, 8, 3, True), (128, 128, 2, 8, 3, False),
                            (128, 64, 4, 4, 4, True), (128, 256, 1, 8, 3, False),
                            (64, 128, 2, 4, 4, False))]
-                    + [{"kind": "dequant+cublas"}])
+                    # natural-order tiles, one K = C product a step (M ~ 128: one row tile
+                    # and split-K; large M: large tiles), float16-pair dequantization
+                    + [_nat(bm, bn, sk, nw, ns, swap=sw, h2=h2)
+                       for bm, bn, sk, nw, ns, sw, h2 in (
+                           (128, 128, 4, 8, 3, False, True), (128, 128, 2, 8, 3, False, True),
+                           (128, 128, 4, 8, 4, False, True), (128, 128, 4, 8, 3, False, False),
+                           (128, 256, 4, 8, 3, False, True), (128, 256, 2, 8, 3, False, True),
+                           (64, 128, 4, 4, 4, False, True), (64, 128, 2, 4, 4, False, True),
+                           (128, 64, 4, 4, 4, False, True), (64, 256, 4, 8, 3, False, True),
+                           (128, 128, 4, 8, 3, True, True), (128, 128, 1, 8, 3, False, True),
+                           (128, 256, 1, 8, 3, False, True),
+                           (128, 128, 1, 8, 4, False, True))]
+                    # two programs an SM (shared memory of 2 stages, registers capped): one
+                    # dequantizes while the other's product runs
+                    + [_nat(128, 128, sk, 8, 2, h2=True, maxnreg=128) for sk in (2, 4, 8)]
+                    # dequantize (natural order, long row tiles) then cuBLAS
+                    + [_dqmm(bn, bk, nw) for bn, bk, nw in (
+                        (8, 1024, 4), (4, 2048, 4), (8, 2048, 8), (16, 1024, 8), (64, 128, 4))])
 W8A8_CONFIGS = [{"kind": "w8a8", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
                  "num_warps": nw, "num_stages": ns}
                 for bm, bn, bk, nw, ns in ((16, 64, 128, 4, 4), (64, 64, 128, 4, 4),
@@ -100,8 +134,9 @@ DEFAULT_W8A8 = W8A8_CONFIGS[1]
 
 
 # Part of every tuning-table key: entries written for other kernels (other config fields) are
-# never read back. 2: the chunked-plane layout's GEMV / tiled configs (CHUNKS, SWAP, CAT, ...).
-TUNE_VERSION = 2
+# never read back. 2: the chunked-plane layout's GEMV / tiled configs (CHUNKS, SWAP, CAT, ...);
+# 3: natural-order tiles (kind nat) and tiled dequantization (dequant+cublas fields).
+TUNE_VERSION = 3
 
 
 def m_bucket(m: int) -> int:
@@ -234,8 +269,11 @@ def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, y, bits, group):
     even_k = k == kw * (32 // bits)
     kind = cfg["kind"]
     if kind == "dequant+cublas":
-        w = dequantize(qw, scales, zeros, bits, group, k)
-        return torch.addmm(bias, x, w.t(), out=y) if has_bias else torch.mm(x, w.t(), out=y)
+        # F.linear, not mm(..., out=y): on the H200 at M = 2048, 8192 x 8192 the out= form got a
+        # slower cuBLAS kernel (409 vs 363 µs); the caller takes the returned tensor
+        w = dequantize(qw, scales, zeros, bits, group, k, cfg.get("BLOCK_N", 8),
+                       cfg.get("BLOCK_K", 1024), cfg.get("num_warps", 4))
+        return torch.nn.functional.linear(x, w, bias)
     if cfg.get("SPLIT_K", 1) > 1:
         y.zero_()
     if kind == "gemv":
@@ -248,6 +286,17 @@ def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, y, bits, group):
                                 HALF2=cfg.get("HALF2", False), ASM=not _INTERPRET,
                                 num_warps=cfg["num_warps"],
                                 num_stages=cfg["num_stages"])
+    elif kind == "nat":
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+        K._wq_mm_nat_kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0),
+                                  y.stride(0), BITS=bits, GROUP=group, HAS_ZERO=has_zero,
+                                  HAS_BIAS=has_bias, BLOCK_M=cfg["BLOCK_M"],
+                                  BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
+                                  SPLIT_K=cfg["SPLIT_K"], SWAP=cfg.get("SWAP", False),
+                                  EVEN_K=even_k, H2=cfg.get("H2", False), ASM=not _INTERPRET,
+                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                  **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg
+                                     and not _INTERPRET else {}))
     else:
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         K._wq_matmul_kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0),
@@ -267,6 +316,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX in the i
 def _fits(cfg: dict, kw: int, bits: int = 4, group: int = 128) -> bool:
     """A GEMV step (CHUNKS x 16 words) divides the packed row, and the split leaves every part
     at least one step; HALF2 GEMVs take 4-bit codes in groups of whole chunks."""
+    if cfg["kind"] == "nat":
+        return not cfg.get("H2") or (bits == 4 and group % 128 == 0)
     if cfg["kind"] != "gemv":
         return True
     if cfg.get("HALF2") and (bits != 4 or group % 128):
@@ -305,19 +356,25 @@ def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
             return lambda c: [lambda q=q, s=s, z=z: _launch_wq(c, x2, q, s, z, bias, out, bits,
                                                                group) for q, s, z in sets]
         config = TUNER.pick(key, x.device, cands, default, make_fns)
-    _launch_wq(config, x2, qw, scales, zeros, bias, y, bits, group)
+    y = _launch_wq(config, x2, qw, scales, zeros, bias, y, bits, group)
     return y.reshape(*lead, n)
 
 
 def dequantize(qw: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-               group: int, k: int, block_n: int = 32) -> torch.Tensor:
-    """float16 ``W [N, k]`` from packed weights (bit-identical to ``packing.dequantize``)."""
+               group: int, k: int, block_n: int = 8, block_k: int = 1024, num_warps: int = 4,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """float16 ``W [N, k]`` from packed weights (bit-identical to ``packing.dequantize``), in
+    natural k order; ``out``: a ``[N, k]`` buffer with unit stride along k."""
     n, kw = qw.shape
-    w = torch.empty((n, k), dtype=torch.float16, device=qw.device)
-    grid = (triton.cdiv(n, block_n), kw // 16)
-    K._dequant_kernel[grid](qw, scales, zeros if zeros is not None else scales, w, n, k, kw,
-                            scales.shape[1], BITS=bits, GROUP=group, HAS_ZERO=zeros is not None,
-                            BLOCK_N=block_n)
+    w = torch.empty((n, k), dtype=torch.float16, device=qw.device) if out is None else out
+    bk = max(block_k, group) // group * group
+    kp = kw * (32 // bits)
+    even = k == kp and n % block_n == 0 and kp % bk == 0
+    grid = (triton.cdiv(n, block_n), triton.cdiv(kp, bk))
+    K._dequant_nat_kernel[grid](qw, scales, zeros if zeros is not None else scales, w, n, k, kw,
+                                scales.shape[1], w.stride(0), BITS=bits, GROUP=group,
+                                HAS_ZERO=zeros is not None, BLOCK_N=block_n, BLOCK_K=bk,
+                                EVEN=even, num_warps=num_warps)
     return w
 
 
