@@ -96,7 +96,7 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
         static = recipe.activations.mode == "static"  # layers below min_sqnr_db fall back
         passes.append(SmoothQuant(alpha=recipe.smoothing.alpha, step=recipe.smoothing.step,
                                   min_sqnr_db=recipe.activations.min_sqnr_db if static
-                                  else None))
+                                  else None, untie=recipe.smoothing.untie_lm_head))
     elif recipe.smoothing.method == "awq":
         context.keep_rows = max(context.keep_rows, 512)
         passes.append(AWQ(recipe))

@@ -100,6 +100,9 @@ class SmoothingSpec:
     method: str = "none"
     alpha: float | None = None
     step: float = 0.05
+    #: SmoothQuant: smooth a tied lm_head (final norm -> lm_head) on its own copy of the
+    #: embedding table; the model stores one more vocab x hidden int8 matrix
+    untie_lm_head: bool = True
 
 
 @dataclasses.dataclass

@@ -110,3 +110,78 @@ def test_w8a8_sq_preset_end_to_end(tmp_path):
     err_sq = M.rel_err(ref, np.concatenate([M.run_ort(r.model, {"x": s[None]})[0] for s in x]))
     err = M.rel_err(ref, np.concatenate([M.run_ort(plain.model, {"x": s[None]})[0] for s in x]))
     assert err_sq < err
+
+
+V = 160  # V x K above the constant folder's input limit (8192): the Transpose stays
+
+
+def tied_lm_model() -> onnx.ModelProto:
+    """ids -> Gather(E) + x -> RMSNorm(gamma) -> MatMul(Transpose(E)) -> logits: a tied lm_head
+    whose input has an outlier channel (gamma[3] large)."""
+    rng = np.random.default_rng(5)
+    table = (rng.standard_normal((V, K)) / 4).astype(np.float32)
+    gamma = (1.0 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+    gamma[3] = 25.0
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["emb"], name="embed"),
+             helper.make_node("Add", ["emb", "x"], ["h"], name="residual"),
+             helper.make_node("SimplifiedLayerNormalization", ["h", "gamma"], ["n"], axis=-1,
+                              epsilon=1e-5, name="final_norm"),
+             helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0], name="tie"),
+             helper.make_node("MatMul", ["n", "Et"], ["logits"], name="lm_head")]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 16]),
+                        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, K])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 16, V])],
+        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(gamma, "gamma")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def _tied_feed(tmp_path, samples: int = 8):
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "tied.npz", ids=rng.integers(0, V, (samples, 16)),
+             x=rng.standard_normal((samples, 16, K)).astype(np.float32))
+    return NpzFeed(tmp_path / "tied.npz")
+
+
+def test_tied_lm_head_is_smoothed_on_its_own_copy(tmp_path):
+    """untie: the lm_head gets diag(s) E^T as its own weight, the embedding keeps E; the float
+    model is unchanged and the W8A8 logits are more accurate than without smoothing it."""
+    assert not find_smooth_groups(capture(tied_lm_model()))[0]
+    groups, _ = find_smooth_groups(capture(tied_lm_model()), untie=True)
+    assert [g.consumers[0].name for g in groups] == ["lm_head"]
+    feed = _tied_feed(tmp_path)
+    ctx = PipelineContext(calibration=feed, progress=False, keep_rows=256)
+    ctx.analyses.providers[ACTIVATION_STATS] = compute_activation_stats
+    run = Pipeline([CaptureNormalize(), SmoothQuant(untie=True)], ctx).run(
+        capture(tied_lm_model()))
+    notes = run.records[-1].notes
+    assert notes["smoothed"] == 1 and notes["untied_weights"] == K * V
+    graph = run.model.graph
+    lm = next(n for n in graph if n.name == "lm_head")
+    assert lm.inputs[1].const_value is not None and "Transpose" not in M.op_counts(run.model)
+    embed = next(n for n in graph if n.op_type == "Gather")
+    np.testing.assert_array_equal(embed.inputs[0].const_value.numpy(),
+                                  numpy_helper.to_array(tied_lm_model().graph.initializer[0]))
+    feeds = {"ids": np.arange(16, dtype=np.int64)[None] % V,
+             "x": np.random.default_rng(7).standard_normal((1, 16, K)).astype(np.float32)}
+    ref = M.run_ort(tied_lm_model(), feeds)[0]
+    assert M.rel_err(ref, M.run_ort(run.model, feeds)[0]) < 1e-5
+
+    def w8a8(untie: bool):
+        from lbcc.recipes import preset
+
+        recipe = preset("w8a8-sq")
+        recipe.smoothing.untie_lm_head = untie
+        recipe.quantize_embedding = False
+        return lbcc.compile(tied_lm_model(), recipe=recipe, calibration=feed, progress=False)
+
+    untied, tied = w8a8(True), w8a8(False)
+    assert "untied" in json_dumps(untied.report.data)
+    assert M.rel_err(ref, M.run_ort(untied.model, feeds)[0]) < \
+        0.5 * M.rel_err(ref, M.run_ort(tied.model, feeds)[0])
+
+
+def json_dumps(data) -> str:
+    import json
+
+    return json.dumps(data, default=str)
