@@ -59,21 +59,11 @@ def graph_time_us(fns, calls: int | None = None, replays: int = 20) -> float:
         for f in fns:
             f()
     torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
+    g = ops.capture_graph(fns, calls)
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
+    times = ops.replay_times_us(g, calls, replays)
     del g
     return statistics.median(times)
 

@@ -266,6 +266,30 @@ class BisectResult:
         console.print(d["summary"], highlight=False, soft_wrap=True)
 
 
+def prepare_search(source: Any, preset: str | None, recipe: Any, target: str, calibration: Any,
+                   tokenizer: Any, group_size: int | None = None
+                   ) -> tuple[Recipe, Any, ir.Model, Any]:
+    """What a search over compiles of ``source`` starts from: (recipe, checked against the
+    target; the target; the float model, captured, and copied when ``source`` is already an
+    ``ir.Model`` so that the caller's model is never changed; the calibration feed or None).
+    A recipe that needs calibration data and has none is a :class:`BadInputError`."""
+    from lbcc.api import make_feed, resolve_recipe
+    from lbcc.capture import capture
+    from lbcc.target import check_recipe, get_target
+
+    rec = resolve_recipe(preset, recipe, group_size)
+    tgt = get_target(target)
+    check_recipe(rec, tgt)
+    model = capture(source)
+    if isinstance(source, ir.Model):
+        model = ir.from_proto(ir.to_proto(model))
+    feed = make_feed(calibration, tokenizer, rec, model)
+    if rec.needs_calibration and feed is None:
+        raise BadInputError(f"preset/recipe {rec.name!r} needs calibration data.",
+                            "Pass --calib FILE.txt --tokenizer T or --calib FILE.npz.")
+    return rec, tgt, model, feed
+
+
 def bisect(model: Any, *, preset: str | None = None, recipe: Any = None,
            target: str = "ort-int8", calibration: Any = None, tokenizer: Any = None,
            metric: str = "ppl", tolerance: float = 0.02, eval_data: Any = None,
@@ -277,21 +301,10 @@ def bisect(model: Any, *, preset: str | None = None, recipe: Any = None,
     ``eval_data`` (a feed spec like ``calibration``) defaults to the calibration samples (then
     the result says so); ``eval_samples`` caps the samples measured per step.
     """
-    from lbcc.api import make_feed, resolve_recipe
-    from lbcc.capture import capture
-    from lbcc.target import check_recipe, get_target
+    from lbcc.api import make_feed
 
     start = time.perf_counter()
-    rec = resolve_recipe(preset, recipe)
-    tgt = get_target(target)
-    check_recipe(rec, tgt)
-    source = capture(model)
-    if isinstance(model, ir.Model):
-        source = ir.from_proto(ir.to_proto(source))
-    feed = make_feed(calibration, tokenizer, rec, source)
-    if rec.needs_calibration and feed is None:
-        raise BadInputError(f"preset/recipe {rec.name!r} needs calibration data.",
-                            "Pass --calib FILE.txt --tokenizer T or --calib FILE.npz.")
+    rec, tgt, source, feed = prepare_search(model, preset, recipe, target, calibration, tokenizer)
     efeed = make_feed(eval_data, tokenizer, rec, source) if eval_data is not None else feed
     if efeed is None:
         raise BadInputError("bisect needs samples to measure the metric on.",

@@ -20,8 +20,6 @@ import sys
 import time
 from typing import Any, Sequence
 
-import onnx_ir as ir
-
 from lbcc.errors import BadInputError
 
 
@@ -33,13 +31,11 @@ def gated_compile(source: Any, *, max_ppl_increase: float, eval_text: str | os.P
                   command: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
     """``lbcc.compile`` plus the gate; returns (CompileResult, the report's gate section)."""
     from lbcc.accuracy import Perplexity
-    from lbcc.api import CompileResult, make_feed, resolve_recipe
-    from lbcc.bisect import Trials
+    from lbcc.api import CompileResult
+    from lbcc.bisect import Trials, prepare_search
     from lbcc.calibration import TextFeed, load_tokenizer
-    from lbcc.capture import capture
     from lbcc.irutils import initializer_bytes
     from lbcc.report import build_report
-    from lbcc.target import check_recipe, get_target
 
     if max_ppl_increase < 0:
         raise BadInputError(f"--max-ppl-increase {max_ppl_increase} is negative.",
@@ -48,16 +44,8 @@ def gated_compile(source: Any, *, max_ppl_increase: float, eval_text: str | os.P
         raise BadInputError("--eval-text needs --tokenizer.",
                             "Pass the model's tokenizer.json or its Hugging Face directory.")
     start = time.perf_counter()
-    rec = resolve_recipe(preset, recipe, group_size)
-    tgt = get_target(target)
-    check_recipe(rec, tgt)
-    model = capture(source)
-    if isinstance(source, ir.Model):
-        model = ir.from_proto(ir.to_proto(model))
-    feed = make_feed(calibration, tokenizer, rec, model)
-    if rec.needs_calibration and feed is None:
-        raise BadInputError(f"preset/recipe {rec.name!r} needs calibration data.",
-                            "Pass --calib FILE.txt --tokenizer T or --calib FILE.npz.")
+    rec, tgt, model, feed = prepare_search(source, preset, recipe, target, calibration,
+                                           tokenizer, group_size)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     efeed = TextFeed(eval_text, tok, seq_len=seq_len, max_samples=max(1, eval_tokens // seq_len),
                      min_tokens=seq_len)

@@ -348,6 +348,8 @@ def write_generate_harness(src_dir: Path, m: Llama2C, ctx: int, n_gen: int = 64,
     over the int64 ids in ``tokens.bin`` (NLL per token summed in double); the int8 KV cache
     lives in the harness, as in a firmware application. Prints the token ids, the summed NLL and
     the harness statistics line."""
+    from lbcc.targets.c.toolchain import SYSTICK_C
+
     kv = m.kv_dim
     L = m.n_layers
     caches = "\n".join(f"static int8_t k_cache_{i}[{ctx * kv}], v_cache_{i}[{ctx * kv}];\n"
@@ -372,21 +374,7 @@ static int64_t forced[CTX];
 {caches}
 
 #if defined(LBCC_SYSTICK)
-#define SYST_CSR (*(volatile uint32_t *)0xE000E010u)
-#define SYST_RVR (*(volatile uint32_t *)0xE000E014u)
-#define SYST_CVR (*(volatile uint32_t *)0xE000E018u)
-static volatile uint32_t lbcc_wraps;
-void SysTick_Handler(void);
-void SysTick_Handler(void) {{ ++lbcc_wraps; }}
-static uint64_t lbcc_ticks(void)
-{{
-    uint32_t w, v;
-    do {{
-        w = lbcc_wraps;
-        v = SYST_CVR;
-    }} while (w != lbcc_wraps);
-    return (uint64_t)w * 0x1000000u + (0xFFFFFFu - v);
-}}
+{SYSTICK_C}
 #else
 static uint64_t lbcc_ticks(void) {{ return 0; }}
 #endif

@@ -399,16 +399,20 @@ class Lowering:
                     f"{r(mult)}, {r(y)}, {int(dt_y == 's8')}, {z_y}, NULL); }}")
         self.add("qconv2d -> 8-bit (QLinearConv)", node, ins, [y], render)
 
-    def _op_QuantizeLinear(self, node: ir.Node) -> None:
+    def _activation_qdq(self, node: ir.Node, unsupported: str):
+        """(scale, zero point, 'u8'|'s8', input, output) of a Quantize/DequantizeLinear on an
+        activation with per-tensor constant parameters; a TargetError naming the node and
+        saying ``unsupported`` otherwise."""
         qp = _scalar_qparams(node)
         if qp is None:
-            raise TargetError(f"QuantizeLinear {node.name!r}: only per-tensor constant scale and "
-                              "8-bit zero point are supported.", "")
-        s, z, dt = qp
-        x, y = self.tensor(node.inputs[0]), self.tensor(node.outputs[0])
-        fn = "lbcc_quantize_u8" if dt == "u8" else "lbcc_quantize_s8"
+            raise TargetError(f"{node.op_type} {node.name!r}: {unsupported}", "")
+        return (*qp, self.tensor(node.inputs[0]), self.tensor(node.outputs[0]))
+
+    def _op_QuantizeLinear(self, node: ir.Node) -> None:
+        s, z, dt, x, y = self._activation_qdq(node, "only per-tensor constant scale and 8-bit "
+                                                    "zero point are supported.")
         self.add("quantize", node, [x], [y],
-                 lambda r: f"{fn}({r(x)}, {r(y)}, {x.size}, {c_float(s)}, {z});",
+                 lambda r: f"lbcc_quantize_{dt}({r(x)}, {r(y)}, {x.size}, {c_float(s)}, {z});",
                  inplace=[(0, 0)], info={"tensor": x.name, "scale": float(s), "zero_point": z,
                                          "dtype": "uint8" if dt == "u8" else "int8"})
 
@@ -430,15 +434,10 @@ class Lowering:
             deq = ((q - z.astype(np.int32)).astype(np.float32) * s).astype(np.float32)
             self.tensors[id(node.outputs[0])] = self.const(deq, node.outputs[0].name)
             return
-        qp = _scalar_qparams(node)
-        if qp is None:
-            raise TargetError(f"DequantizeLinear {node.name!r}: only per-tensor activation "
-                              "quantization is supported.", "")
-        s, z, dt = qp
-        x, y = self.tensor(node.inputs[0]), self.tensor(node.outputs[0])
-        fn = "lbcc_dequantize_u8" if dt == "u8" else "lbcc_dequantize_s8"
+        s, z, dt, x, y = self._activation_qdq(node, "only per-tensor activation quantization "
+                                                    "is supported.")
         self.add("dequantize", node, [x], [y],
-                 lambda r: f"{fn}({r(x)}, {r(y)}, {x.size}, {c_float(s)}, {z});")
+                 lambda r: f"lbcc_dequantize_{dt}({r(x)}, {r(y)}, {x.size}, {c_float(s)}, {z});")
 
     # ------------------------------------------------------------------ float ops
     def _float_matmul(self, node: ir.Node) -> None:

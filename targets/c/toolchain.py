@@ -40,6 +40,27 @@ INSNS_PER_TICK = 40
 APT_PACKAGES = "gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm"
 
 
+#: C for SysTick timing on Cortex-M (for a harness, inside ``#if defined(LBCC_SYSTICK)``): the
+#: registers, a handler that counts wraps of the 24-bit down counter, and ``lbcc_ticks()`` =
+#: wraps * 2^24 + (2^24 - 1 - current value), read until the wrap count is stable
+SYSTICK_C = """\
+#define SYST_CSR (*(volatile uint32_t *)0xE000E010u)
+#define SYST_RVR (*(volatile uint32_t *)0xE000E014u)
+#define SYST_CVR (*(volatile uint32_t *)0xE000E018u)
+static volatile uint32_t lbcc_wraps;
+void SysTick_Handler(void);
+void SysTick_Handler(void) { ++lbcc_wraps; }
+static uint64_t lbcc_ticks(void)
+{
+    uint32_t w, v;
+    do {
+        w = lbcc_wraps;
+        v = SYST_CVR;
+    } while (w != lbcc_wraps);
+    return (uint64_t)w * 0x1000000u + (0xFFFFFFu - v);
+}"""
+
+
 def have_arm_tools() -> bool:
     return all(shutil.which(t) for t in ("arm-none-eabi-gcc", "arm-none-eabi-size",
                                          "qemu-system-arm"))
@@ -68,21 +89,7 @@ def write_harness(src_dir: Path, inputs: list[tuple[str, str, int]],
 
 #if defined(LBCC_SYSTICK)
 /* SysTick: 24-bit down counter on the processor clock; the handler counts wraps */
-#define SYST_CSR (*(volatile uint32_t *)0xE000E010u)
-#define SYST_RVR (*(volatile uint32_t *)0xE000E014u)
-#define SYST_CVR (*(volatile uint32_t *)0xE000E018u)
-static volatile uint32_t lbcc_wraps;
-void SysTick_Handler(void);
-void SysTick_Handler(void) {{ ++lbcc_wraps; }}
-static uint64_t lbcc_ticks(void)
-{{
-    uint32_t w, v;
-    do {{
-        w = lbcc_wraps;
-        v = SYST_CVR;
-    }} while (w != lbcc_wraps);
-    return (uint64_t)w * 0x1000000u + (0xFFFFFFu - v);
-}}
+{SYSTICK_C}
 /* stack high-water mark: main paints a region below its own frame (inline, so no call frame
  * sits inside it while painting) and finds the deepest byte the model's calls changed */
 #define LBCC_PAINT 65536u

@@ -143,11 +143,22 @@ def _dot8_h2(words, xp0, xp1, xp2, xp3, zz0, zz1, ASM: tl.constexpr):
 
 
 @triton.jit
-def _load_x16(x_row, kk, K, EVEN_K: tl.constexpr):
+def _load_x(x_row, kk, K, EVEN_K: tl.constexpr):
+    """Activations at ``x_row + kk``; 0 where ``kk >= K`` (no mask when EVEN_K: K is a whole
+    number of chunks)."""
     if EVEN_K:
         return tl.load(x_row + kk)
     else:
         return tl.load(x_row + kk, mask=kk < K, other=0.0)
+
+
+@triton.jit
+def _split_k_range(steps, pid_k, SPLIT_K: tl.constexpr):
+    """The K steps ``[st0, st1)`` of split ``pid_k`` of SPLIT_K: ``ceil(steps / SPLIT_K)`` each,
+    the last split the rest (possibly none)."""
+    per_split = tl.cdiv(steps, SPLIT_K)
+    st0 = pid_k * per_split
+    return st0, tl.minimum(st0 + per_split, steps)
 
 
 @triton.jit
@@ -178,9 +189,7 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     offs_c = tl.arange(0, CHUNKS)
     offs_i = tl.arange(0, 16)
     steps = KW // (16 * CHUNKS)
-    per_split = tl.cdiv(steps, SPLIT_K)
-    st0 = pid_k * per_split
-    st1 = tl.minimum(st0 + per_split, steps)
+    st0, st1 = _split_k_range(steps, pid_k, SPLIT_K)
     acc = tl.zeros([BLOCK_N, CHUNKS, 16], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
     w_tile = qw_ptr + rn[:, None, None] * KW + (offs_c[:, None] * 16 + offs_i[None, :])[None, :, :]
@@ -198,14 +207,14 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
         c = st * CHUNKS + offs_c                               # chunk indices [CHUNKS]
         kb = c[:, None] * C + offs_i[None, :]                  # k of plane 0 [CHUNKS, 16]
         if HALF2:  # 4-bit, a group of whole chunks: float16 pairs (:func:`_dot8_h2`)
-            xs0 = _load_x16(x_row, kb, K, EVEN_K)
-            xs1 = _load_x16(x_row, kb + 16, K, EVEN_K)
-            xs2 = _load_x16(x_row, kb + 32, K, EVEN_K)
-            xs3 = _load_x16(x_row, kb + 48, K, EVEN_K)
-            xs4 = _load_x16(x_row, kb + 64, K, EVEN_K)
-            xs5 = _load_x16(x_row, kb + 80, K, EVEN_K)
-            xs6 = _load_x16(x_row, kb + 96, K, EVEN_K)
-            xs7 = _load_x16(x_row, kb + 112, K, EVEN_K)
+            xs0 = _load_x(x_row, kb, K, EVEN_K)
+            xs1 = _load_x(x_row, kb + 16, K, EVEN_K)
+            xs2 = _load_x(x_row, kb + 32, K, EVEN_K)
+            xs3 = _load_x(x_row, kb + 48, K, EVEN_K)
+            xs4 = _load_x(x_row, kb + 64, K, EVEN_K)
+            xs5 = _load_x(x_row, kb + 80, K, EVEN_K)
+            xs6 = _load_x(x_row, kb + 96, K, EVEN_K)
+            xs7 = _load_x(x_row, kb + 112, K, EVEN_K)
             xp0 = _pack_h2(xs0, xs4, ASM)[None, :, :]
             xp1 = _pack_h2(xs1, xs5, ASM)[None, :, :]
             xp2 = _pack_h2(xs2, xs6, ASM)[None, :, :]
@@ -314,6 +323,57 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output rows ``offs_m`` and columns ``offs_n`` (tile order of
+    :func:`_tile_ids`), and the same clamped into range (``rm``, ``rn``: a row or column past
+    the end reads row 0, and its result is masked off at the store)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, tl.where(offs_m < M, offs_m, 0), tl.where(offs_n < N, offs_n, 0)
+
+
+@triton.jit
+def _tile_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    """The float32 accumulator of a ``[BLOCK_M, BLOCK_N]`` output tile, zeroed; transposed
+    (``[BLOCK_N, BLOCK_M]``) under SWAP."""
+    if SWAP:
+        return tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
+def _mma(a, w, acc, SWAP: tl.constexpr):
+    """One tensor-core step: ``acc + a w^T`` (``a [BM, k]``, ``w [BN, k]``); under SWAP
+    ``acc + w a^T``, the transposed product (the weights are then the register operand A)."""
+    if SWAP:
+        return tl.dot(w, tl.trans(a), acc)
+    else:
+        return tl.dot(a, tl.trans(w), acc)
+
+
+@triton.jit
+def _store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, rn, M, N, stride_ym, pid_k,
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
+    """The epilogue of a ``[BM, BN]`` output tile: ``y = acc (+ bias[n])`` in float32 (from the
+    transposed tile under SWAP), rounded once to y's dtype; bias by split 0 only; stored, or
+    atomically added into a zeroed y when SPLIT_K > 1."""
+    if SWAP:
+        acc = tl.trans(acc)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    out = acc.to(y_ptr.dtype.element_ty)
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(ptrs, out, mask=mask)
+    else:
+        tl.atomic_add(ptrs, out, mask=mask)
+
+
+@triton.jit
 def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                       M, N, K, KW, G, stride_xm, stride_ym,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -329,62 +389,31 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     E: tl.constexpr = 32 // BITS
     C: tl.constexpr = 16 * E
     PG: tl.constexpr = GROUP // 16 if GROUP // 16 < E else E
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, rm, rn = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.where(offs_m < M, offs_m, 0)
-    rn = tl.where(offs_n < N, offs_n, 0)
     offs_i = tl.arange(0, 16)
     steps = KW // 16
-    per_split = tl.cdiv(steps, SPLIT_K)
-    st0 = pid_k * per_split
-    st1 = tl.minimum(st0 + per_split, steps)
-    if SWAP:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    st0, st1 = _split_k_range(steps, pid_k, SPLIT_K)
+    acc = _tile_acc(BLOCK_M, BLOCK_N, SWAP)
     x_rows = x_ptr + rm[:, None] * stride_xm
     offs_c = tl.arange(0, C)
     for st in range(st0, st1):
         words = tl.load(qw_ptr + rn[:, None] * KW + (st * 16 + offs_i)[None, :])
         if CAT:
             kc = st * C + offs_c
-            if EVEN_K:
-                a = tl.load(x_rows + kc[None, :])
-            else:
-                a = tl.load(x_rows + kc[None, :], mask=kc[None, :] < K, other=0.0)
+            a = _load_x(x_rows, kc[None, :], K, EVEN_K)
             w = _chunk_half(words, st, s_ptr, z_ptr, rn, G, BITS, GROUP, HAS_ZERO)
-            if SWAP:
-                acc = tl.dot(w, tl.trans(a), acc)
-            else:
-                acc = tl.dot(a, tl.trans(w), acc)
+            acc = _mma(a, w, acc, SWAP)
         for j in tl.static_range(E if not CAT else 0):
             kk = st * C + j * 16 + offs_i
-            if EVEN_K:
-                a = tl.load(x_rows + kk[None, :])
-            else:
-                a = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+            a = _load_x(x_rows, kk[None, :], K, EVEN_K)
             if j % PG == 0:
                 g = (st * C + j * 16) // GROUP
                 s = tl.load(s_ptr + rn * G + g)
             w = _plane_half(words, j, z_ptr + rn * G + g, BITS, HAS_ZERO) * s[:, None]
-            if SWAP:
-                acc = tl.dot(w, tl.trans(a), acc)
-            else:
-                acc = tl.dot(a, tl.trans(w), acc)
-    if SWAP:
-        acc = tl.trans(acc)
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    out = acc.to(y_ptr.dtype.element_ty)
-    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(ptrs, out, mask=mask)
-    else:
-        tl.atomic_add(ptrs, out, mask=mask)
+            acc = _mma(a, w, acc, SWAP)
+    _store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, rn, M, N, stride_ym, pid_k, HAS_BIAS,
+                SPLIT_K, SWAP)
 
 
 @triton.jit
@@ -432,32 +461,20 @@ def _wq_mm_nat_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     MASK: tl.constexpr = (1 << BITS) - 1
     HALF: tl.constexpr = 1 << (BITS - 1)
     PG: tl.constexpr = GROUP // 16 if GROUP // 16 < E else E  # planes per scale
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, rm, rn = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.where(offs_m < M, offs_m, 0)
-    rn = tl.where(offs_n < N, offs_n, 0)
     offs_i = tl.arange(0, 16)
     offs_j = tl.arange(0, E)
     offs_c = tl.arange(0, C)
     sh = (offs_j * BITS)[None, :, None]
     steps = KW // 16
-    per_split = tl.cdiv(steps, SPLIT_K)
-    st0 = pid_k * per_split
-    st1 = tl.minimum(st0 + per_split, steps)
-    if SWAP:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    st0, st1 = _split_k_range(steps, pid_k, SPLIT_K)
+    acc = _tile_acc(BLOCK_M, BLOCK_N, SWAP)
     x_rows = x_ptr + rm[:, None] * stride_xm
     w_rows = qw_ptr + rn[:, None, None] * KW + offs_i[None, None, :]
     for st in range(st0, st1):
         kc = st * C + offs_c
-        if EVEN_K:
-            a = tl.load(x_rows + kc[None, :])
-        else:
-            a = tl.load(x_rows + kc[None, :], mask=kc[None, :] < K, other=0.0)
+        a = _load_x(x_rows, kc[None, :], K, EVEN_K)
         words = tl.load(w_rows + st * 16)                                 # [BN, 1, 16]
         if H2:  # 4-bit, one group a chunk or more: fields jp and jp + 4 as float16 pairs
             g = (st * C) // GROUP
@@ -487,22 +504,9 @@ def _wq_mm_nat_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
             else:
                 w = (h - (1024.0 + HALF)) * s
         w = tl.reshape(w, (BLOCK_N, C))                                   # natural k order
-        if SWAP:
-            acc = tl.dot(w, tl.trans(a), acc)
-        else:
-            acc = tl.dot(a, tl.trans(w), acc)
-    if SWAP:
-        acc = tl.trans(acc)
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    out = acc.to(y_ptr.dtype.element_ty)
-    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(ptrs, out, mask=mask)
-    else:
-        tl.atomic_add(ptrs, out, mask=mask)
+        acc = _mma(a, w, acc, SWAP)
+    _store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, rn, M, N, stride_ym, pid_k, HAS_BIAS,
+                SPLIT_K, SWAP)
 
 
 @triton.jit
@@ -554,11 +558,7 @@ def _w8a8_matmul_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K,
                         stride_am, stride_ym, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.where(offs_m < M, offs_m, 0)
-    rn = tl.where(offs_n < N, offs_n, 0)
+    offs_m, offs_n, rm, rn = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):

@@ -212,18 +212,18 @@ class Tuner:
         return table[full]
 
 
-def graph_time_us(fns, calls: int | None = None, replays: int = 10) -> float:
-    """Median µs per call of ``fns`` (cycled), ``calls`` launches captured in one CUDA graph."""
-    for f in fns:  # compile and allocate outside the capture
-        f()
-    torch.cuda.synchronize()
-    calls = calls or max(2 * len(fns), 8)
+def capture_graph(fns, calls: int) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of ``calls`` launches of ``fns``, cycled (``fns[i % len(fns)]``)."""
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for i in range(calls):
             fns[i % len(fns)]()
-    g.replay()
-    torch.cuda.synchronize()
+    return g
+
+
+def replay_times_us(g: torch.cuda.CUDAGraph, calls: int, replays: int) -> list[float]:
+    """µs per launch of each of ``replays`` replays of ``g`` (``calls`` launches a replay):
+    CUDA-event time of the replay / ``calls``."""
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -232,7 +232,19 @@ def graph_time_us(fns, calls: int | None = None, replays: int = 10) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / calls)
-    times.sort()
+    return times
+
+
+def graph_time_us(fns, calls: int | None = None, replays: int = 10) -> float:
+    """Median µs per call of ``fns`` (cycled), ``calls`` launches captured in one CUDA graph."""
+    for f in fns:  # compile and allocate outside the capture
+        f()
+    torch.cuda.synchronize()
+    calls = calls or max(2 * len(fns), 8)
+    g = capture_graph(fns, calls)
+    g.replay()
+    torch.cuda.synchronize()
+    times = sorted(replay_times_us(g, calls, replays))
     return times[len(times) // 2]
 
 
@@ -286,27 +298,20 @@ def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, y, bits, group):
                                 HALF2=cfg.get("HALF2", False), ASM=not _INTERPRET,
                                 num_warps=cfg["num_warps"],
                                 num_stages=cfg["num_stages"])
-    elif kind == "nat":
+    else:  # the tiled kernels: "nat" (natural k order) or "mm" (plane by plane)
+        if kind == "nat":
+            kernel = K._wq_mm_nat_kernel
+            extra = {"H2": cfg.get("H2", False), "ASM": not _INTERPRET,
+                     **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and not _INTERPRET
+                        else {})}
+        else:
+            kernel, extra = K._wq_matmul_kernel, {"CAT": cfg.get("CAT", False)}
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-        K._wq_mm_nat_kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0),
-                                  y.stride(0), BITS=bits, GROUP=group, HAS_ZERO=has_zero,
-                                  HAS_BIAS=has_bias, BLOCK_M=cfg["BLOCK_M"],
-                                  BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
-                                  SPLIT_K=cfg["SPLIT_K"], SWAP=cfg.get("SWAP", False),
-                                  EVEN_K=even_k, H2=cfg.get("H2", False), ASM=not _INTERPRET,
-                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                                  **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg
-                                     and not _INTERPRET else {}))
-    else:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-        K._wq_matmul_kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0),
-                                  y.stride(0), BITS=bits, GROUP=group, HAS_ZERO=has_zero,
-                                  HAS_BIAS=has_bias, BLOCK_M=cfg["BLOCK_M"],
-                                  BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
-                                  SPLIT_K=cfg["SPLIT_K"], SWAP=cfg.get("SWAP", False),
-                                  CAT=cfg.get("CAT", False), EVEN_K=even_k,
-                                  num_warps=cfg["num_warps"],
-                                  num_stages=cfg["num_stages"])
+        kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0), y.stride(0),
+                     BITS=bits, GROUP=group, HAS_ZERO=has_zero, HAS_BIAS=has_bias,
+                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
+                     SPLIT_K=cfg["SPLIT_K"], SWAP=cfg.get("SWAP", False), EVEN_K=even_k,
+                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
     return y
 
 

@@ -113,6 +113,24 @@ static int32_t lbcc_dot(const void *a, int a_signed, const int8_t *w, int32_t k)
     return acc;
 }
 
+/* sum_k (a[k] - a_zp) * w[j, k] over row j of w [n, k], as the raw dot product less
+ * a_zp * wsum[j] (wsum[j] = sum_k w[j, k]): integer arithmetic, exact */
+static int32_t lbcc_qdot(const void *a, int a_signed, int32_t a_zp, const int8_t *w,
+                         const int32_t *wsum, int32_t j, int32_t k)
+{
+    return lbcc_dot(a, a_signed, w + (size_t)j * (size_t)k, k) - a_zp * wsum[j];
+}
+
+/* y[o] = clamp(round_half_even(v) + zp) into the 8-bit range of y (int8 when y_signed, else
+ * uint8): the float32 requantization of lbcc_saturate */
+static void lbcc_requant8(void *y, int y_signed, size_t o, float v, int32_t zp)
+{
+    if (y_signed)
+        ((int8_t *)y)[o] = (int8_t)lbcc_saturate(v, zp, -128, 127);
+    else
+        ((uint8_t *)y)[o] = (uint8_t)lbcc_saturate(v, zp, 0, 255);
+}
+
 static const void *lbcc_row(const void *base, int32_t index)
 {
     return (const void *)((const uint8_t *)base + index);
@@ -126,7 +144,7 @@ void lbcc_qmatmul_f32(const void *a, int a_signed, int32_t a_zp, const int8_t *w
     for (i = 0; i < m; ++i) {
         const void *row = lbcc_row(a, i * k);
         for (j = 0; j < n; ++j) {
-            int32_t acc = lbcc_dot(row, a_signed, w + (size_t)j * (size_t)k, k) - a_zp * wsum[j];
+            const int32_t acc = lbcc_qdot(row, a_signed, a_zp, w, wsum, j, k);
             float v = (float)acc * mult[j];
             if (bias)
                 v = v + bias[j];
@@ -143,12 +161,9 @@ void lbcc_qmatmul_q8(const void *a, int a_signed, int32_t a_zp, const int8_t *w,
     for (i = 0; i < m; ++i) {
         const void *row = lbcc_row(a, i * k);
         for (j = 0; j < n; ++j) {
-            int32_t acc = lbcc_dot(row, a_signed, w + (size_t)j * (size_t)k, k) - a_zp * wsum[j];
-            size_t o = (size_t)i * (size_t)n + (size_t)j;
-            if (y_signed)
-                ((int8_t *)y)[o] = (int8_t)lbcc_saturate((float)acc * mult[j], y_zp, -128, 127);
-            else
-                ((uint8_t *)y)[o] = (uint8_t)lbcc_saturate((float)acc * mult[j], y_zp, 0, 255);
+            const int32_t acc = lbcc_qdot(row, a_signed, a_zp, w, wsum, j, k);
+            lbcc_requant8(y, y_signed, (size_t)i * (size_t)n + (size_t)j, (float)acc * mult[j],
+                          y_zp);
         }
     }
 }
@@ -189,14 +204,44 @@ void lbcc_qconv2d(const lbcc_conv_shape *s, const void *x, int x_signed, int32_t
                            + (size_t)oy) * (size_t)s->ow + (size_t)ox;
                     if (y_float)
                         y_float[out] = (float)acc * mult[o];
-                    else if (y_signed)
-                        ((int8_t *)y8)[out] = (int8_t)lbcc_saturate((float)acc * mult[o], y_zp,
-                                                                    -128, 127);
                     else
-                        ((uint8_t *)y8)[out] = (uint8_t)lbcc_saturate((float)acc * mult[o], y_zp,
-                                                                      0, 255);
+                        lbcc_requant8(y8, y_signed, out, (float)acc * mult[o], y_zp);
                 }
         }
+}
+
+/* Row-major walk over an output of `rank` dims (`shape`), the offsets of up to two inputs kept
+ * alongside: lbcc_walk_start zeroes the index `idx` and returns the element count;
+ * lbcc_walk_next steps idx by one (the last dim fastest), adds each input's stride of every
+ * dim it steps and takes back stride * shape[d] of every dim that wraps to 0, so *ia (and *ib,
+ * unless b_strides is NULL) stays sum_d idx[d] * strides[d] (a stride of 0 broadcasts). */
+static size_t lbcc_walk_start(int32_t *idx, const int32_t *shape, int rank)
+{
+    size_t total = 1;
+    int d;
+    for (d = 0; d < rank; ++d) {
+        idx[d] = 0;
+        total *= (size_t)shape[d];
+    }
+    return total;
+}
+
+static void lbcc_walk_next(int32_t *idx, const int32_t *shape, int rank,
+                           const int32_t *a_strides, size_t *ia,
+                           const int32_t *b_strides, size_t *ib)
+{
+    int d;
+    for (d = rank - 1; d >= 0; --d) {
+        *ia += (size_t)a_strides[d];
+        if (b_strides)
+            *ib += (size_t)b_strides[d];
+        if (++idx[d] < shape[d])
+            break;
+        *ia -= (size_t)a_strides[d] * (size_t)shape[d];
+        if (b_strides)
+            *ib -= (size_t)b_strides[d] * (size_t)shape[d];
+        idx[d] = 0;
+    }
 }
 
 void lbcc_qmul_q8(const void *a, const int32_t *a_strides, int32_t a_zp, const void *b,
@@ -204,12 +249,8 @@ void lbcc_qmul_q8(const void *a, const int32_t *a_strides, int32_t a_zp, const v
                   int y_signed, int32_t y_zp, const int32_t *shape, int rank)
 {
     int32_t idx[LBCC_MAX_RANK];
-    size_t ia = 0, ib = 0, total = 1, o;
-    int d;
-    for (d = 0; d < rank; ++d) {
-        idx[d] = 0;
-        total *= (size_t)shape[d];
-    }
+    size_t ia = 0, ib = 0, o;
+    const size_t total = lbcc_walk_start(idx, shape, rank);
     for (o = 0; o < total; ++o) {
         const int32_t prod = (lbcc_load8(a, in_signed, ia) - a_zp) * (lbcc_load8(b, in_signed, ib) - b_zp);
         /* ORT: cvtps(mul(prod, ratio) + zp), saturated: two roundings, then to nearest even */
@@ -221,15 +262,7 @@ void lbcc_qmul_q8(const void *a, const int32_t *a_strides, int32_t a_zp, const v
             ((int8_t *)y)[o] = (int8_t)lbcc_rne(v);
         else
             ((uint8_t *)y)[o] = (uint8_t)lbcc_rne(v);
-        for (d = rank - 1; d >= 0; --d) {
-            ia += (size_t)a_strides[d];
-            ib += (size_t)b_strides[d];
-            if (++idx[d] < shape[d])
-                break;
-            ia -= (size_t)a_strides[d] * (size_t)shape[d];
-            ib -= (size_t)b_strides[d] * (size_t)shape[d];
-            idx[d] = 0;
-        }
+        lbcc_walk_next(idx, shape, rank, a_strides, &ia, b_strides, &ib);
     }
 }
 
@@ -267,23 +300,11 @@ void lbcc_binary_f32(int op, const float *a, const int32_t *a_strides, const flo
                      const int32_t *b_strides, float *y, const int32_t *shape, int rank)
 {
     int32_t idx[LBCC_MAX_RANK];
-    size_t ia = 0, ib = 0, total = 1, o;
-    int d;
-    for (d = 0; d < rank; ++d) {
-        idx[d] = 0;
-        total *= (size_t)shape[d];
-    }
+    size_t ia = 0, ib = 0, o;
+    const size_t total = lbcc_walk_start(idx, shape, rank);
     for (o = 0; o < total; ++o) {
         y[o] = lbcc_apply_binary(op, a[ia], b[ib]);
-        for (d = rank - 1; d >= 0; --d) { /* odometer increment of the output index */
-            ia += (size_t)a_strides[d];
-            ib += (size_t)b_strides[d];
-            if (++idx[d] < shape[d])
-                break;
-            ia -= (size_t)a_strides[d] * (size_t)shape[d];
-            ib -= (size_t)b_strides[d] * (size_t)shape[d];
-            idx[d] = 0;
-        }
+        lbcc_walk_next(idx, shape, rank, a_strides, &ia, b_strides, &ib);
     }
 }
 
@@ -319,21 +340,11 @@ void lbcc_transpose(const void *x, void *y, size_t elem, const int32_t *out_shap
                     const int32_t *in_strides, int rank)
 {
     int32_t idx[LBCC_MAX_RANK];
-    size_t total = 1, o, src = 0;
-    int d;
-    for (d = 0; d < rank; ++d) {
-        idx[d] = 0;
-        total *= (size_t)out_shape[d];
-    }
+    size_t o, src = 0;
+    const size_t total = lbcc_walk_start(idx, out_shape, rank);
     for (o = 0; o < total; ++o) {
         memcpy((uint8_t *)y + o * elem, (const uint8_t *)x + src * elem, elem);
-        for (d = rank - 1; d >= 0; --d) {
-            src += (size_t)in_strides[d];
-            if (++idx[d] < out_shape[d])
-                break;
-            src -= (size_t)in_strides[d] * (size_t)out_shape[d];
-            idx[d] = 0;
-        }
+        lbcc_walk_next(idx, out_shape, rank, in_strides, &src, NULL, NULL);
     }
 }
 
@@ -415,17 +426,21 @@ void lbcc_avgpool_f32(const lbcc_pool_shape *s, const float *x, float *y)
                      y[oplane + (size_t)oy * (size_t)s->ow + (size_t)ox] = acc / (float)div; })
 }
 
+/* the row a Gather id names: negative ids count from the end (id + n_rows); an id still out of
+ * range reads row 0 rather than memory outside the table */
+static size_t lbcc_row_id(int64_t id, int32_t n_rows)
+{
+    const int64_t r = id < 0 ? id + n_rows : id;
+    return r < 0 || r >= n_rows ? 0u : (size_t)r;
+}
+
 void lbcc_gather_rows(const void *table, const int64_t *ids, void *y, size_t row_bytes,
                       int32_t n_ids, int32_t n_rows)
 {
     int32_t i;
-    for (i = 0; i < n_ids; ++i) {
-        int64_t r = ids[i] < 0 ? ids[i] + n_rows : ids[i];
-        if (r < 0 || r >= n_rows)
-            r = 0; /* out of range ids read row 0 rather than memory outside the table */
+    for (i = 0; i < n_ids; ++i)
         memcpy((uint8_t *)y + (size_t)i * row_bytes,
-               (const uint8_t *)table + (size_t)r * row_bytes, row_bytes);
-    }
+               (const uint8_t *)table + lbcc_row_id(ids[i], n_rows) * row_bytes, row_bytes);
 }
 
 void lbcc_gather_dq_s8(const int8_t *table, const float *scales, const int64_t *ids, float *y,
@@ -433,11 +448,8 @@ void lbcc_gather_dq_s8(const int8_t *table, const float *scales, const int64_t *
 {
     int32_t i, c;
     for (i = 0; i < n_ids; ++i) {
-        int64_t r = ids[i] < 0 ? ids[i] + n_rows : ids[i];
-        const int8_t *row;
-        if (r < 0 || r >= n_rows)
-            r = 0; /* out of range ids read row 0 rather than memory outside the table */
-        row = table + (size_t)r * (size_t)cols;
+        const size_t r = lbcc_row_id(ids[i], n_rows);
+        const int8_t *row = table + r * (size_t)cols;
         for (c = 0; c < cols; ++c)
             y[(size_t)i * (size_t)cols + (size_t)c] = (float)row[c] * scales[r];
     }
