@@ -439,7 +439,7 @@ def write_md(args: argparse.Namespace, res: dict[str, Any]) -> None:
         f"Sample: SmolLM2-135M (`.cache/smollm2/hf`). Prompt {args.prompt} tokens of WikiText-2 "
         f"test, {args.new} new tokens, greedy, {args.threads} threads, {args.rounds} rounds "
         "interleaved (median). Decode tokens/s excludes the prefill step.", "",
-        f"Command: `python benchmarks/generate.py --write-md {args.write_md}`  ",
+        f"Command: `python benchmarks/generate.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {platform.machine()}, {platform.processor() or platform.platform()}, "
         f"{os.cpu_count()} cores, shared with another engineer's jobs during the run (load "
         f"average at the start {res['load_average']['start']}, at the end "
