@@ -8,9 +8,10 @@ Models (all from the same HF weights, ``.cache/smollm2/hf``):
                    wikitext-2-tokens/valid.txt
   lbcc-w4a16       the same with preset "w4a16" (RTN + clip search on the same calibration text;
                    the preset keeps the tied embedding / lm_head at 8 bits)
-  lbcc-w4a16-e4    w4a16 with the tied embedding / lm_head at 4 bits too (groups of 32, as
-                   onnxruntime-genai's int4): one 4-bit table for GatherBlockQuantized and
-                   MatMulNBits
+  lbcc-w4a16-e4    preset "w4a16-e4": 4-bit symmetric groups of 32 (no zero points) for every
+                   weight, the tied embedding / lm_head included (onnxruntime-genai's int4
+                   layout): one 4-bit table for GatherBlockQuantized and MatMulNBits
+  (every lbcc 4-bit graph has each MLP's gate and up MatMulNBits packed into one: pack-nbits)
   genai-int4/fp32  ``python -m onnxruntime_genai.models.builder -i HF -p int4|fp32 -e cpu``
   nocache-*        the foundation's cache-free graphs (input_ids -> logits), as the reference for
                    perplexity and for generation without a cache
@@ -26,6 +27,12 @@ Measured, models interleaved round-robin, ``--threads`` intra-op threads:
 - perplexity: first ``--eval-tokens`` tokens of WikiText-2 test, 512-token windows, no BOS, each
   window one prefill of the cache graph;
 - greedy identity: lbcc-fp32 tokens vs transformers' ``generate`` (greedy) for 64 tokens;
+- decode in paired blocks: genai-int4 (its runtime), lbcc-w4a16-e4 and lbcc-fp32 interleaved in
+  blocks of 16 decode steps, speed as the median of per-block ratios (load that changes between
+  rounds cancels out);
+- work per decode step: process CPU time a step with 1 intra-op thread (no spinning, no waiting
+  for a descheduled worker thread), models interleaved in blocks of 16 steps: the figure the
+  machine's load disturbs least;
 - where a decode step goes: ONNX Runtime's profiler over 32 decode steps (after the timed rounds),
   kernel time by op type, for lbcc-w4a16-e4 and genai-int4 (both under lbcc's runner).
 
@@ -40,6 +47,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -80,7 +88,8 @@ def build(out: Path, hf_dir: Path) -> dict[str, Path]:
              "lbcc-w4a16": out / "w4a16-kv.onnx", "lbcc-w4a16-e4": out / "w4a16-e4-kv.onnx",
              "nocache-fp32": SAMPLE / "model.onnx",
              "nocache-w8a8": out / "w8a8-nocache.onnx",
-             "nocache-w4a16": out / "w4a16-nocache.onnx"}
+             "nocache-w4a16": out / "w4a16-nocache.onnx",
+             "nocache-w4a16-e4": out / "w4a16-e4-nocache.onnx"}
     raw = out / "raw-kv.onnx"
     if not raw.exists():
         log("exporting the KV-cache graph")
@@ -91,17 +100,17 @@ def build(out: Path, hf_dir: Path) -> dict[str, Path]:
         run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(ir.load(raw))
         (out / "fp32-kv.fusions.json").write_text(json.dumps(run.records[-1].notes, indent=1))
         save_model(run.model, paths["lbcc-fp32"], external_data=True)
-    jobs = [("lbcc-w4a16-e4", raw, w4a16_e4()), ("lbcc-w4a16", raw, "w4a16"),
-            ("nocache-w4a16", SAMPLE / "model.onnx", "w4a16"), ("lbcc-w8a8", raw, "w8a8"),
+    jobs = [("lbcc-w4a16-e4", raw, "w4a16-e4"), ("lbcc-w4a16", raw, "w4a16"),
+            ("nocache-w4a16", SAMPLE / "model.onnx", "w4a16"),
+            ("nocache-w4a16-e4", SAMPLE / "model.onnx", "w4a16-e4"), ("lbcc-w8a8", raw, "w8a8"),
             ("nocache-w8a8", SAMPLE / "model.onnx", "w8a8")]
     for name, src, recipe in jobs:
         path = paths[name]
         if path.exists():
             continue
         log(f"compiling {path.name}")
-        r = lbcc.compile(str(src), preset=recipe if isinstance(recipe, str) else None,
-                         recipe=None if isinstance(recipe, str) else recipe,
-                         calibration=str(calib), tokenizer=str(hf_dir), progress=False)
+        r = lbcc.compile(str(src), preset=recipe, calibration=str(calib), tokenizer=str(hf_dir),
+                         progress=False)
         r.save(path, report_path=path.with_suffix(".json"), external_data=True)
     for prec in ("int4", "fp32"):
         d = out / f"genai-{prec}"
@@ -112,16 +121,6 @@ def build(out: Path, hf_dir: Path) -> dict[str, Path]:
                             str(out / "hfcache")], check=True, capture_output=True)
         paths[f"genai-{prec}"] = d / "model.onnx"
     return paths
-
-
-def w4a16_e4() -> Any:
-    """Preset w4a16 with the tied embedding / lm_head at 4 bits in groups of 32."""
-    from lbcc.recipes import LayerOverride, preset
-
-    recipe = preset("w4a16")
-    recipe.name = "w4a16-e4"
-    recipe.layers = [LayerOverride(match="lm_head", bits=4, group_size=32)]
-    return recipe
 
 
 class FixedHeadDim:
@@ -239,6 +238,76 @@ def profile_decode(path: Path, hf_dir: Path, threads: int, prompt: np.ndarray, s
             "share_buffer": gen.share_buffer}
 
 
+def cpu_per_step(paths: dict[str, Path], hf_dir: Path, prompt: np.ndarray, steps: int,
+                 block: int = 16) -> dict[str, float]:
+    """Median process CPU ms a decode step, 1 intra-op thread, lbcc's runner, the models
+    interleaved in blocks of ``block`` steps after one prefill each."""
+    from lbcc.generate import Generator
+
+    its = {}
+    for name, path in paths.items():
+        gen = Generator(path, hf_dir, threads=1, session=session_for(path, 1))
+        its[name] = gen.generate_ids(prompt, steps + 1, stop_at_eos=False)
+        next(its[name])  # the prefill
+    cpu: dict[str, list[float]] = {n: [] for n in paths}
+    for _ in range(0, steps, block):
+        for name, it in its.items():
+            start = time.process_time()
+            for _ in range(block):
+                next(it)
+            cpu[name].append((time.process_time() - start) / block * 1e3)
+    return {n: statistics.median(v) for n, v in cpu.items()}
+
+
+def paired_blocks(steppers: dict[str, Any], blocks: int, block: int) -> dict[str, Any]:
+    """ms a decode step at the benchmark's thread count, the models interleaved in blocks of
+    ``block`` steps (order reversed every other block), and each model's speed relative to the
+    first as the median of per-block ratios: on a shared machine, load that changes from one
+    round of 128 tokens to the next cancels out of a ratio taken a block at a time."""
+    ms: dict[str, list[float]] = {n: [] for n in steppers}
+    names = list(steppers)
+    for b in range(blocks):
+        for name in (names if b % 2 == 0 else names[::-1]):
+            step = steppers[name]
+            start = time.perf_counter()
+            for _ in range(block):
+                step()
+            ms[name].append((time.perf_counter() - start) / block * 1e3)
+    first = ms[names[0]]
+    return {n: {"ms_per_step": statistics.median(v),
+                "speed_vs_first": 1 / statistics.median(a / b for a, b in zip(v, first))}
+            for n, v in ms.items()}
+
+
+def steppers_for(runners: dict[str, Any], names: tuple[str, ...], prompt: np.ndarray,
+                 steps: int) -> dict[str, Any]:
+    """One decode step a call for each model, after its prefill (not timed)."""
+    import onnxruntime_genai as og
+
+    out: dict[str, Any] = {}
+    for name in names:
+        kind, r = runners[name]
+        if kind == "lbcc":
+            it = r.generate_ids(prompt, steps + 2, stop_at_eos=False)
+            next(it)
+            out[name] = lambda it=it: next(it)
+        else:
+            params = og.GeneratorParams(r)
+            total = len(prompt) + steps + 2
+            params.set_search_options(max_length=total, min_length=total, do_sample=False)
+            gen = og.Generator(r, params)
+            gen.append_tokens(prompt.astype(np.int32).tolist())
+            out[name] = lambda gen=gen, params=params: gen.generate_next_token()
+    return out
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "-"
+
+
 def hf_greedy(hf_dir: Path, tokenizer: Any, n: int) -> dict[str, list[int]]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -273,6 +342,7 @@ def main() -> None:
     from lbcc.generate import Generator
 
     start = time.time()
+    load_start = load_average()
     hf_dir = SAMPLE / "hf"
     paths = build(args.out, hf_dir)
     if args.build_only:
@@ -320,6 +390,14 @@ def main() -> None:
             times[name]["prefill"].append(pre * 1e3)
             times[name]["tps"].append(tps)
             log(f"  round {rnd}: {name}: prefill {pre * 1e3:.1f} ms, {tps:.1f} tok/s")
+    log("decode, paired blocks")
+    paired_names = ("genai-int4", "lbcc-w4a16-e4", "lbcc-fp32")
+    paired = paired_blocks(steppers_for(runners, paired_names, prompt, 16 * 16), 16, 16)
+    log(json.dumps(paired))
+    log("work per decode step (1 thread, CPU time)")
+    cpu_names = ("lbcc-fp32", "lbcc-w4a16", "lbcc-w4a16-e4", "genai-int4")
+    cpu_ms = cpu_per_step({n: paths[n] for n in cpu_names}, hf_dir, prompt, 96)
+    log(json.dumps(cpu_ms))
     log("profile of the decode step")
     profile = {name: profile_decode(paths[name], hf_dir, args.threads, prompt, 32,
                                     args.out / f"profile-{name}")
@@ -335,7 +413,8 @@ def main() -> None:
         "decode": {n: {"prefill_ms": statistics.median(v["prefill"]),
                        "tokens_per_s": statistics.median(v["tps"])} for n, v in times.items()},
         "nocache_step_ms": nocache, "size_mb": {n: size_mb(p) for n, p in paths.items()},
-        "profile": profile,
+        "profile": profile, "cpu_ms_per_step_1thread": cpu_ms, "paired_blocks": paired,
+        "load_average": {"start": load_start, "end": load_average()},
         "fusions": json.loads((args.out / "fp32-kv.fusions.json").read_text())
         if (args.out / "fp32-kv.fusions.json").exists() else None,
         "seconds": time.time() - start,
@@ -360,9 +439,12 @@ def write_md(args: argparse.Namespace, res: dict[str, Any]) -> None:
         f"Sample: SmolLM2-135M (`.cache/smollm2/hf`). Prompt {args.prompt} tokens of WikiText-2 "
         f"test, {args.new} new tokens, greedy, {args.threads} threads, {args.rounds} rounds "
         "interleaved (median). Decode tokens/s excludes the prefill step.", "",
-        f"Command: `python benchmarks/generate.py --write-md {args.write_md}`  ",
-        f"Machine: {platform.machine()}, {platform.processor() or platform.platform()}; shared "
-        "and loaded (other jobs running): compare ratios within this table only.  ",
+        f"Command: `python benchmarks/generate.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {platform.machine()}, {platform.processor() or platform.platform()}, "
+        f"{os.cpu_count()} cores, shared with another engineer's jobs during the run (load "
+        f"average at the start {res['load_average']['start']}, at the end "
+        f"{res['load_average']['end']}): absolute figures are depressed and noisy, compare "
+        "ratios within this table only.  ",
         f"Versions: onnxruntime {v('onnxruntime')}, onnxruntime-genai {v('onnxruntime-genai')}, "
         f"torch {v('torch')}, transformers {v('transformers')}, onnxscript {v('onnxscript')}.  ",
         f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.", "",
@@ -382,9 +464,13 @@ def write_md(args: argparse.Namespace, res: dict[str, Any]) -> None:
                      f"{res['size_mb'][name]:.1f} | {res['ppl'][name]:.4f} |")
     g4, g4r = dec["genai-int4"]["tokens_per_s"], dec["genai-int4 (lbcc runner)"]["tokens_per_s"]
     fp32_tps, fp32_mb = dec["lbcc-fp32"]["tokens_per_s"], res["size_mb"]["lbcc-fp32"]
+    cpu = res["cpu_ms_per_step_1thread"]
+    pe4 = res["paired_blocks"]["lbcc-w4a16-e4"]["speed_vs_first"]
+    pfp32 = res["paired_blocks"]["lbcc-fp32"]["speed_vs_first"]
     lines += ["", "## Against the issue's targets", "",
-              "lbcc-w4a16-e4 is the w4a16 preset with the embedding quantized to 4 bits (the "
-              "issue's size target); lbcc-w4a16 is the preset as shipped (8-bit embedding).", ""]
+              "lbcc-w4a16-e4 is the preset `w4a16-e4` (4-bit symmetric groups of 32 for every "
+              "weight, the tied embedding / lm_head included: the issue's size target); "
+              "lbcc-w4a16 is the preset `w4a16` (asymmetric groups of 128, 8-bit embedding).", ""]
     for name in ("lbcc-w4a16-e4", "lbcc-w4a16"):
         w4 = dec[name]["tokens_per_s"]
         lines += [
@@ -398,9 +484,18 @@ def write_md(args: argparse.Namespace, res: dict[str, Any]) -> None:
     lines += [
         "- perplexity, cache graph vs cache-free graph of the same preset: " + ", ".join(
             f"{p} {100 * (res['ppl'][f'lbcc-{p}'] / res['ppl'][f'nocache-{p}'] - 1):+.3f} %"
-            for p in ("fp32", "w8a8", "w4a16")) + " (target within 0.1 %).",
+            for p in ("fp32", "w8a8", "w4a16", "w4a16-e4")) + " (target within 0.1 %).",
         f"- lbcc-fp32 greedy tokens identical to transformers for 64 tokens: "
         f"{sum(res['greedy_identical_64'].values())}/{len(res['greedy_identical_64'])} prompts.",
+        "", f"Decode in paired blocks ({args.threads} threads, 16 blocks of 16 steps, the models "
+        "interleaved block by block; speed = median of per-block ratios): " + ", ".join(
+            f"{n} {d['ms_per_step']:.2f} ms a step" for n, d in res["paired_blocks"].items())
+        + f"; lbcc-w4a16-e4 vs genai-int4 (its runtime) {pe4:.3f}x tokens/s (target >= 1.1x), "
+        f"lbcc-w4a16-e4 step / lbcc-fp32 step {pfp32 / pe4:.3f} (target <= 0.25).",
+        "", "Work per decode step, 1 intra-op thread (process CPU time, median of blocks of "
+        "16 steps, models interleaved): " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in cpu.items())
+        + f"; lbcc-w4a16-e4 / genai-int4 {cpu['lbcc-w4a16-e4'] / cpu['genai-int4']:.3f}, "
+        f"lbcc-w4a16-e4 / lbcc-fp32 {cpu['lbcc-w4a16-e4'] / cpu['lbcc-fp32']:.3f}.",
         "", "Fusions on the lbcc KV-cache graph (fuse-ort notes):", "", "```",
         json.dumps(res.get("fusions"), indent=1), "```", ""]
     prof = res.get("profile") or {}

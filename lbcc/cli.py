@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from lbcc.errors import LbccError
+from lbcc.recipes import PRESETS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lbcc: compile LLMs to low-bit ONNX Runtime models.")
@@ -47,7 +48,7 @@ def compile(
     model: str = typer.Argument(..., help=".onnx file, Hugging Face directory or .gguf file"),
     output: Path = typer.Option(..., "-o", "--output", help="Output .onnx path (a directory for --target c)"),
     target: str = typer.Option("ort-int8", "--target"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="w8a8 | w8a8-dynamic | w4a16"),
+    preset: Optional[str] = typer.Option(None, "--preset", help=" | ".join(PRESETS)),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="TOML recipe file"),
     calib: Optional[str] = typer.Option(None, "--calib",
                                         help="calibration .txt (+ --tokenizer) or .npz"),

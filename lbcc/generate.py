@@ -13,6 +13,9 @@ token at position ``n + i``. Two ways to carry the cache between steps, both thr
 - concatenation (any other graph): ``present = concat(past, new)`` is a new value each step and
   becomes the next ``past``.
 
+A graph with the optional ``logits_to_keep`` input (lbcc's fused graphs) is fed 1: the prefill
+computes the lm_head for the prompt's last position only.
+
 Next-token choice from the last position's logits ``z``:
 - greedy: ``argmax z``;
 - top-p (nucleus, Holtzman et al. 2020): ``p = softmax(z / T)``, sorted descending; keep the
@@ -31,7 +34,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from lbcc.errors import BadInputError
-from lbcc.kvcache import KVLayout, kv_layout, presents_from_gqa
+from lbcc.kvcache import KVLayout, keeps_last_logits, kv_layout, presents_from_gqa
 
 
 @dataclasses.dataclass
@@ -115,6 +118,19 @@ class Generator:
                                 "Compile it with lbcc (fuse-ort makes GroupQueryAttention), or "
                                 "pass share_buffer=False.")
         self.share_buffer = can_share if share_buffer is None else share_buffer
+        #: fed to a graph with the optional ``logits_to_keep`` input: the prefill computes the
+        #: logits of the prompt's last position only (the only ones a generator reads)
+        self._keep_last = None
+        if keeps_last_logits(self.session):
+            import onnxruntime as ort
+
+            self._keep_last = ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64))
+
+    def _bind_keep_last(self, binding: Any) -> None:
+        """Bind ``logits_to_keep`` = 1 where the graph has it (as an OrtValue: ONNX Runtime's
+        ``bind_cpu_input`` does not find overridable initializers by name)."""
+        if self._keep_last is not None:
+            binding.bind_ortvalue_input("logits_to_keep", self._keep_last)
 
     # ------------------------------------------------------------------ set-up helpers
     def _load_tokenizer(self, spec: Any) -> Any:
@@ -243,6 +259,7 @@ class Generator:
                 bind_caches(min(needed, int(ids.size) + self.initial_room))
                 for name, value in layout.token_inputs(ids[None, :], 0).items():
                     binding.bind_cpu_input(name, value)
+                self._bind_keep_last(binding)
                 binding.bind_output("logits", "cpu")
                 sess.run_with_iobinding(binding)
                 logits = binding.get_outputs()[-1].numpy()  # bound last: the newest output
@@ -285,6 +302,7 @@ class Generator:
             binding = sess.io_binding()
             for name, value in layout.token_inputs(feed_ids, state["len"]).items():
                 binding.bind_cpu_input(name, value)
+            self._bind_keep_last(binding)
             for name, value in zip(layout.past_names(), state["past"]):
                 if isinstance(value, ort.OrtValue):
                     binding.bind_ortvalue_input(name, value)

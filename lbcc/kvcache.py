@@ -5,7 +5,9 @@ A KV-cache graph (the naming onnxruntime-genai uses) has the inputs
     input_ids[batch, seq] (int64), attention_mask[batch, past + seq] (int64),
     position_ids[batch, seq] (int64), past_key_values.N.key / .value[batch, kv_heads, past, head_dim]
 
-and the outputs ``logits[batch, seq, vocab]`` and ``present.N.key / .value[batch, kv_heads,
+(lbcc's fused graphs also take an optional ``logits_to_keep`` int64 scalar, an overridable
+initializer of 0: fed ``k > 0``, ``logits`` holds the last ``k`` positions only) and the outputs
+``logits[batch, seq, vocab]`` and ``present.N.key / .value[batch, kv_heads,
 past + seq, head_dim]`` (``present = concat(past, new, axis=2)``). One graph serves prefill
 (``past = 0``, ``seq = prompt length``) and decode (``seq = 1``). Everything here works on name /
 shape / dtype triples, so it serves an ``ir.Model`` and an ONNX Runtime session alike.
@@ -22,7 +24,8 @@ import numpy as np
 
 PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
-AUX_INPUTS = ("attention_mask", "position_ids")
+#: ``logits_to_keep`` (optional, default all positions): the prefill of a generator feeds 1
+AUX_INPUTS = ("attention_mask", "position_ids", "logits_to_keep")
 
 
 def past_name(layer: int, kind: str) -> str:
@@ -147,6 +150,15 @@ def prefill_inputs(source: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
         name = _triples(source)[0][0]
         return {name: ids}
     return layout.feed(ids, layout.empty_past(ids.shape[0]), 0)
+
+
+def keeps_last_logits(session: Any) -> bool:
+    """The session's graph takes the optional ``logits_to_keep`` input (see ``last_logits``)."""
+    try:
+        names = {i.name for i in session.get_overridable_initializers()}
+    except AttributeError:
+        return False
+    return "logits_to_keep" in names | {i.name for i in session.get_inputs()}
 
 
 def presents_from_gqa(source: Any) -> bool:

@@ -22,6 +22,9 @@ recipes (a rule on ``*.k_proj`` no longer matches it).
 
 ``drop_unused_norm_stats``: the fused RMS norms no longer compute the mean / inverse standard
 deviation outputs nobody reads.
+
+``last_logits``: an optional ``logits_to_keep`` input (default 0: all positions) slices the
+lm_head's input to the last positions, so a generator's prefill computes one row of logits.
 """
 
 from __future__ import annotations
@@ -182,6 +185,59 @@ def drop_unused_norm_stats(model: ir.Model, debug: bool = False) -> int:
     return count
 
 
+#: the optional input (an overridable initializer, default 0 = every position) that keeps the
+#: logits of the last ``logits_to_keep`` positions only, as transformers' ``logits_to_keep``
+LOGITS_TO_KEEP = "logits_to_keep"
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def last_logits(model: ir.Model, debug: bool = False) -> int:
+    """``logits = MatMul(h, W)`` -> ``MatMul(Slice(h, -logits_to_keep, end, axis=1), W)``.
+
+    ``logits_to_keep`` is a graph input with an initializer of 0 (ONNX Runtime then makes it an
+    optional, overridable input): not fed, ``-0 = 0`` keeps every position (perplexity, calibration
+    and onnxruntime-genai, which does not know the input, see the graph as before); a generator
+    feeds 1 at the prefill, so the lm_head (576 x 49152 on SmolLM2, a fifth of the weights) runs on
+    the prompt's last position only. Returns 1 when inserted."""
+    graph = model.graph
+    why = ""
+    out = next((v for v in graph.outputs if v.name == "logits"), None)
+    mm = out.producer() if out is not None else None
+    if any(v.name == LOGITS_TO_KEEP for v in graph.inputs):
+        why = f"the graph already has a {LOGITS_TO_KEEP} input"
+    elif mm is None or mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
+        why = "logits is not the output of a MatMul"
+    elif mm.inputs[0].shape is None or len(mm.inputs[0].shape) != 3:
+        why = "the lm_head's input is not [batch, seq, hidden]"
+    if why:
+        if debug:
+            print(f"Rule: LastLogits failed: {why}")
+        return 0
+    from lbcc.irutils import add_initializer, copy_identity
+
+    keep = ir.Value(name=LOGITS_TO_KEEP, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64),
+                    const_value=ir.tensor(np.array(0, np.int64), name=LOGITS_TO_KEEP))
+    graph.inputs.append(keep)
+    graph.register_initializer(keep)
+    h = mm.inputs[0]
+    neg = ir.node("Neg", [keep])
+    start = ir.node("Reshape", [neg.outputs[0], add_initializer(
+        graph, "logits_to_keep_shape", np.array([1], np.int64))])
+    sl = ir.node("Slice", [h, start.outputs[0],
+                           add_initializer(graph, "logits_to_keep_end", np.array([_INT64_MAX])),
+                           add_initializer(graph, "logits_to_keep_axes", np.array([1]))],
+                 name="logits_to_keep_slice")
+    sl.outputs[0].type = h.type
+    sl.outputs[0].shape = ir.Shape([h.shape[0], "logits_seq", h.shape[2]])
+    if out.shape is not None and len(out.shape) == 3:
+        out.shape = ir.Shape([out.shape[0], "logits_seq", out.shape[2]])
+    for n in (neg, start, sl):
+        copy_identity(mm, n)
+    graph.insert_before(mm, [neg, start, sl])
+    mm.replace_input_with(0, sl.outputs[0])
+    return 1
+
+
 def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
     """(name, fuse function, kwargs) of the fusions that need a KV-cache graph, in order."""
     from onnxscript.rewriter.ort_fusions import gqa, sdpa, sdpa_via_mha
@@ -193,4 +249,5 @@ def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
         ("pack_qkv", pack_qkv, {}),
         ("drop_unused_norm_stats", drop_unused_norm_stats, {}),
         ("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha, {}),
+        ("last_logits", last_logits, {}),
     ]

@@ -214,6 +214,22 @@ def test_tied_4bit_embedding_becomes_gather_block_quantized():
     assert M.rel_err(reference("tied"), got) < TOL["w4a16"]
 
 
+def test_w4a16_e4_preset_has_a_4bit_tied_table_and_no_zero_points():
+    """The decode preset: embedding + lm_head one 4-bit table, every MatMulNBits symmetric (no
+    zero-point input), groups of 32 everywhere."""
+    result = lbcc.compile(M.tied_lm_model(dim=64), preset="w4a16-e4", progress=False)
+    ops = M.op_counts(result.model)
+    assert ops.get(f"{MS}::GatherBlockQuantized") == 1 and "Gather" not in ops
+    gbq = next(n for n in result.model.graph if n.op_type == "GatherBlockQuantized")
+    assert gbq.attributes.get_int("bits") == 4 and gbq.attributes.get_int("block_size") == 32
+    nbits = [n for n in result.model.graph if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 3 and all(len(n.inputs) == 3 for n in nbits)
+    assert {n.attributes.get_int("block_size") for n in nbits} == {32}
+    assert result.report.data["recipe"]["name"] == "w4a16-e4"
+    got = M.run_ort(result.model, {"input_ids": IDS})[0]
+    assert M.rel_err(reference("tied"), got) < TOL["w4a16"]
+
+
 @pytest.mark.parametrize("preset_name,dim", [
     ("w8a8", 64),
     ("w8a8-dynamic", 64),

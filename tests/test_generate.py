@@ -68,6 +68,47 @@ def test_cli_generate_errors(mlp_path, tmp_path):
     assert r.exit_code == 1 and "empty" in r.stderr
 
 
+def _lm_head_graph():
+    """h[1, S, 8] -> logits = h @ W[8, 5], a graph output (the KV-cache graph's lm_head)."""
+    import onnx_ir as ir
+
+    from lbcc.irutils import add_initializer
+
+    h = ir.Value(name="h", shape=ir.Shape([1, "s", 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([h], [], nodes=[], opset_imports={"": 21}, name="g")
+    w = add_initializer(graph, "W", np.random.default_rng(0).standard_normal((8, 5))
+                        .astype(np.float32))
+    mm = ir.node("MatMul", [h, w], name="lm_head")
+    graph.append(mm)
+    mm.outputs[0].name, mm.outputs[0].type = "logits", ir.TensorType(ir.DataType.FLOAT)
+    mm.outputs[0].shape = ir.Shape([1, "s", 5])
+    graph.outputs.append(mm.outputs[0])
+    return ir.Model(graph, ir_version=10)
+
+
+def test_last_logits_keeps_all_positions_unless_asked():
+    """``logits_to_keep``: an overridable initializer of 0 (all positions, the graph as before for
+    anyone who does not feed it); fed k, the lm_head runs on the last k positions only."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from lbcc.kvcache import keeps_last_logits
+    from lbcc.passes.kv_fusions import last_logits
+
+    model = _lm_head_graph()
+    assert last_logits(model) == 1 and last_logits(model) == 0  # once
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["h"] and keeps_last_logits(sess)
+    h = np.random.default_rng(1).standard_normal((1, 6, 8)).astype(np.float32)
+    full = sess.run(None, {"h": h})[0]
+    np.testing.assert_allclose(full, h @ model.graph.initializers["W"].const_value.numpy(),
+                               rtol=1e-5, atol=1e-5)
+    for k in (1, 2, 6, 9):
+        got = sess.run(None, {"h": h, "logits_to_keep": np.array(k, np.int64)})[0]
+        np.testing.assert_array_equal(got, full[:, -min(k, 6):])
+
+
 # ----------------------------------------------------------------------------- tiny Llama
 
 @pytest.fixture(scope="module")
@@ -157,6 +198,7 @@ def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
     notes = run.records[-1].notes
     assert notes["matched"]["gqa"] == 2 and notes["matched"]["rotary_from_position_ids"] == 4
     assert notes["matched"]["pack_qkv"] == 2
+    assert notes["matched"]["last_logits"] == 1  # the prefill of a generator: last row only
     # the norms' unused mean / inv_std_var outputs are omitted (empty names), as genai's are
     assert notes["matched"]["drop_unused_norm_stats"] == 4  # the skip norms
     skip = next(n for n in run.model.graph if n.op_type == "SkipSimplifiedLayerNormalization")
@@ -173,6 +215,7 @@ def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
     ref = _hf_greedy(hf, prompt, 40)
     gen = Generator(tmp_path / "fused.onnx", max_context=128)
     assert gen.share_buffer  # GroupQueryAttention writes into one past/present buffer in place
+    assert gen._keep_last is not None  # and the prefill feeds logits_to_keep = 1
     assert list(gen.generate_ids(prompt, 40, stop_at_eos=False)) == ref
     assert list(gen.generate_ids(prompt[:7], 40, stop_at_eos=False)) == _hf_greedy(hf, prompt[:7],
                                                                                     40)

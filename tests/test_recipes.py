@@ -183,7 +183,7 @@ def test_targets_registry():
         get_target("tpu-v9")
 
 
-@pytest.mark.parametrize("name", ["w8a8", "w8a8-dynamic", "w4a16"])
+@pytest.mark.parametrize("name", ["w8a8", "w8a8-dynamic", "w4a16", "w4a16-e4"])
 def test_presets_pass_the_target_check(name):
     check_recipe(preset(name), get_target("ort-int8"))
     check_recipe(preset("w4a16", group_size=16), get_target("ort-int8"))

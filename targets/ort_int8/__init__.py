@@ -6,7 +6,8 @@ ONNX Runtime fuses into ``MatMulIntegerToFloat`` at load; per-tensor dynamic W8A
 ``DynamicQuantizeMatMul``; per-token dynamic W8A8 as ``MatMulIntegerToFloat`` on a
 per-row quantized input; grouped weights (4-bit, or 8-bit with per-block dynamic activations)
 as ``MatMulNBits`` with ``accuracy_level=4`` (activations quantized to int8 per block inside the
-kernel) and ``GatherBlockQuantized`` for the embedding.
+kernel) and ``GatherBlockQuantized`` for the embedding; sibling MatMulNBits reading one input
+(a SwiGLU MLP's gate and up projections) are packed into one (``pack-nbits``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ class OrtInt8Target:
     def passes(self, recipe: Any) -> list:
         from lbcc.passes.cleanup import Cleanup
         from lbcc.targets.ort_int8.lowering import LowerORT
+        from lbcc.targets.ort_int8.packing import PackNBits
         from lbcc.targets.ort_int8.verify import Verify
 
-        return [LowerORT(uint8_weights=recipe.weights.saturation_safe), Cleanup(), Verify()]
+        return [LowerORT(uint8_weights=recipe.weights.saturation_safe), PackNBits(), Cleanup(),
+                Verify()]
 
     def emit(self, model: ir.Model, path: Path, external_data: bool | None = None,
              **_: Any) -> list[Path]:
