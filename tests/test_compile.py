@@ -545,3 +545,23 @@ def test_w8a8_matmul_fed_by_graph_input(tmp_path):
 def test_nothing_to_quantize_is_bad_input():
     with pytest.raises(BadInputError, match="nothing to quantize"):
         lbcc.compile(M.relu_add_model(), preset="w8a8-dynamic", progress=False)
+
+
+def test_weights_with_one_group_per_row_become_matmulnbits(tmp_path):
+    """K <= group size: the rounding stores one scale per output channel; the lowering still
+    emits MatMulNBits (the row zero-padded to one block), not a float DequantizeLinear + MatMul."""
+    import lbcc
+    import models as M
+
+    model = M.mlp_model(k=64, hidden=96, n=48)  # fc1: K = 64 = one group; fc2: K = 96 < 128
+    result = lbcc.compile(model, preset="w4a16", group_size=128, progress=False)
+    ops = M.op_counts(result.model)
+    assert ops.get("com.microsoft::MatMulNBits") == 2 and "DequantizeLinear" not in ops
+    x = M.mlp_inputs(k=64, samples=1)
+    names = [p["name"] for p in result.report.data["passes"]]
+    before = lbcc.compile(model, preset="w4a16", group_size=128, progress=False,
+                          stop_after=names[names.index("lower-ort") - 1])
+    assert "com.microsoft::MatMulNBits" not in M.op_counts(before.model)
+    # the same values; accuracy_level 4 quantizes the activations per block inside the kernel
+    assert M.rel_err(M.run_ort(before.model, {"x": x})[0],
+                     M.run_ort(result.model, {"x": x})[0]) < 0.02

@@ -112,8 +112,12 @@ class LowerORT(Pass):
                     continue
                 plan = plan_of(node) or {}
                 _, _, _, axis, block = _dq_parts(dq)
+                group = (plan.get("weight") or {}).get("group_size")
+                if block is None and group and plan.get("activation") in ("none",
+                                                                         "dynamic-block"):
+                    block = group  # K <= group: one group (zero-padded) per output channel
                 if block is not None:
-                    self._to_matmulnbits(graph, node, dq, transposed)
+                    self._to_matmulnbits(graph, node, dq, transposed, block)
                     bump("MatMulNBits", node, "com.microsoft::MatMulNBits")
                 elif plan.get("activation") == "dynamic":
                     self._to_dynamic_quantize_matmul(graph, node, dq, transposed)
@@ -185,9 +189,12 @@ class LowerORT(Pass):
         return qu
 
     # --- MatMulNBits
-    def _to_matmulnbits(self, graph: ir.Graph, node: ir.Node, dq: ir.Node, transposed: bool
-                        ) -> None:
-        q, scale, zp, axis, block = _dq_parts(dq)
+    def _to_matmulnbits(self, graph: ir.Graph, node: ir.Node, dq: ir.Node, transposed: bool,
+                        block: int) -> None:
+        q, scale, zp, axis, _ = _dq_parts(dq)
+        if scale.ndim == 1:  # per channel: one group of K per output channel
+            scale = scale.reshape(1, -1) if axis == 1 else scale.reshape(-1, 1)
+            zp = None if zp is None else zp.reshape(scale.shape)
         q, scale, zp = _out_major(q, scale, zp, transposed)
         n, k = q.shape
         nb = scale.shape[1]
