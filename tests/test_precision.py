@@ -195,9 +195,12 @@ def test_auto_preset_measures_and_follows_the_outlier_report(tmp_path):
     plans = [layer["plan"] for layer in r.report.layers if layer.get("status") == "quantized"]
     assert plans and all(p.get("sqnr_criterion") == "measured" for p in plans
                          if "range" in p)
+    threshold = preset("auto").activations.min_sqnr_db
     for p in plans:
         if "range" in p:
-            assert (p["activation"] == "static") == (p["sqnr_db"] >= 25.0)
+            assert (p["activation"] == "static") == (p["sqnr_db"] >= threshold)
+            if p["activation"] != "static":  # the per-token fallback, checked the same way
+                assert (p["activation"] == "dynamic-token") == (p["token_sqnr_db"] >= threshold)
 
 
 def _single_matmul(tmp_path, x, w):
