@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lbcc.errors import BadInputError
+from lbcc.evaluate import next_token_nll
 
 METRICS = ("ppl", "output-error")
 
@@ -102,13 +103,8 @@ class Perplexity(Metric):
         nll, count = 0.0, 0
         for sample in self.samples:
             x = next(iter(sample.values()))
-            logits = sess.run(None, {name: x})[0][:, :-1].astype(np.float64)
-            target = x[:, 1:]
-            m = logits.max(axis=-1, keepdims=True)
-            logz = np.log(np.exp(logits - m).sum(axis=-1)) + m[..., 0]
-            picked = np.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-            nll += float((logz - picked).sum())
-            count += target.size
+            nll += next_token_nll(sess.run(None, {name: x})[0], x)
+            count += x[:, 1:].size
         mean = nll / max(count, 1)
         return math.exp(mean) if mean < 700 else math.inf
 

@@ -90,15 +90,21 @@ def perplexity(session: Any, ids: np.ndarray, seq_len: int = 512, batch: int = 1
     for start in range(0, n_windows, batch):
         x = windows[start:start + batch]
         logits = session.run(["logits"] if kv_layout(session) else None,
-                             prefill_inputs(session, x))[0].astype(np.float64)
-        logits = logits[:, :-1]
-        target = x[:, 1:]
-        m = logits.max(axis=-1, keepdims=True)
-        logz = np.log(np.exp(logits - m).sum(axis=-1)) + m[..., 0]
-        picked = np.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-        nll += float((logz - picked).sum())
-        count += target.size
+                             prefill_inputs(session, x))[0]
+        nll += next_token_nll(logits, x)
+        count += x[:, 1:].size
     return math.exp(nll / count), count, n_windows
+
+
+def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Summed next-token negative log-likelihood of ``ids[:, 1:]`` under ``logits[:, :-1]``:
+    sum_t (logsumexp_v z[t, v] - z[t, ids[t+1]]), the log-sum-exp shifted by the row max."""
+    z = logits[:, :-1].astype(np.float64)
+    target = ids[:, 1:]
+    m = z.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(z - m).sum(axis=-1)) + m[..., 0]
+    picked = np.take_along_axis(z, target[..., None], axis=-1)[..., 0]
+    return float((logz - picked).sum())
 
 
 def latency_ms(session: Any, seq: int, vocab: int = 100, repeats: int = 10, warmup: int = 2
