@@ -85,15 +85,16 @@ def site_layers(model: ir.Model) -> list[str]:
     return list(dict.fromkeys(s.layer for s in sites))
 
 
-def normalize(model: Any) -> ir.Model:
+def normalize(model: Any, copy: bool = True) -> ir.Model:
     """``capture`` + the passes every compile starts with (capture-normalize, fuse-ort), so a
-    float model's layers have the names and the form the compiled model's layers have."""
+    float model's layers have the names and the form the compiled model's layers have.
+    ``copy=False``: ``model`` is the caller's own private copy and may be changed in place."""
     from lbcc.capture import capture
     from lbcc.passes import CaptureNormalize, FuseORT
     from lbcc.pipeline import Pipeline, PipelineContext
 
     m = capture(model)
-    if isinstance(model, ir.Model):  # never change the caller's model
+    if copy and isinstance(model, ir.Model):  # never change the caller's model
         m = ir.from_proto(ir.to_proto(m))
     return Pipeline([CaptureNormalize(), FuseORT()], PipelineContext(progress=False)).run(m).model
 
@@ -257,7 +258,8 @@ def _float_for_sites(float_model: Any, qmodel: ir.Model) -> ir.Model:
     qnames = set(layer_outputs(qmodel))
     if names and all(n in qnames for n in names):
         return raw
-    return normalize(raw)
+    return normalize(raw, copy=False)  # raw is ours (a proto round trip would lose the
+    # location of a path-loaded model's external data)
 
 
 def compare(float_model: Any, quant_model: Any, data: Any, *, tokenizer: Any = None,

@@ -1,4 +1,4 @@
-"""``pack-nbits``: sibling MatMulNBits -> one MatMulNBits + Split, bit-identical outputs."""
+"""``pack-nbits``: sibling MatMulNBits -> one MatMulNBits + a Slice each, bit-identical outputs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401 - registers ir.passes.common
 import pytest
 
-from lbcc.irutils import add_initializer
+from lbcc.irutils import add_initializer, layer_name
 from lbcc.targets.ort_int8.packing import PackNBits
 
 ort = pytest.importorskip("onnxruntime")
@@ -74,7 +74,14 @@ def test_pack_nbits_packs_siblings_and_is_bit_identical(zp):
     assert sorted(n.attributes.get_int("N") for n in nbits) == [16, 80]  # gate|up, odd alone
     packed = next(n for n in nbits if n.attributes.get_int("N") == 80)
     assert len(packed.inputs) == (4 if zp else 3)
-    assert [u.node.op_type for u in packed.outputs[0].uses()] == ["Split"]
+    slices = [u.node for u in packed.outputs[0].uses()]
+    assert [n.op_type for n in slices] == ["Slice", "Slice"]
+    # each sibling keeps an output of its own layer (what per-layer debugging compares by name)
+    from lbcc.debug import layer_outputs
+
+    outs = layer_outputs(result.model)
+    assert [outs[layer_name(n)].producer() for n in slices] == slices
+    assert len({layer_name(n) for n in slices}) == 2
     after = _run(result.model, x)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)

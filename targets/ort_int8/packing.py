@@ -1,7 +1,7 @@
-"""``pack-nbits``: sibling ``MatMulNBits`` that read one input become one, then a ``Split``.
+"""``pack-nbits``: sibling ``MatMulNBits`` that read one input become one, then a ``Slice`` each.
 
     y_i = MatMulNBits(x, B_i, s_i, z_i)  (i = 1..m, same K / bits / block / accuracy level)
-    ->  [y_1 | ... | y_m] = Split(MatMulNBits(x, [B_1; ...; B_m], [s_1; ...], [z_1; ...]), N_i)
+    ->  y_i = Slice(MatMulNBits(x, [B_1; ...; B_m], [s_1; ...], [z_1; ...]), columns of y_i)
 
 MatMulNBits stores everything output-row major (``B[N, K/block, block*bits/8]``, ``scales[N *
 K/block]``, ``zero_points[N * ceil(K/block * bits/8)]``), so stacking the rows of the siblings is
@@ -54,7 +54,7 @@ def _stack(values: list[ir.Value], ns: list[int]) -> np.ndarray:
 
 
 class PackNBits(Pass):
-    """Siblings ``MatMulNBits(x, ...)`` with one signature -> one MatMulNBits + Split."""
+    """Siblings ``MatMulNBits(x, ...)`` with one signature -> one MatMulNBits + a Slice each."""
 
     name = "pack-nbits"
 
@@ -99,18 +99,27 @@ class PackNBits(Pass):
         attrs = {k: first.attributes.get_int(k, 0) for k in _KEYS}
         mm = ir.node("MatMulNBits", inputs, domain=MS, name=base,
                      attributes={**attrs, "N": int(sum(ns))})
-        split = ir.node("Split", [mm.outputs[0], add_initializer(
-            graph, f"{base}_split", np.array(ns, np.int64))], attributes={"axis": -1},
-            num_outputs=len(nodes), name=f"{base}_split")
         out0 = first.outputs[0]
         mm.outputs[0].type = out0.type
         if out0.shape is not None:
             mm.outputs[0].shape = ir.Shape([*list(out0.shape)[:-1], int(sum(ns))])
-        for n in (mm, split):
-            copy_identity(first, n)
-        graph.insert_before(first, [mm, split])
-        for old, new in zip(nodes, split.outputs):
-            out = old.outputs[0]
+        copy_identity(first, mm)
+        # one Slice per sibling, with that sibling's identity: each layer keeps an output of its
+        # own (per-layer debugging compares layers by name), where one Split node would carry
+        # a single layer's name for all of them
+        axis = add_initializer(graph, f"{base}_axis", np.array([-1], np.int64))
+        bounds = np.concatenate([[0], np.cumsum(ns)]).astype(np.int64)
+        slices = []
+        for i, old in enumerate(nodes):
+            sl = ir.node("Slice", [mm.outputs[0],
+                                   add_initializer(graph, f"{base}_start", bounds[i:i + 1]),
+                                   add_initializer(graph, f"{base}_end", bounds[i + 1:i + 2]),
+                                   axis], name=f"{old.name}_slice")
+            copy_identity(old, sl)
+            slices.append(sl)
+        graph.insert_before(first, [mm, *slices])
+        for old, sl in zip(nodes, slices):
+            out, new = old.outputs[0], sl.outputs[0]
             new.type, new.shape = out.type, out.shape
             name = out.name
             out.replace_all_uses_with(new)
