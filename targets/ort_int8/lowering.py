@@ -96,7 +96,6 @@ class LowerORT(Pass):
         self._transposed_int8: dict[int, ir.Value] = {}  # id(DQ node) -> its q^T [K, N]
         self._per_token: dict[int, tuple[ir.Value, ir.Value]] = {}  # id(x) -> (uint8 x, scale)
         self._consts: dict[str, ir.Value] = {}
-        self._graph = graph
 
         def bump(key: str, node: ir.Node, lowered_to: str) -> None:
             counts[key] = counts.get(key, 0) + 1
@@ -142,8 +141,10 @@ class LowerORT(Pass):
                         p.inputs[0].const_value is None:
                     continue
                 block = p.attributes.get_int("block_size", 0) or None
+                if block is None and id(p) in self._nbits:  # tied with a one-group lm_head
+                    block = self._nbits[id(p)]["block"]
                 if block is not None:
-                    self._to_gather_block_quantized(graph, node, p)
+                    self._to_gather_block_quantized(graph, node, p, block)
                     bump("GatherBlockQuantized", node, "com.microsoft::GatherBlockQuantized")
                 else:
                     self._to_int8_gather(graph, node, p)
@@ -265,7 +266,9 @@ class LowerORT(Pass):
         if id(x) in self._per_token:
             return self._per_token[id(x)]
         base = x.name or node.name
-        const = self._shared_const
+
+        def const(name: str, value: np.ndarray) -> ir.Value:
+            return self._shared_const(graph, name, value)
         nodes = [ir.node("Abs", [x])]
         nodes.append(ir.node("ReduceMax", [nodes[-1].outputs[0],
                                            const("per_token_axes", np.array([-1], np.int64))],
@@ -306,8 +309,8 @@ class LowerORT(Pass):
         if transposed:
             self._transposed_int8[id(dq)] = qv
         xq, s = self._token_quantize(graph, node)
-        one = self._shared_const("per_token_one", np.array(1, np.float32))
-        x_zp = self._shared_const("per_token_zero_point", np.array(128, np.uint8))
+        one = self._shared_const(graph, "per_token_one", np.array(1, np.float32))
+        x_zp = self._shared_const(graph, "per_token_zero_point", np.array(128, np.uint8))
         w_scale = add_initializer(graph, f"{base}_tok_scale",
                                   np.ascontiguousarray(scale.reshape(-1), np.float32))
         mm = ir.node("MatMulIntegerToFloat", [xq, qv, one, w_scale, x_zp, zpv], domain=MS,
@@ -315,17 +318,15 @@ class LowerORT(Pass):
         mul = ir.node("Mul", [mm.outputs[0], s], name=f"{node.name}_token_scale")
         for n in (mm, mul):
             copy_identity(node, n)
-        for k, v in node.metadata_props.items():  # the plan stays with the integer MatMul
-            if k.startswith("lbcc."):
-                mm.metadata_props[k] = v
+        self._copy_plan(node, mm)  # the plan stays with the integer MatMul
         mm.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
         graph.insert_before(node, [mm, mul])
         self._swap_output(graph, node, mul)
 
-    def _shared_const(self, name: str, value: np.ndarray) -> ir.Value:
+    def _shared_const(self, graph: ir.Graph, name: str, value: np.ndarray) -> ir.Value:
         """One initializer per name for the small constants every per-token layer uses."""
         if name not in self._consts:
-            self._consts[name] = add_initializer(self._graph, name, value)
+            self._consts[name] = add_initializer(graph, name, value)
         return self._consts[name]
 
     # --- tied per-channel int8: store q^T so the QDQ MatMul pattern is the plain one
@@ -348,8 +349,11 @@ class LowerORT(Pass):
         # the embedding Gather (if tied) will read q^T as well, see _to_int8_gather
 
     # --- embeddings
-    def _to_gather_block_quantized(self, graph: ir.Graph, node: ir.Node, dq: ir.Node) -> None:
-        q, scale, zp, axis, block = _dq_parts(dq)
+    def _to_gather_block_quantized(self, graph: ir.Graph, node: ir.Node, dq: ir.Node,
+                                   block: int) -> None:
+        q, scale, zp, axis, _ = _dq_parts(dq)
+        if scale.ndim == 1 and axis == 0:  # one scale per row: a single group along the row
+            scale, zp, axis = scale.reshape(-1, 1), None if zp is None else zp.reshape(-1, 1), 1
         if axis != 1:
             raise self.fail("blocked embedding must be quantized along its columns", node=node)
         bits = 4 if str(q.dtype) in ("int4", "uint4") else 8
@@ -454,11 +458,16 @@ class LowerORT(Pass):
     # --- helpers
     def _replace(self, graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
         copy_identity(old, new)
+        self._copy_plan(old, new)
+        graph.insert_before(old, new)
+        self._swap_output(graph, old, new)
+
+    @staticmethod
+    def _copy_plan(old: ir.Node, new: ir.Node) -> None:
+        """lbcc's metadata (layer, plan) of ``old`` onto ``new``."""
         for k, v in old.metadata_props.items():
             if k.startswith("lbcc."):
                 new.metadata_props[k] = v
-        graph.insert_before(old, new)
-        self._swap_output(graph, old, new)
 
     @staticmethod
     def _swap_output(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
