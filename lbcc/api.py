@@ -89,7 +89,8 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
     passes: list[Pass] = [CaptureNormalize(), FuseORT()]
     if calibrate:
         passes += [Calibrate(), DetectOutliers(recipe.activations.min_sqnr_db)]
-    if recipe.activations.criterion == "measured" or recipe.activations.fallback == "dynamic-token":
+    if (recipe.activations.criterion == "measured" or recipe.activations.method == "output"
+            or recipe.activations.fallback == "dynamic-token"):
         context.keep_rows = max(context.keep_rows, 512)  # the per-layer SQNR is measured on rows
     if recipe.smoothing.method == "smoothquant":
         context.keep_rows = max(context.keep_rows, 512)

@@ -415,6 +415,7 @@ def collect_activation_stats(model: ir.Model, feed: Feed, tensor_names: Sequence
                              progress: bool = True, second_moments: bool = False,
                              keep_rows: int = 0) -> dict[str, ActivationObserver]:
     """Run ``model`` in ONNX Runtime on every sample of ``feed``; observe ``tensor_names``."""
+    from lbcc.irutils import extra_graph_io
     from lbcc.modelio import save_model
     from lbcc.progress import track
 
@@ -433,11 +434,8 @@ def collect_activation_stats(model: ir.Model, feed: Feed, tensor_names: Sequence
     observers = {n: ActivationObserver(second_moments=second_moments, keep_rows=keep_rows)
                  for n in tensor_names}
     with tempfile.TemporaryDirectory(prefix="lbcc-calib-") as tmp:
-        model.graph.outputs.extend(extra)
-        try:
+        with extra_graph_io(model.graph.outputs, extra):
             path = save_model(model, Path(tmp) / "calib.onnx", external_data=True)
-        finally:
-            del model.graph.outputs[len(original_outputs):]
         sess = _session(path)
         out_names = [o.name for o in sess.get_outputs()]
         wanted = [i for i, n in enumerate(out_names) if n in observers]

@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lbcc.errors import BadInputError
-from lbcc.irutils import layer_name, op_histogram
+from lbcc.irutils import extra_graph_io, layer_name, op_histogram
 
 #: schema of every JSON document ``lbcc debug`` / ``lbcc.debug`` writes
 DEBUG_SCHEMA_VERSION = 1
@@ -221,16 +221,12 @@ def _session_with_outputs(model: ir.Model, values: Iterable[ir.Value], path: Pat
 
     from lbcc.modelio import save_model
 
-    n = len(model.graph.outputs)
     extra = [v for v in dict.fromkeys(values) if v not in model.graph.outputs]
     for v in extra:
         if v.type is None:
             v.type = ir.TensorType(ir.DataType.FLOAT)
-    model.graph.outputs.extend(extra)
-    try:
+    with extra_graph_io(model.graph.outputs, extra):
         save_model(model, path, external_data=True)
-    finally:
-        del model.graph.outputs[n:]
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:

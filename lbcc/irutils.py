@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ast
 import collections
-from typing import Iterable
+import contextlib
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -106,3 +107,19 @@ def weight_input(node: ir.Node) -> ir.Value | None:
 def iter_nodes(model: ir.Model, op_types: Iterable[str]) -> list[ir.Node]:
     ops = set(op_types)
     return [n for n in model.graph if n.op_type in ops and n.domain in ("", "ai.onnx")]
+
+
+@contextlib.contextmanager
+def extra_graph_io(io: list[ir.Value], values: Iterable[ir.Value]) -> Iterator[None]:
+    """``values`` appended to a graph's inputs or outputs for the duration of the block.
+
+    Removed one by one with ``pop``: onnx_ir's slice ``del`` drops them from the list but leaves
+    each value flagged as a graph input / output, which later passes read (a tensor observed
+    during calibration would look like a model output to them)."""
+    n = len(io)
+    io.extend(values)
+    try:
+        yield
+    finally:
+        while len(io) > n:
+            io.pop()

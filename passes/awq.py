@@ -3,8 +3,9 @@
 Weight-only low-bit quantization loses most on the input channels that carry large activations.
 AWQ protects them by scaling: for a group of linears ``MatMul(x, W_i[K, N_i])`` sharing one input
 whose producer can absorb a per-channel factor (the same groups as SmoothQuant, found from the
-graph by :func:`lbcc.passes.smoothing.find_smooth_groups`: a norm before q/k/v or gate/up, and
-SwiGLU's up -> down),
+graph by :func:`lbcc.passes.smoothing.find_smooth_groups`: a norm before q/k/v or gate/up,
+SwiGLU's up -> down, and attention's v -> o, where one factor per value channel is shared by
+every query head that reads it: ``s_X`` is then the largest over those heads),
 
     s = s_X^alpha / sqrt(max(s_X^alpha) * min(s_X^alpha)),   s_X[j] = mean_t |x_tj|,
     alpha* = argmin_{alpha in {0, 1/n, ..., (n-1)/n}}
@@ -95,12 +96,13 @@ class AWQ(Pass):
             x = x[: self.rows].astype(np.float32)
             weights = [u.inputs[1].const_value.numpy().astype(np.float32) for u in g.consumers]
             refs = [x @ w for w in weights]
-            x_mean = np.abs(x).mean(axis=0)
+            x_mean = g.to_fold(np.abs(x).mean(axis=0))
             errors = []
             for i in range(self.grid):
                 alpha = i / self.grid
                 s = awq_scales(x_mean, alpha)
-                errors.append((group_output_error(x, weights, specs, s, refs), alpha, s))
+                errors.append((group_output_error(x, weights, specs, g.expand(s), refs),
+                               alpha, s))
             base = errors[0][0]
             err, alpha, s = min(errors, key=lambda e: e[0])
             row = {"from": layer_name(g.prev), "kind": g.kind,

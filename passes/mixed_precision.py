@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lbcc.irutils import layer_name
+from lbcc.irutils import extra_graph_io, layer_name
 from lbcc.numerics import quantize_weight
 from lbcc.passes.sites import Site, find_sites
 from lbcc.pipeline import Pass
@@ -133,13 +133,10 @@ class MixedPrecision(Pass):
             inputs.append({k: v[..., : self.tokens] if v.ndim == 2 and v.dtype.kind == "i"
                            else v for k, v in sample.items()})
         graph = model.graph
-        n_inputs = len(graph.inputs)
         with tempfile.TemporaryDirectory(prefix="lbcc-mp-") as tmp:
-            graph.inputs.extend(c["value"] for c in cands.values())  # overridable initializers
-            try:
+            # the candidates' initializers as graph inputs, so each run can override them
+            with extra_graph_io(graph.inputs, [c["value"] for c in cands.values()]):
                 path = save_model(model, Path(tmp) / "mp.onnx", external_data=True)
-            finally:
-                del graph.inputs[n_inputs:]
             so = ort.SessionOptions()
             so.log_severity_level = 3
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -287,3 +287,17 @@ def test_collect_activation_stats_on_a_graph_input(tmp_path):
     np.savez(tmp_path / "c.npz", x=M.mlp_inputs(samples=2))
     stats = collect_activation_stats(model, NpzFeed(tmp_path / "c.npz"), ["x"], progress=False)
     assert stats["x"].count == M.mlp_inputs(samples=2).size
+
+
+def test_observed_tensors_are_not_left_flagged_as_graph_outputs(tmp_path):
+    """Calibration adds the observed tensors as outputs for one ONNX Runtime session; afterwards
+    no value may still claim to be a graph output (passes read that flag)."""
+    from lbcc.calibration import collect_activation_stats
+    from lbcc.capture import capture
+
+    model = capture(M.mlp_model())
+    inner = [v for n in model.graph for v in n.outputs if not v.is_graph_output()]
+    np.savez(tmp_path / "c.npz", x=M.mlp_inputs())
+    collect_activation_stats(model, NpzFeed(tmp_path / "c.npz"), [v.name for v in inner],
+                             progress=False)
+    assert inner and not any(v.is_graph_output() for v in inner)

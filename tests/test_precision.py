@@ -157,17 +157,12 @@ def test_saturation_safe_grid_on_targets_without_uint8_storage(mlp_path, mlp_cal
 def test_measured_sqnr_is_the_fake_quantized_layer_error():
     from lbcc.numerics import quantize_weight, sqnr_db
     from lbcc.passes.precision import measured_output_sqnr_db
-    from lbcc.passes.sites import Site
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((256, 32)).astype(np.float32)
     x[:, 3] *= 40.0  # one outlier channel: per-tensor uint8 loses the others
     w = rng.standard_normal((32, 16)).astype(np.float32)
-
-    class _W:  # the bits of ir.Value a Site needs here
-        const_value = type("T", (), {"numpy": staticmethod(lambda: w)})()
-
-    site = Site(node=None, kind="matmul", weight=_W(), layer="l")  # type: ignore[arg-type]
+    site = _const_site(w)
     lo, hi = float(x.min()), float(x.max())
     got = measured_output_sqnr_db(x, lo, hi, site, {"bits": 8, "symmetric": True})
     step = (hi - lo) / 255
@@ -180,6 +175,37 @@ def test_measured_sqnr_is_the_fake_quantized_layer_error():
     clean[:, 3] /= 40.0
     assert measured_output_sqnr_db(clean, float(clean.min()), float(clean.max()), site,
                                    {"bits": 8, "symmetric": True}) > got + 10
+
+
+def _const_site(w: np.ndarray):
+    from lbcc.passes.sites import Site
+
+    class _W:  # the bits of ir.Value a Site needs here
+        const_value = type("T", (), {"numpy": staticmethod(lambda: w)})()
+
+    return Site(node=None, kind="matmul", weight=_W(), layer="l")  # type: ignore[arg-type]
+
+
+def test_output_range_clips_what_the_weights_ignore():
+    """activations.method = "output": an outlier channel that the weights barely read is
+    clipped (the MSE range of the input keeps room for it), and the measured output SQNR of the
+    chosen range is the best of the ranges searched, at least the MSE range's."""
+    from lbcc.calibration import ActivationObserver
+    from lbcc.passes.precision import measured_output_sqnr_db, output_error_range
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((512, 32)).astype(np.float32)
+    x[:, 5] = np.abs(x[:, 5]) * 30.0  # large, positive, and almost unused below
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    w[5] *= 1e-3
+    site, spec = _const_site(w), {"bits": 8, "symmetric": True}
+    obs = ActivationObserver(keep_rows=512)
+    obs.update(x[None])
+    mse = obs.choose_range("mse")
+    lo, hi, got = output_error_range(x, *obs.choose_range("minmax"), site, spec)
+    assert hi < 0.5 * mse[1]
+    assert got == pytest.approx(measured_output_sqnr_db(x, lo, hi, site, spec))
+    assert got > measured_output_sqnr_db(x, *mse, site, spec) + 6
 
 
 def test_auto_preset_measures_and_follows_the_outlier_report(tmp_path):

@@ -57,6 +57,24 @@ def test_llama_capture_matches_torch(llama):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_llama_capture_has_value_to_output_smoothing_groups(llama):
+    """torch.export's attention (value projection -> heads -> probabilities @ v -> merge) is
+    found from the graph: one v -> o group per layer, each output channel reading its own."""
+    from lbcc.debug import normalize
+    from lbcc.irutils import layer_name
+    from lbcc.passes.smoothing import find_smooth_groups
+
+    proto, _, _ = llama
+    groups, _ = find_smooth_groups(normalize(proto))
+    attention = [g for g in groups if g.kind == "attention"]
+    assert [layer_name(g.consumers[0]) for g in attention] == [
+        f"layers.{i}.self_attn.o_proj" for i in range(2)]
+    assert [layer_name(g.prev) for g in attention] == [
+        f"layers.{i}.self_attn.v_proj" for i in range(2)]
+    for g in attention:
+        np.testing.assert_array_equal(g.channel_map, np.arange(g.channel_map.size))
+
+
 @pytest.mark.parametrize("preset_name", ["w8a8", "w8a8-dynamic", "w4a16"])
 def test_llama_compiles_per_preset(llama, preset_name, tmp_path):
     proto, ids, ref = llama

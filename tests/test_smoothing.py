@@ -185,3 +185,83 @@ def json_dumps(data) -> str:
     import json
 
     return json.dumps(data, default=str)
+
+
+S, HD, NH, NKV = 16, 8, 4, 2  # grouped-query attention: two query heads per kv head
+
+
+def gqa_attention_model() -> onnx.ModelProto:
+    """x -> v_proj -> [1, S, NKV, HD] -> heads first -> repeat each kv head (Unsqueeze, Expand,
+    Reshape, as Hugging Face's repeat_kv exports) -> Softmax(scores) @ v -> back to
+    [1, S, NH * HD] -> o_proj -> y. Two value channels are large (the outliers the o_proj input
+    inherits)."""
+    rng = np.random.default_rng(7)
+    wv = (rng.standard_normal((K, NKV * HD)) / 8).astype(np.float32)
+    wv[:, [2, 11]] *= 25.0
+    wo = (rng.standard_normal((NH * HD, N)) / 8).astype(np.float32)
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    nodes = [helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+             helper.make_node("Reshape", ["v", "s1"], ["v4"], name="view"),
+             helper.make_node("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3], name="heads"),
+             helper.make_node("Unsqueeze", ["vt", "ax2"], ["vu"], name="unsq"),
+             helper.make_node("Expand", ["vu", "s2"], ["ve"], name="repeat"),
+             helper.make_node("Reshape", ["ve", "s3"], ["vr"], name="repeat_view"),
+             helper.make_node("Softmax", ["scores"], ["p"], axis=-1, name="softmax"),
+             helper.make_node("MatMul", ["p", "vr"], ["a"], name="pv"),
+             helper.make_node("Transpose", ["a"], ["at"], perm=[0, 2, 1, 3], name="tokens"),
+             helper.make_node("Reshape", ["at", "s4"], ["a2"], name="merge"),
+             helper.make_node("MatMul", ["a2", "wo"], ["y"], name="o_proj")]
+    inits = [numpy_helper.from_array(wv, "wv"), numpy_helper.from_array(wo, "wo"),
+             numpy_helper.from_array(i64(1, S, NKV, HD), "s1"),
+             numpy_helper.from_array(i64(2), "ax2"),
+             numpy_helper.from_array(i64(1, NKV, NH // NKV, S, HD), "s2"),
+             numpy_helper.from_array(i64(1, NH, S, HD), "s3"),
+             numpy_helper.from_array(i64(1, S, NH * HD), "s4")]
+    graph = helper.make_graph(
+        nodes, "gqa", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, S, K]),
+                       helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, NH, S, S])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, S, N])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def _gqa_feeds(samples: int = 8) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(8)
+    return {"x": rng.standard_normal((samples, S, K)).astype(np.float32),
+            "scores": (2 * rng.standard_normal((samples, NH, S, S))).astype(np.float32)}
+
+
+def _gqa_group():
+    model = capture(gqa_attention_model())
+    model = Pipeline([CaptureNormalize()], PipelineContext(progress=False)).run(model).model
+    groups, _ = find_smooth_groups(model)
+    (g,) = [g for g in groups if g.kind == "attention"]
+    return model, g
+
+
+def test_value_to_output_group_maps_query_heads_to_their_kv_head():
+    """o_proj input channel (head h, dim d) reads v channel (kv head h // 2, d)."""
+    _, g = _gqa_group()
+    assert g.prev.name == "v_proj" and [u.name for u in g.consumers] == ["o_proj"]
+    j = np.arange(NH * HD)
+    np.testing.assert_array_equal(g.channel_map, (j // HD) // (NH // NKV) * HD + j % HD)
+
+
+def test_value_to_output_scales_are_exact_in_float():
+    from lbcc.passes.smoothing import apply_scales
+
+    model, g = _gqa_group()
+    s = np.exp(np.random.default_rng(9).standard_normal(NKV * HD)).astype(np.float32)
+    apply_scales(g, s)
+    feeds = {k: v[:1] for k, v in _gqa_feeds(1).items()}
+    ref = M.run_ort(gqa_attention_model(), feeds)[0]
+    np.testing.assert_allclose(M.run_ort(model, feeds)[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_value_to_output_smoothing_lowers_the_o_proj_error(tmp_path):
+    np.savez(tmp_path / "a.npz", **_gqa_feeds())
+    ctx = PipelineContext(calibration=NpzFeed(tmp_path / "a.npz"), progress=False, keep_rows=128)
+    ctx.analyses.providers[ACTIVATION_STATS] = compute_activation_stats
+    run = Pipeline([CaptureNormalize(), SmoothQuant()], ctx).run(capture(gqa_attention_model()))
+    (row,) = [r for r in run.records[-1].notes["groups"] if r["kind"] == "attention"]
+    assert row["consumers"] == ["o_proj"] and row["alpha"] is not None
+    assert row["error_after"] < 0.5 * row["error_before"]

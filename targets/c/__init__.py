@@ -62,7 +62,8 @@ class CTarget:
         convs = []
         if recipe.activations.mode == "static":
             acts = recipe.activations
-            convs.append(QuantizeConv(method=acts.method, percentile=acts.percentile,
+            convs.append(QuantizeConv(method="mse" if acts.method == "output" else acts.method,
+                                      percentile=acts.percentile,
                                       saturation_safe=recipe.weights.saturation_safe))
         return [*convs, HoistQuantize(), Cleanup(), PlanC()]
 
