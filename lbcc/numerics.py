@@ -158,3 +158,21 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
     if signal_power <= 0:
         return float("-inf")
     return float(10.0 * np.log10(signal_power / noise_power))
+
+
+def token_sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """SQNR with every row (token) weighted equally: ``-10 log10 mean_t ||e_t||^2 / ||r_t||^2``.
+
+    A global ratio ``sum ||r||^2 / sum ||e||^2`` is set by the rows of largest energy: with an
+    LLM's massive activations (a few tokens hundreds of times larger than the rest) a range that
+    fits those tokens and rounds every other token to zero still scores well. Perplexity counts
+    every token once, so this does too; all-zero reference rows are left out.
+    """
+    r = (np.asarray(ref, np.float64) ** 2).sum(axis=-1).reshape(-1)
+    e = (np.asarray(ref, np.float64) - got) ** 2
+    e = e.sum(axis=-1).reshape(-1)
+    keep = r > 0
+    if not keep.any():
+        return float("inf")
+    rel = float((e[keep] / r[keep]).mean())
+    return float("inf") if rel <= 0 else float(-10.0 * np.log10(rel))

@@ -5,7 +5,7 @@ base = "w4a16"                 # optional: start from a preset
 [weights]                      # bits 4|8, group_size 16..256 or "channel", symmetric, clip none|mse
 bits = 4
 group_size = 128
-[activations]                  # mode static|dynamic|none; method mse|minmax|percentile
+[activations]                  # mode static|dynamic|none; method mse|minmax|percentile|output
 mode = "none"
 [calibration]                  # samples and window length used when calibrating on text
 samples = 16
@@ -79,7 +79,8 @@ class ActivationSpec:
     min_sqnr_db: float = 22.0
     #: how the output SQNR of a per-tensor input is obtained: "estimate" (from the channel
     #: statistics, treating channels as uncorrelated) or "measured" (the layer run quantized on
-    #: the kept calibration rows: -10 log10 ||XW - Q(X)Q(W)||^2 / ||XW||^2)
+    #: the kept calibration rows: -10 log10 mean_t ||(XW - Q(X)Q(W))_t||^2 / ||(XW)_t||^2, every
+    #: token counted once)
     criterion: str = "estimate"
     #: what an outlier-dominated input gets instead: dynamic-block (int8 per block of 32 input
     #: channels, computed at run time), dynamic-token (int8 per token at run time, per-channel
@@ -250,6 +251,7 @@ PRESETS["auto"] = copy.deepcopy(PRESETS["w8a8-sq"])
 PRESETS["auto"].name = "auto"
 PRESETS["auto"].weights.method = "gptq"
 PRESETS["auto"].activations.criterion = "measured"
+PRESETS["auto"].activations.method = "output"
 PRESETS["auto"].activations.min_sqnr_db = 32.0
 PRESETS["auto"].activations.fallback = "dynamic-token"
 # bits placed by measured sensitivity: 4 / 8 / float per weight at 5 stored bits per weight

@@ -21,7 +21,8 @@ activations of the down-projection inputs do not smooth in a way that generalize
 (weight-only) uses those groups. alpha is searched per
 group on [0, 1] (step 0.05) by the measured error of the quantized group on calibration rows:
 per-tensor uint8 activations (min/max of the smoothed rows) and per-channel symmetric int8
-weights, ``sum_i ||X W_i - Q(X / s) Q(s W_i)||^2 / sum_i ||X W_i||^2``; a group is left alone
+weights, the mean over consumers i and tokens t of
+``||(X W_i - Q(X / s) Q(s W_i))_t||^2 / ||(X W_i)_t||^2``; a group is left alone
 when no alpha beats not smoothing, and when even smoothed every consumer stays below the
 recipe's ``min_sqnr_db`` (``-10 log10`` of its relative error): those layers fall back to int8 per
 block of input channels at run time, where the rows scaled by a large ``s_j`` would only widen
@@ -44,7 +45,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lbcc.irutils import layer_name
-from lbcc.numerics import sqnr_db
+from lbcc.numerics import token_sqnr_db
 from lbcc.pipeline import Pass
 from lbcc.passes.calibrate import ACTIVATION_STATS
 
@@ -328,20 +329,22 @@ def _fake_quant_columns(w: np.ndarray) -> np.ndarray:
 
 
 def consumer_errors(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray,
-                    refs: list[np.ndarray] | None = None) -> list[tuple[float, float]]:
-    """Per consumer (||X W_i - Q(X / s) Q(s W_i)||^2, ||X W_i||^2), quantized W8A8."""
+                    refs: list[np.ndarray] | None = None) -> list[float]:
+    """Per consumer, the token-averaged relative error of the group quantized W8A8 after
+    smoothing: ``mean_t ||(X W_i - Q(X / s) Q(s W_i))_t||^2 / ||(X W_i)_t||^2``, every token
+    counted once (a few massive tokens would otherwise set the whole search)."""
     xq = _fake_quant_rows(x / s)
     refs = refs if refs is not None else [x @ w for w in weights]
-    return [(float(((ref - xq @ _fake_quant_columns(w * s[:, None])) ** 2).sum()),
-             float((ref**2).sum())) for w, ref in zip(weights, refs)]
+    return [10.0 ** (-token_sqnr_db(ref, xq @ _fake_quant_columns(w * s[:, None])) / 10.0)
+            for w, ref in zip(weights, refs)]
 
 
 def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray,
                 refs: list[np.ndarray] | None = None) -> float:
-    """Relative output error of the group quantized W8A8 after smoothing with ``s``."""
+    """Relative output error of the group quantized W8A8 after smoothing with ``s`` (the mean of
+    its consumers')."""
     parts = consumer_errors(x, weights, s, refs)
-    den = sum(d for _, d in parts)
-    return sum(n for n, _ in parts) / den if den else 0.0
+    return float(np.mean(parts)) if parts else 0.0
 
 
 class SmoothQuant(Pass):
@@ -397,8 +400,8 @@ class SmoothQuant(Pass):
                    "error_before": round(base, 6), "error_after": round(err, 6),
                    "alpha": a}
             if s is not None and self.min_sqnr_db is not None:
-                best_db = max(sqnr_db(d, n)
-                              for n, d in consumer_errors(x, weights, g.expand(s), refs))
+                best_db = -10.0 * np.log10(max(min(consumer_errors(x, weights, g.expand(s),
+                                                                   refs)), 1e-30))
                 if best_db < self.min_sqnr_db:
                     s = None
                     row["reason"] = (f"every consumer stays below {self.min_sqnr_db} dB even "

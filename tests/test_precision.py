@@ -155,7 +155,7 @@ def test_saturation_safe_grid_on_targets_without_uint8_storage(mlp_path, mlp_cal
 
 
 def test_measured_sqnr_is_the_fake_quantized_layer_error():
-    from lbcc.numerics import quantize_weight, sqnr_db
+    from lbcc.numerics import quantize_weight
     from lbcc.passes.precision import measured_output_sqnr_db
 
     rng = np.random.default_rng(0)
@@ -170,7 +170,8 @@ def test_measured_sqnr_is_the_fake_quantized_layer_error():
     xq = (np.clip(np.rint(x / step) + zp, 0, 255) - zp) * step
     wq = quantize_weight(w.T, bits=8).dequantize().T
     ref = x @ w
-    assert got == pytest.approx(sqnr_db(float((ref**2).sum()), float(((ref - xq @ wq) ** 2).sum())))
+    rel = (((ref - xq @ wq) ** 2).sum(1) / (ref**2).sum(1)).mean()
+    assert got == pytest.approx(-10 * np.log10(rel))
     clean = x.copy()
     clean[:, 3] /= 40.0
     assert measured_output_sqnr_db(clean, float(clean.min()), float(clean.max()), site,
@@ -313,3 +314,18 @@ def test_targets_without_per_token_activations_refuse_that_fallback():
     check_recipe(_token_fallback_recipe(), get_target("ort-int8"))
     with pytest.raises(TargetError, match="per-token"):
         check_recipe(_token_fallback_recipe(), get_target("c"))
+
+
+def test_token_sqnr_counts_every_token_once():
+    """A range that fits one massive token and rounds the others to zero scores well by the
+    global ratio (the massive token's energy dominates both sums) and badly per token."""
+    from lbcc.numerics import sqnr_db, token_sqnr_db
+
+    rng = np.random.default_rng(2)
+    ref = rng.standard_normal((64, 16))
+    ref[0] *= 1000.0
+    got = np.zeros_like(ref)
+    got[0] = ref[0]
+    assert sqnr_db(float((ref**2).sum()), float(((ref - got) ** 2).sum())) > 40
+    assert token_sqnr_db(ref, got) < 0.1
+    assert token_sqnr_db(ref, ref) == float("inf")
