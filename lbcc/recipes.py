@@ -88,6 +88,10 @@ class ActivationSpec:
     #: dynamic-block) or none (weight-only)
     fallback: str = "dynamic-block"
     fallback_group_size: int = 32
+    #: the per-token tier's own threshold (dynamic-token fallback): a layer whose measured
+    #: per-token output SQNR is at least this runs per token, else per block (None: min_sqnr_db).
+    #: Lower trades accuracy for speed: per block is the slowest int8 form on x86
+    min_token_sqnr_db: float | None = None
 
 
 @dataclasses.dataclass
@@ -254,6 +258,7 @@ PRESETS["auto"].activations.criterion = "measured"
 PRESETS["auto"].activations.method = "output"
 PRESETS["auto"].activations.min_sqnr_db = 32.0
 PRESETS["auto"].activations.fallback = "dynamic-token"
+PRESETS["auto"].activations.min_token_sqnr_db = 31.0
 # bits placed by measured sensitivity: 4 / 8 / float per weight at 5 stored bits per weight
 PRESETS["w4a16-mixed"] = copy.deepcopy(PRESETS["w4a16"])
 PRESETS["w4a16-mixed"].name = "w4a16-mixed"
@@ -388,6 +393,9 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
         raise BadInputError(f"{where}: activations.fallback must be dynamic-block, dynamic-token "
                             f"or none, not "
                             f"{a.fallback!r}.", "")
+    if a.min_token_sqnr_db is not None and not isinstance(a.min_token_sqnr_db, (int, float)):
+        raise BadInputError(f"{where}: activations.min_token_sqnr_db must be a number (dB), not "
+                            f"{a.min_token_sqnr_db!r}.", "Write e.g. min_token_sqnr_db = 30.0.")
     mp = recipe.mixed_precision
     if mp.avg_bits is not None and mp.max_ppl_increase is not None:
         raise BadInputError(f"{where}: [mixed_precision] takes one budget, avg_bits or "

@@ -227,10 +227,12 @@ class SelectPrecision(Pass):
                                  "value_bits": self._value_bits(w, weight, "dynamic-token")},
                                 per_token=True)
                             plan["token_sqnr_db"] = round(tok, 2)
-                            if tok < acts.min_sqnr_db:
+                            token_min = (acts.min_sqnr_db if acts.min_token_sqnr_db is None
+                                         else acts.min_token_sqnr_db)
+                            if tok < token_min:
                                 fallback = "dynamic-block"
-                                why_not_token = (f"; per-token int8 measured {tok:.1f} dB, "
-                                                 "below it too")
+                                why_not_token = (f"; per-token int8 measured {tok:.1f} dB < "
+                                                 f"{token_min} dB")
                         plan["activation"] = fallback
                         plan["reason"] = (
                             f"input is outlier-dominated: {plan.get('sqnr_criterion', 'estimated')} "

@@ -305,6 +305,13 @@ def test_channel_outliers_skip_the_per_token_fallback(tmp_path):
     first = next(r for r in result.report.layers if r["layer"] == "fc1")["plan"]
     assert first["activation"] == "dynamic-block"
     assert first["token_sqnr_db"] < 22.0 and "per-token" in first["reason"]
+    # the per-token tier has its own threshold: below the measured SQNR, the layer runs per token
+    recipe = _token_fallback_recipe()
+    recipe.activations.min_token_sqnr_db = first["token_sqnr_db"] - 1.0
+    lower = lbcc.compile(_outlier_model(), recipe=recipe,
+                         calibration=NpzFeed(tmp_path / "calib.npz"), progress=False)
+    plan = next(r for r in lower.report.layers if r["layer"] == "fc1")["plan"]
+    assert plan["activation"] == "dynamic-token"
 
 
 def test_targets_without_per_token_activations_refuse_that_fallback():
