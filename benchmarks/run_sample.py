@@ -83,9 +83,10 @@ DESCRIPTION = {
     "lbcc-w8a8": "lbcc preset w8a8 (calibrated on the same tokens as ort-static)",
     "lbcc-w8a8-dynamic": "lbcc preset w8a8-dynamic (no calibration)",
     "lbcc-w8a8-sq": "lbcc preset w8a8-sq: SmoothQuant (alpha searched per group), then w8a8",
-    "lbcc-auto": "lbcc preset auto: SmoothQuant (tied lm_head untied), GPTQ int8 weights, "
-                 "static int8 where the measured layer SQNR >= 32 dB, else int8 per token, else "
-                 "per block at run time",
+    "lbcc-auto": "lbcc preset auto: SmoothQuant (norms, v -> o, tied lm_head untied), GPTQ "
+                 "int8 weights, static int8 on output-error ranges where the measured "
+                 "(token-averaged) layer SQNR >= 32 dB, else int8 per token where >= 31 dB, "
+                 "else per block at run time",
     "lbcc-w4a16-rtn": "lbcc w4a16 with plain round-to-nearest (clip none, no calibration): the "
                       "RTN reference of the GPTQ / AWQ gap figures",
     "lbcc-w4a16": "lbcc preset w4a16, group size 128 (calibrated: importance-weighted clip)",
