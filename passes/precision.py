@@ -67,15 +67,22 @@ def measured_output_sqnr_db(rows: np.ndarray, lo: float, hi: float, site: Any,
     uint8 on [lo, hi] (or, ``per_token``, to int8 per row at run time), the weight to its planned
     integer grid (per channel, symmetric). Averaged over tokens (:func:`token_sqnr_db`), so a
     range that serves a few massive tokens and zeroes the rest does not pass."""
+    w, wq = _weight_and_grid(site, weight)
+    x = rows.astype(np.float32)
+    xq = fake_quant_per_token(x) if per_token else _fake_quant_uint8(x, lo, hi)
+    return token_sqnr_db(x @ w, xq @ wq)
+
+
+def _weight_and_grid(site: Any, weight: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The site's float weight as ``[K, N]`` and the same dequantized from its planned integer
+    grid (per output channel, symmetric)."""
     from lbcc.numerics import quantize_weight
 
     w = site.weight.const_value.numpy().astype(np.float32)
-    w = w if site.kind == "matmul" else w.T  # as [K, N]
-    x = rows.astype(np.float32)
-    xq = fake_quant_per_token(x) if per_token else _fake_quant_uint8(x, lo, hi)
+    w = w if site.kind == "matmul" else w.T
     wq = quantize_weight(w.T, bits=weight.get("value_bits", weight["bits"]), block_size=None,
                          symmetric=True).dequantize().T
-    return token_sqnr_db(x @ w, xq @ wq)
+    return w, wq
 
 
 def _fake_quant_uint8(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -96,13 +103,8 @@ def output_error_range(rows: np.ndarray, lo: float, hi: float, site: Any,
     barely read costs little, clipping one they amplify costs a lot. The kept rows are a strided
     subset of every calibration sample, so rare massive tokens are in them in proportion.
     """
-    from lbcc.numerics import quantize_weight
-
-    w = site.weight.const_value.numpy().astype(np.float32)
-    w = w if site.kind == "matmul" else w.T  # as [K, N]
+    w, wq = _weight_and_grid(site, weight)
     x = rows.astype(np.float32)
-    wq = quantize_weight(w.T, bits=weight.get("value_bits", weight["bits"]), block_size=None,
-                         symmetric=True).dequantize().T
     ref = x @ w
 
     def sqnr(a: float, b: float) -> float:
