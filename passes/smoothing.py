@@ -169,9 +169,9 @@ def attention_value_map(x: ir.Value) -> tuple[ir.Node, np.ndarray, str] | None:
     attention repeats each kv head) and the probabilities-times-values MatMul (a mix over the
     sequence axis only) to a MatMul with a constant 2-D weight. The channel map comes from
     running that path on an index tensor (symbolic dimensions taken as 1): attention never mixes
-    channels, so ``x[..., j] = sum_t P[t] v[t, map[j]]`` (every token must read the same map), and scaling v's channel c by ``1/s_c``
-    (the value projection's weight columns) scales every ``x`` channel that reads it by the same
-    factor, exactly, whatever the probabilities.
+    channels, so ``x[..., j] = sum_t P[t] v[t, map[j]]`` (every token must read the same map),
+    and scaling v's channel c by ``1/s_c`` (the value projection's weight columns) scales every
+    ``x`` channel that reads it by the same factor, exactly, whatever the probabilities.
     """
     path: list[ir.Node] = []
     v = x
@@ -195,7 +195,7 @@ def attention_value_map(x: ir.Value) -> tuple[ir.Node, np.ndarray, str] | None:
             v = p.inputs[0]
         else:
             return None
-    if not path or not any(n.op_type == "MatMul" for n in path):
+    if not any(n.op_type == "MatMul" for n in path):
         return None
     n_v = int(vproj.inputs[1].const_value.shape[1])
     start = _static_shape(vproj.outputs[0]) or [1, 1, n_v]
