@@ -192,7 +192,7 @@ JOBS = {
     "ort-nbits-kquant": lambda a: ort_nbits(a, "k_quant"),
     "ort-nbits-gptq": lambda a: ort_nbits(a, "gptq"),
     **{f"lbcc-{p}": (lambda a, p=p: lbcc_preset(a, p)) for p in (
-        "w8a8", "w8a8-dynamic", "w8a8-sq", "auto", "w4a16-rtn", "w4a16", "w4a16-gptq",
+        "w8a8", "w8a8-dynamic", "w8a8-sq", "auto", "auto-avx2", "w4a16-rtn", "w4a16", "w4a16-gptq",
         "w4a16-awq", "w4a16-mixed")},
 }
 

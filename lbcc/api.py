@@ -97,7 +97,9 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
         static = recipe.activations.mode == "static"  # layers below min_sqnr_db fall back
         passes.append(SmoothQuant(alpha=recipe.smoothing.alpha, step=recipe.smoothing.step,
                                   min_sqnr_db=recipe.activations.min_sqnr_db if static
-                                  else None, untie=recipe.smoothing.untie_lm_head))
+                                  else None, untie=recipe.smoothing.untie_lm_head,
+                                  fallback=recipe.activations.fallback,
+                                  token_fallback=recipe.activations.token_fallback))
     elif recipe.smoothing.method == "awq":
         context.keep_rows = max(context.keep_rows, 512)
         passes.append(AWQ(recipe))

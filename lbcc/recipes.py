@@ -84,14 +84,20 @@ class ActivationSpec:
     criterion: str = "estimate"
     #: what an outlier-dominated input gets instead: dynamic-block (int8 per block of 32 input
     #: channels, computed at run time), dynamic-token (int8 per token at run time, per-channel
-    #: weights; a layer whose measured per-token SQNR is still below ``min_sqnr_db`` gets
-    #: dynamic-block) or none (weight-only)
+    #: weights; a layer whose measured per-token SQNR is still below ``min_token_sqnr_db`` gets
+    #: ``token_fallback``), none (weight-only) or float (the layer stays unquantized)
     fallback: str = "dynamic-block"
     fallback_group_size: int = 32
     #: the per-token tier's own threshold (dynamic-token fallback): a layer whose measured
     #: per-token output SQNR is at least this runs per token, else per block (None: min_sqnr_db).
     #: Lower trades accuracy for speed: per block is the slowest int8 form on x86
     min_token_sqnr_db: float | None = None
+    #: what a layer gets whose per-token SQNR is below ``min_token_sqnr_db`` (dynamic-token
+    #: fallback): dynamic-block (int8 per block of ``fallback_group_size``) or float (left
+    #: unquantized, with the measured reason in the report). On x86 CPUs without VNNI, ONNX
+    #: Runtime's per-block int8 (MatMulNBits, 8 bits) is slower than the float MatMul: there float
+    #: is both faster and exact, at the size of float weights for those layers
+    token_fallback: str = "dynamic-block"
 
 
 @dataclasses.dataclass
@@ -259,6 +265,14 @@ PRESETS["auto"].activations.method = "output"
 PRESETS["auto"].activations.min_sqnr_db = 32.0
 PRESETS["auto"].activations.fallback = "dynamic-token"
 PRESETS["auto"].activations.min_token_sqnr_db = 31.0
+# auto for x86 CPUs without VNNI (AVX2, AVX-512 without VNNI): the layers that fail both static
+# and per-token int8 stay float instead of per-block int8, which ONNX Runtime runs slower than
+# the float MatMul there (on VNNI CPUs per block is faster than float: use auto). Measured on
+# SmolLM2-135M, AVX2 without VNNI, 8,192 test tokens: 36.32 vs auto 36.29 (float 36.00), seq-128
+# latency 0.82x float vs auto 1.01x, 312 MB vs 148 MB (float 538 MB).
+PRESETS["auto-avx2"] = copy.deepcopy(PRESETS["auto"])
+PRESETS["auto-avx2"].name = "auto-avx2"
+PRESETS["auto-avx2"].activations.token_fallback = "float"
 # bits placed by measured sensitivity: 4 / 8 / float per weight at 5 stored bits per weight
 PRESETS["w4a16-mixed"] = copy.deepcopy(PRESETS["w4a16"])
 PRESETS["w4a16-mixed"].name = "w4a16-mixed"
@@ -389,10 +403,12 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     if a.criterion not in ("estimate", "measured"):
         raise BadInputError(f"{where}: activations.criterion must be estimate or measured, not "
                             f"{a.criterion!r}.", "")
-    if a.fallback not in ("dynamic-block", "dynamic-token", "none"):
-        raise BadInputError(f"{where}: activations.fallback must be dynamic-block, dynamic-token "
-                            f"or none, not "
-                            f"{a.fallback!r}.", "")
+    if a.fallback not in ("dynamic-block", "dynamic-token", "none", "float"):
+        raise BadInputError(f"{where}: activations.fallback must be dynamic-block, dynamic-token, "
+                            f"none or float, not {a.fallback!r}.", "")
+    if a.token_fallback not in ("dynamic-block", "float"):
+        raise BadInputError(f"{where}: activations.token_fallback must be dynamic-block or float, "
+                            f"not {a.token_fallback!r}.", "")
     if a.min_token_sqnr_db is not None and not isinstance(a.min_token_sqnr_db, (int, float)):
         raise BadInputError(f"{where}: activations.min_token_sqnr_db must be a number (dB), not "
                             f"{a.min_token_sqnr_db!r}.", "Write e.g. min_token_sqnr_db = 30.0.")

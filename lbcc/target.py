@@ -100,7 +100,8 @@ def check_recipe(recipe: "Recipe", target: Target, layer_names: list[str] | None
             raise TargetError(f"{where}: target {target.name!r} has no per-token dynamic "
                               "activations for the static fallback (activations.fallback = "
                               "\"dynamic-token\").",
-                              "Use activations.fallback = \"dynamic-block\" or \"none\".")
+                              "Use activations.fallback = \"dynamic-block\", \"float\" or "
+                              "\"none\".")
         if act not in caps.activation_modes[w.bits]:
             raise TargetError(f"{where}: target {target.name!r} cannot run {w.bits}-bit weights "
                               f"with activation mode {act!r}.",

@@ -170,7 +170,11 @@ class SelectPrecision(Pass):
                 if skip is None:
                     tied_spec[site.weight.name] = {"bits": w.bits, "group_size": w.group_size,
                                                    "symmetric": w.symmetric, "clip": w.clip}
-        for site in sites:
+        for site in sites:  # the report lists layers in graph order
+            layers[site.node.name] = {}
+        # tied embeddings last: a lm_head that stays float releases its table (the embedding then
+        # takes its own spec)
+        for site in sorted(sites, key=lambda s: s.kind == "gather"):
             w, act, skip = self.recipe.spec_for(site.layer)
             entry: dict[str, Any] = {"node": site.node.name, "op": site.node.op_type,
                                      "layer": site.layer, "kind": site.kind,
@@ -232,7 +236,7 @@ class SelectPrecision(Pass):
                             token_min = (acts.min_sqnr_db if acts.min_token_sqnr_db is None
                                          else acts.min_token_sqnr_db)
                             if tok < token_min:
-                                fallback = "dynamic-block"
+                                fallback = acts.token_fallback
                                 why_not_token = (f"; per-token int8 measured {tok:.1f} dB < "
                                                  f"{token_min} dB")
                         plan["activation"] = fallback
@@ -243,6 +247,15 @@ class SelectPrecision(Pass):
                             f"{plan['outliers'].get('absmax', 0):.1f} = "
                             f"{plan['outliers'].get('max_over_median', 0):.0f}x the median "
                             f"channel){why_not_token}; kept at {fallback}")
+                        if fallback == "float":
+                            entry.update(status="float", reason=plan["reason"],
+                                         measured={k: plan[k] for k in (
+                                             "sqnr_db", "token_sqnr_db", "range", "outliers")
+                                             if k in plan})
+                            layers[site.node.name] = entry
+                            counts["float"] = counts.get("float", 0) + 1
+                            tied_spec.pop(site.weight.name, None)
+                            continue
                         if fallback == "dynamic-block":
                             plan["weight"] = {**weight, "group_size": acts.fallback_group_size,
                                               "bits": 8}

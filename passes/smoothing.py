@@ -347,6 +347,19 @@ def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray,
     return float(np.mean(parts)) if parts else 0.0
 
 
+#: the recipe's activations.fallback / token_fallback, as a skip reason says them
+FALLBACK_WORDS = {"dynamic-block": "per-block dynamic int8", "float": "float (unquantized)",
+                  "none": "float activations (weight-only)"}
+
+
+def fallback_words(fallback: str, token_fallback: str = "dynamic-block") -> str:
+    """What layers below the static threshold run as, in words."""
+    if fallback == "dynamic-token":
+        return (f"per-token dynamic int8, or {FALLBACK_WORDS[token_fallback]} where that "
+                "measures too low")
+    return FALLBACK_WORDS.get(fallback, fallback)
+
+
 class SmoothQuant(Pass):
     """SmoothQuant with a per-group alpha search on measured quantized-group error."""
 
@@ -354,7 +367,8 @@ class SmoothQuant(Pass):
 
     def __init__(self, alpha: float | None = None, step: float = 0.05, rows: int = 512,
                  min_sqnr_db: float | None = None, linear_groups: bool = False,
-                 untie: bool = False):
+                 untie: bool = False, fallback: str = "dynamic-block",
+                 token_fallback: str = "dynamic-block"):
         super().__init__()
         self.linear_groups = linear_groups
         #: smooth a tied lm_head on its own copy of the table (see the module docstring)
@@ -364,6 +378,10 @@ class SmoothQuant(Pass):
         self.rows = rows
         #: the recipe's fallback threshold (None: smooth whatever the smoothed error)
         self.min_sqnr_db = min_sqnr_db
+        #: what a layer below the threshold runs as (the recipe's activations.fallback), named
+        #: in the skip reason
+        self.fallback = fallback
+        self.token_fallback = token_fallback
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         stats = self.context.analyses.get(ACTIVATION_STATS, model, self.context)
@@ -406,7 +424,9 @@ class SmoothQuant(Pass):
                     s = None
                     row["reason"] = (f"every consumer stays below {self.min_sqnr_db} dB even "
                                      f"smoothed (best {best_db:.1f} dB): they fall back to "
-                                     f"per-block dynamic int8, which smoothing would only hurt")
+                                     f"{fallback_words(self.fallback, self.token_fallback)}; "
+                                     "the group is left unsmoothed (the scales were searched "
+                                     "for per-tensor inputs)")
             if s is not None:
                 copied = apply_scales(g, s, model.graph)
                 if copied:

@@ -17,8 +17,8 @@ from lbcc.calibration import RandomFeed
 pytestmark = pytest.mark.slow
 
 VOCAB = 512
-PRESETS = ["w8a8", "w8a8-dynamic", "w8a8-sq", "auto", "w4a16", "w4a16-gptq", "w4a16-awq",
-           "w4a16-mixed"]
+PRESETS = ["w8a8", "w8a8-dynamic", "w8a8-sq", "auto", "auto-avx2", "w4a16", "w4a16-gptq",
+           "w4a16-awq", "w4a16-mixed"]
 
 
 def _config(family: str):

@@ -314,6 +314,41 @@ def test_channel_outliers_skip_the_per_token_fallback(tmp_path):
     assert plan["activation"] == "dynamic-token"
 
 
+def test_float_last_tier_leaves_the_layer_unquantized_with_its_reason(tmp_path):
+    """token_fallback = float: a layer that fails both static and per-token int8 stays float
+    (exact), listed in the report with the measured SQNRs that sent it there."""
+    x = _outlier_inputs()
+    np.savez(tmp_path / "calib.npz", x=x)
+    recipe = _token_fallback_recipe()
+    recipe.activations.token_fallback = "float"
+    result = lbcc.compile(_outlier_model(), recipe=recipe,
+                          calibration=NpzFeed(tmp_path / "calib.npz"), progress=False)
+    row = next(r for r in result.report.layers if r["layer"] == "fc1")
+    assert row["status"] == "float" and "plan" not in row
+    assert "kept at float" in row["reason"] and "per-token int8 measured" in row["reason"]
+    assert row["measured"]["token_sqnr_db"] < 22.0
+    graph = result.model.graph
+    fc1 = next(n for n in graph if n.name == "fc1")
+    assert fc1.op_type == "MatMul" and fc1.inputs[1].const_value is not None  # the float weight
+    other = next(r for r in result.report.layers if r["layer"] == "fc2")
+    assert other["status"] == "quantized"
+    # against the float model, fc1 adds no error: the compiled model is at least as close as
+    # the per-block one
+    ref = M.run_ort(_outlier_model(), {"x": x[:1]})[0]
+    block = lbcc.compile(_outlier_model(), recipe=_token_fallback_recipe(),
+                         calibration=NpzFeed(tmp_path / "calib.npz"), progress=False)
+    err = [float(np.abs(M.run_ort(r.model, {"x": x[:1]})[0] - ref).max()) for r in (result, block)]
+    assert err[0] <= err[1]
+
+
+def test_unknown_token_fallback_is_a_clear_error():
+    from lbcc.errors import BadInputError
+    from lbcc.recipes import recipe_from_dict
+
+    with pytest.raises(BadInputError, match="token_fallback must be dynamic-block or float"):
+        recipe_from_dict({"base": "auto", "activations": {"token_fallback": "fp16"}}, "bad")
+
+
 def test_targets_without_per_token_activations_refuse_that_fallback():
     from lbcc.errors import TargetError
     from lbcc.target import check_recipe, get_target

@@ -46,11 +46,11 @@ def _inputs(samples: int = 8) -> np.ndarray:
     return x
 
 
-def _smooth(model, tmp_path, alpha=None, min_sqnr_db=None):
+def _smooth(model, tmp_path, alpha=None, min_sqnr_db=None, fallback="dynamic-block"):
     np.savez(tmp_path / "c.npz", x=_inputs())
     ctx = PipelineContext(calibration=NpzFeed(tmp_path / "c.npz"), progress=False, keep_rows=256)
     ctx.analyses.providers[ACTIVATION_STATS] = compute_activation_stats
-    sq = SmoothQuant(alpha=alpha, min_sqnr_db=min_sqnr_db)
+    sq = SmoothQuant(alpha=alpha, min_sqnr_db=min_sqnr_db, fallback=fallback)
     run = Pipeline([CaptureNormalize(), sq], ctx).run(capture(model))
     return run.model, run.records[-1].notes
 
@@ -80,6 +80,10 @@ def test_groups_that_fall_back_even_smoothed_are_left_alone(tmp_path):
     best_db = -10 * np.log10(notes["groups"][0]["error_after"])
     _, below = _smooth(norm_model(), tmp_path, min_sqnr_db=best_db + 3)
     assert below["smoothed"] == 0 and "fall back" in below["groups"][0]["reason"]
+    assert "per-block dynamic int8" in below["groups"][0]["reason"]
+    # the reason names the recipe's fallback
+    _, token = _smooth(norm_model(), tmp_path, min_sqnr_db=best_db + 3, fallback="dynamic-token")
+    assert "per-token dynamic int8" in token["groups"][0]["reason"]
     _, above = _smooth(norm_model(), tmp_path, min_sqnr_db=best_db - 3)
     assert above["smoothed"] == 1
 

@@ -104,12 +104,10 @@ class Lowering:
         self.fused: dict[int, dict[str, Any]] = {}  # id(MatMul/Conv) -> match
         self.symbols: set[str] = set()
         self.const_cache: dict[tuple, Tensor] = {}
-        self.output_ids = {id(v) for v in self.graph.outputs}
 
-    def _is_output(self, v: ir.Value) -> bool:
-        # not Value.is_graph_output(): that flag can stay set after outputs are removed from a
-        # graph by slice deletion (the calibration runner does this)
-        return id(v) in self.output_ids
+    @staticmethod
+    def _is_output(v: ir.Value) -> bool:
+        return v.is_graph_output()
 
     # ------------------------------------------------------------------ tensors
     def tensor(self, v: ir.Value) -> Tensor:
