@@ -200,6 +200,24 @@ def test_tied_embedding_is_quantized_once_and_float_table_is_gone():
         assert floats == [], f"{preset_name}: float embedding table left: {floats}"
 
 
+def test_tied_lm_head_left_float_by_the_fallback_releases_the_embedding():
+    """fallback = float with a threshold nothing meets: every MatMul stays float (each with its
+    measured reason) and the tied embedding, no longer sharing the lm_head's table, is quantized
+    on its own spec; the model runs and stays close to the float one."""
+    recipe = preset("w8a8")
+    recipe.activations.fallback, recipe.activations.criterion = "float", "measured"
+    recipe.activations.min_sqnr_db = 200.0
+    source, feeds = SOURCES["tied"]
+    result = lbcc.compile(source(), recipe=recipe, calibration=RandomFeed(256, 16, 4),
+                          progress=False)
+    rows = {r["node"]: r for r in result.report.layers}
+    assert rows["lm_head"]["status"] == "float" and "kept at float" in rows["lm_head"]["reason"]
+    assert rows["embed"]["status"] == "quantized" and not rows["embed"].get("shared_with_matmul")
+    ref = M.run_ort(source(), feeds)[0]
+    got = M.run_ort(result.model, feeds)[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05
+
+
 def test_tied_4bit_embedding_becomes_gather_block_quantized():
     recipe = preset("w4a16", group_size=16)
     recipe.layers.clear()  # no per-layer exceptions: lm_head and embedding in 4 bits too
