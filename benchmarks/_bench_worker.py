@@ -177,6 +177,23 @@ def lbcc_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
                                                      "output")}}
 
 
+def lbcc_float_fused(args: argparse.Namespace) -> dict[str, Any]:
+    """The float model with lbcc's cache-free attention fusion only (no quantization): the
+    reference that separates the fusion's gain from the quantization's."""
+    import onnx_ir as ir
+
+    from lbcc.modelio import save_model
+    from lbcc.passes.causal_attention import fuse_causal_attention
+
+    start = time.perf_counter()
+    model = ir.load(str(args.float))
+    fused, left, why = fuse_causal_attention(model)
+    save_model(model, args.out, external_data=True)
+    return {"job_seconds": time.perf_counter() - start,
+            "settings": dict(passes=["fuse-attention"], fused=fused, left_unfused=left,
+                             why_not=why)}
+
+
 JOBS = {
     "ort-static": ort_static,
     # the configuration the issue's baseline figures were measured with: ORT picks the op types
@@ -191,6 +208,7 @@ JOBS = {
     "ort-nbits-hqq": lambda a: ort_nbits(a, "hqq"),
     "ort-nbits-kquant": lambda a: ort_nbits(a, "k_quant"),
     "ort-nbits-gptq": lambda a: ort_nbits(a, "gptq"),
+    "lbcc-float-fused": lbcc_float_fused,
     **{f"lbcc-{p}": (lambda a, p=p: lbcc_preset(a, p)) for p in (
         "w8a8", "w8a8-dynamic", "w8a8-sq", "auto", "auto-avx2", "w4a16-rtn", "w4a16", "w4a16-gptq",
         "w4a16-awq", "w4a16-mixed")},

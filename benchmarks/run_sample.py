@@ -13,6 +13,8 @@ thread count, and timed back to back in the same process:
                       asymmetric (default), accuracy_level 4
   ort-static-rr/-sq   quantize_static with reduce_range (7-bit weights) / and its SmoothQuant
   ort-nbits-hqq/kquant/gptq  MatMulNBitsQuantizer's other 4-bit algorithms, block 128
+  lbcc-float-fused    the float model with lbcc's fuse-attention pass only (what every ort-int8
+                      compile does to attention), unquantized: the float reference with the fusion
   lbcc-*              lbcc.compile(preset=..., calibration=valid.txt, tokenizer=HF dir) for every
                       preset (w8a8-dynamic and w4a16-rtn without calibration)
 
@@ -61,9 +63,8 @@ WORKER = Path(__file__).resolve().parent / "_bench_worker.py"
 FLOAT = "float"
 BASELINES = ["ort-static", "ort-static-all", "ort-static-rr", "ort-static-sq", "ort-dynamic",
              "ort-nbits-rtn4", "ort-nbits-hqq", "ort-nbits-kquant", "ort-nbits-gptq"]
-LBCC = ["lbcc-w8a8", "lbcc-w8a8-dynamic", "lbcc-w8a8-sq", "lbcc-auto", "lbcc-auto-avx2",
-        "lbcc-w4a16-rtn",
-        "lbcc-w4a16", "lbcc-w4a16-gptq", "lbcc-w4a16-awq", "lbcc-w4a16-mixed"]
+LBCC = ["lbcc-float-fused", "lbcc-w8a8", "lbcc-w8a8-dynamic", "lbcc-w8a8-sq", "lbcc-auto",
+        "lbcc-auto-avx2", "lbcc-w4a16-rtn", "lbcc-w4a16", "lbcc-w4a16-gptq", "lbcc-w4a16-awq", "lbcc-w4a16-mixed"]
 ALL = [FLOAT, *BASELINES, *LBCC]
 DESCRIPTION = {
     FLOAT: "float32 ONNX export (reference)",
@@ -81,6 +82,8 @@ DESCRIPTION = {
     "ort-nbits-hqq": "ORT MatMulNBitsQuantizer: 4-bit HQQ, block 128, accuracy_level 4",
     "ort-nbits-kquant": "ORT MatMulNBitsQuantizer: 4-bit k_quant, block 128, accuracy_level 4",
     "ort-nbits-gptq": "ORT MatMulNBitsQuantizer: 4-bit GPTQ, block 128, same calibration tokens",
+    "lbcc-float-fused": "the float model with lbcc's fuse-attention only (causal attention -> "
+                        "GroupQueryAttention, as every ort-int8 compile does; no quantization)",
     "lbcc-w8a8": "lbcc preset w8a8 (calibrated on the same tokens as ort-static)",
     "lbcc-w8a8-dynamic": "lbcc preset w8a8-dynamic (no calibration)",
     "lbcc-w8a8-sq": "lbcc preset w8a8-sq: SmoothQuant (alpha searched per group), then w8a8",
@@ -185,7 +188,7 @@ def build_settings(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """What a build depends on besides the float model: a reused build must match it."""
     out: dict[str, Any] = {}
     calibrated = name.startswith("ort-static") or name == "ort-nbits-gptq" or (
-        name in LBCC and name not in ("lbcc-w8a8-dynamic", "lbcc-w4a16-rtn"))
+        name in LBCC and name not in ("lbcc-float-fused", "lbcc-w8a8-dynamic", "lbcc-w4a16-rtn"))
     if calibrated:
         out.update(calib_samples=args.calib_samples, seq_len=args.seq_len)
     if name in ("ort-static", "ort-static-rr", "ort-static-sq"):
@@ -422,6 +425,8 @@ def check_targets(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         best = min(w8, key=lambda n: get(n, "ppl"))
         vs_float(best, "ppl", 1.02, "perplexity (best static W8A8)")
         vs_float(best, "seq128", 0.65, "seq128 latency (best static W8A8)")
+        # the same attention fusion in float: what the quantization alone gains
+        vs_model(best, "seq128", "lbcc-float-fused", "seq128 latency", " ms")
         for o in ("ort-static", "ort-static-all", "ort-static-rr", "ort-static-sq",
                   "ort-dynamic"):
             if get(o, "ppl") is not None:

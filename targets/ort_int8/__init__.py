@@ -7,7 +7,9 @@ ONNX Runtime fuses into ``MatMulIntegerToFloat`` at load; per-tensor dynamic W8A
 per-row quantized input; grouped weights (4-bit, or 8-bit with per-block dynamic activations)
 as ``MatMulNBits`` with ``accuracy_level=4`` (activations quantized to int8 per block inside the
 kernel) and ``GatherBlockQuantized`` for the embedding; sibling MatMulNBits reading one input
-(a SwiGLU MLP's gate and up projections) are packed into one (``pack-nbits``).
+(a SwiGLU MLP's gate and up projections) are packed into one (``pack-nbits``). A cache-free
+graph's causal attention (rotary, grouped-query heads, causal mask) becomes one
+``GroupQueryAttention`` a layer (``fuse-attention``, :mod:`lbcc.passes.causal_attention`).
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ class OrtInt8Target:
     )
 
     def passes(self, recipe: Any) -> list:
+        from lbcc.passes.causal_attention import FuseAttention
         from lbcc.passes.cleanup import Cleanup
         from lbcc.targets.ort_int8.lowering import LowerORT
         from lbcc.targets.ort_int8.packing import PackNBits
         from lbcc.targets.ort_int8.verify import Verify
 
-        return [LowerORT(uint8_weights=recipe.weights.saturation_safe), PackNBits(), Cleanup(),
+        return [FuseAttention(), LowerORT(uint8_weights=recipe.weights.saturation_safe), PackNBits(), Cleanup(),
                 Verify()]
 
     def emit(self, model: ir.Model, path: Path, external_data: bool | None = None,

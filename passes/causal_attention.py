@@ -1,0 +1,347 @@
+"""``fuse-attention``: a cache-free causal attention -> ``com.microsoft::GroupQueryAttention``.
+
+The scoring graph of a causal LM (no KV cache: ``input_ids[batch, seq]`` only) computes, per
+layer, ``q/k/v = Transpose(Reshape(x W_q/k/v))``, rotary on q and k (``x·cos + rotate_half(x)·sin``
+with ``cos/sin[.., s, :]`` the angles of position ``s``), k and v repeated over each group of query
+heads (grouped-query attention), then ``softmax(q kᵀ · scale + mask) v`` with a causal mask, as
+some 40 elementwise and layout nodes. ONNX Runtime's ``GroupQueryAttention`` computes the same
+thing in one kernel, with the rotary inside (``do_rotary``), without materializing the repeated
+k/v or the mask, when fed
+
+- ``seqlens_k[b] = seq - 1`` and ``total_sequence_length = seq`` (no past: a prompt of ``seq``
+  tokens at positions ``0 .. seq - 1``),
+- ``cos_cache[p, i] = cos[p, i]`` for ``i < head_dim / 2`` (and ``sin_cache`` alike): the graph's
+  own angles, rows ``0 .. seq - 1``, since rotate-half rotary pairs channel ``i`` with
+  ``i + head_dim / 2`` under one angle (``cos[.., :d/2] == cos[.., d/2:]``).
+
+The match goes through onnxscript's rotary and SDPA fusions (as functions, so a block this rule
+does not take is inlined back unchanged). What cannot be read off the pattern is checked by
+evaluating it: the mask and the cos/sin tensors must depend on the inputs' shapes only (every
+path from a graph input passes through ``Shape``); evaluated on batch 2 x a few sequence lengths
+(one beyond 4,096, where sliding windows start), the mask must be exactly causal (0 on and below
+the diagonal, <= -1e4 above), and cos / sin the same for every batch row with equal halves. A
+block that fails a check stays as it was, and the pass notes why.
+
+The fusion runs in the ``ort-int8`` target, after quantization and before lowering: the passes
+that measure and smooth layers (v -> o smoothing walks the attention graph) see the graph as
+exported, and the fused kernel computes the same function (float rounding aside; the tests bound
+the difference).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import _ir_utils, pattern
+
+from lbcc.irutils import LAYER_KEY, layer_name
+from lbcc.pipeline import Pass
+
+FUSION_DOMAIN = "ai.onnxruntime._fusion"
+#: the sequence lengths the mask and rotary tensors are evaluated at (batch 2; the last, batch 1)
+CHECK_SEQ_LENS = (1, 7, 4099)
+#: a masked score must be at most this (exp(-1e4) is 0 in float32)
+MASKED_MAX = -1e4
+
+
+def _ancestors(values: list[ir.Value]) -> tuple[list[ir.Node], set[ir.Value], str]:
+    """Nodes computing ``values`` (any order), the graph inputs they read, and why they cannot be
+    evaluated from shapes alone ("" when they can)."""
+    nodes: dict[int, ir.Node] = {}
+    inputs: set[ir.Value] = set()
+    stack = list(values)
+    seen: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        p = v.producer()
+        if p is None:
+            if v.const_value is None:
+                return [], set(), f"{v.name!r} is a graph input, not a shape"
+            continue
+        if p.domain not in ("", "ai.onnx"):
+            return [], set(), f"{p.op_type} ({p.domain}) is not a standard op"
+        nodes[id(p)] = p
+        if p.op_type == "Shape":
+            src = p.inputs[0]
+            if src is not None and src.producer() is None and src.const_value is None:
+                inputs.add(src)
+                continue
+        stack.extend(i for i in p.inputs if i is not None)
+    return list(nodes.values()), inputs, ""
+
+
+def _evaluate(model: ir.Model, values: list[ir.Value], batch: int, seq: int,
+              dims: tuple[object, object]) -> list[np.ndarray]:
+    """Run the nodes computing ``values`` in ONNX Runtime with zero-filled graph inputs whose
+    symbolic dims ``dims`` (batch, sequence) are ``batch`` and ``seq``."""
+    import onnx
+    import onnxruntime as ort
+
+    nodes, inputs, why = _ancestors(values)
+    if why:
+        raise ValueError(why)
+    order = {id(n): i for i, n in enumerate(model.graph)}
+    nodes.sort(key=lambda n: order.get(id(n), 0))
+    feeds, infos = {}, []
+    for v in inputs:
+        shape = []
+        for d in v.shape or []:
+            if isinstance(d, int):
+                shape.append(d)
+            elif d == dims[0]:
+                shape.append(batch)
+            elif d == dims[1]:
+                shape.append(seq)
+            else:
+                raise ValueError(f"input {v.name!r} has a dimension {d} that is neither the "
+                                 "batch nor the sequence")
+        feeds[v.name] = np.zeros(shape, v.dtype.numpy())
+        infos.append(onnx.helper.make_tensor_value_info(v.name, v.dtype.value, shape))
+    inits, seen = [], set()
+    for n in nodes:
+        for i in n.inputs:
+            if i is not None and i.producer() is None and i.const_value is not None \
+                    and i.name not in seen:
+                seen.add(i.name)
+                inits.append(ir.serde.serialize_tensor(i.const_value))
+                inits[-1].name = i.name
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(n) for n in nodes], "probe", infos,
+        [onnx.helper.make_empty_tensor_value_info(v.name) for v in values], inits)
+    proto = onnx.helper.make_model(graph, opset_imports=[
+        onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+    return sess.run([v.name for v in values], feeds)
+
+
+def causal_rotary_reason(model: ir.Model, mask: ir.Value, cos: ir.Value, sin: ir.Value,
+                         head_dim: int, dims: tuple[object, object]) -> str:
+    """Why ``mask`` / ``cos`` / ``sin`` are not a plain causal mask and rotate-half angles of
+    positions ``0 .. seq - 1`` ("" when they are); see the module docstring."""
+    for seq in CHECK_SEQ_LENS:
+        batch = 1 if seq > 512 else 2
+        try:
+            m, c, s = _evaluate(model, [mask, cos, sin], batch, seq, dims)
+        except Exception as exc:  # noqa: BLE001 - any failure means "cannot prove it": no fusion
+            return f"the mask / rotary angles cannot be evaluated from shapes: {exc}"[:300]
+        if m.ndim != 4 or m.shape[-2:] != (seq, seq):
+            return f"the mask has shape {m.shape}, not [batch, 1, {seq}, {seq}]"
+        lower = np.tril(np.ones((seq, seq), bool))
+        if np.any(m[..., lower] != 0) or np.any(m[..., ~lower] > MASKED_MAX):
+            return f"the mask is not causal at sequence length {seq} (a sliding window?)"
+        for name, t in (("cos", c), ("sin", s)):
+            if t.shape[-2:] != (seq, head_dim):
+                return f"{name} has shape {t.shape}, not [.., {seq}, {head_dim}]"
+            rows = t.reshape(-1, seq, head_dim)
+            if np.any(rows != rows[:1]):
+                return f"{name} differs between batch rows"
+            if np.any(rows[0, :, : head_dim // 2] != rows[0, :, head_dim // 2:]):
+                return f"{name}'s two halves differ (not rotate-half rotary)"
+    return ""
+
+
+class CausalGroupQueryAttention(pattern.RewriteRuleClassBase):
+    """Rotary + repeat-kv + causal SDPA of a cache-free graph -> GroupQueryAttention."""
+
+    def __init__(self) -> None:
+        super().__init__("CausalGroupQueryAttention", remove_nodes=False)
+        self._checked: dict[tuple[int, int, int], str] = {}
+        self._caches: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        #: why each matched block was not fused (its check's failure), in graph order
+        self.reasons: list[str] = []
+
+    def cleanup(self) -> None:
+        self._checked.clear()
+        self._caches.clear()
+
+    def _fail(self, result: pattern.MatchResult, reason: str, where) -> pattern.MatchResult:
+        self.reasons.append(reason)
+        return result.fail(reason, where)
+
+    def pattern(self, op, q_bsd, k_bsd, v_bsd, cos, sin, mask):
+        q = op.Transpose(op.Reshape(q_bsd, pattern.ANY_VALUE, _outputs=["q_bshd"]),
+                         perm=[0, 2, 1, 3])
+        k = op.Transpose(op.Reshape(k_bsd, pattern.ANY_VALUE, _outputs=["k_bshd"]),
+                         perm=[0, 2, 1, 3])
+        v = op.Transpose(op.Reshape(v_bsd, pattern.ANY_VALUE), perm=[0, 2, 1, 3])
+        q_rot = op.RotaryEmbedding(q, cos, sin, _domain=FUSION_DOMAIN, _outputs=["q_rot"])
+        k_rot = op.RotaryEmbedding(k, cos, sin, _domain=FUSION_DOMAIN, _outputs=["k_rot"])
+        # grouped-query attention repeats each kv head over its group of query heads
+        k_rep = op.Reshape(op.Expand(op.Unsqueeze(k_rot, [2]), pattern.ANY_VALUE),
+                           pattern.ANY_VALUE)
+        v_rep = op.Reshape(op.Expand(op.Unsqueeze(v, [2]), pattern.ANY_VALUE),
+                           pattern.ANY_VALUE)
+        k_all = pattern.OrValue([k_rep, k_rot])
+        v_all = pattern.OrValue([v_rep, v])
+        att = op.SDPA(q_rot, k_all, v_all, mask, key_format="BHSd", _domain=FUSION_DOMAIN,
+                      _outputs=["att"])
+        return op.Reshape(op.Transpose(att, perm=[0, 2, 1, 3]), pattern.ANY_VALUE,
+                          _outputs=["out"])
+
+    def check(self, context, q_bsd, k_bsd, v_bsd, cos, sin, mask, q_bshd, k_bshd, q_rot,
+              k_rot, out, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        for name, val in (("query", q_bsd), ("key", k_bsd), ("value", v_bsd)):
+            if not _ir_utils.has_rank(val, 3):
+                return self._fail(result, f"the {name} projection is not [batch, seq, hidden]",
+                                  val)
+        heads = _ir_utils.get_dim(q_bshd, 2)
+        kv_heads = _ir_utils.get_dim(k_bshd, 2)
+        head_dim = _ir_utils.get_dim(q_bshd, 3)
+        if not all(isinstance(d, int) for d in (heads, kv_heads, head_dim)) \
+                or heads % kv_heads or head_dim % 2:
+            return self._fail(result, "head counts / head size are not static (or do not "
+                              "divide)", [q_bshd, k_bshd])
+        if head_dim % 16:
+            return self._fail(result, f"head size {head_dim} is not a multiple of 16 (ONNX "
+                              "Runtime's GroupQueryAttention needs one)", q_bshd)
+        if not _ir_utils.has_rank(out, 3):
+            return self._fail(result, "the attention output is not reshaped to [batch, seq, "
+                              "hidden]", out)
+        for rot in (q_rot, k_rot):
+            if rot.producer().attributes.get_int("interleaved", 0) != 0:
+                return self._fail(result, "interleaved rotary", rot)
+        dims = (q_bsd.shape[0], q_bsd.shape[1])
+        key = (id(mask), id(cos), id(sin))
+        if key not in self._checked:
+            self._checked[key] = causal_rotary_reason(context.model, mask, cos, sin,
+                                                      head_dim, dims)
+        if self._checked[key]:
+            return self._fail(result, self._checked[key], mask)
+        self._heads, self._kv_heads, self._head_dim = heads, kv_heads, head_dim
+        self._layer = layer_name(out.producer())
+        return result
+
+    def rewrite(self, op, q_bsd, k_bsd, v_bsd, cos, sin, att, **_):
+        int32 = ir.DataType.INT32
+        batch = op.Shape(q_bsd, start=0, end=1)
+        seq64 = op.Shape(q_bsd, start=1, end=2)
+        seq = op.Cast(seq64, to=int32)
+        total = op.Squeeze(seq)
+        one = op.Constant(value=ir.tensor(np.array([1], np.int32)))
+        seqlens_k = op.Expand(op.Sub(seq, one), batch)
+        key = (id(cos), id(sin))
+        if key not in self._caches:
+            half = self._head_dim // 2
+            zeros = op.Constant(value_ints=[0, 0])
+            axes = op.Constant(value_ints=[0, 1])
+            ends = op.Concat(seq64, op.Constant(value_ints=[half]), axis=0)
+            flat = op.Constant(value_ints=[-1, self._head_dim])
+            self._caches[key] = tuple(op.Slice(op.Reshape(t, flat), zeros, ends, axes)
+                                      for t in (cos, sin))
+        cos_cache, sin_cache = self._caches[key]
+        attrs = {"num_heads": self._heads, "kv_num_heads": self._kv_heads, "do_rotary": 1,
+                 "rotary_interleaved": 0}
+        scale = att.producer().attributes.get_float("scale", None)
+        if scale is not None:
+            attrs["scale"] = scale
+        out, _, _ = op.GroupQueryAttention(q_bsd, k_bsd, v_bsd, None, None, seqlens_k, total,
+                                           cos_cache, sin_cache, _domain="com.microsoft",
+                                           _outputs=3, **attrs)
+        out.producer().metadata_props[LAYER_KEY] = self._layer
+        return out
+
+
+def _with_rotary_shapes(model: ir.Model) -> None:
+    """The fused rotary calls keep their input's shape and type (SDPA's check reads shapes)."""
+    for node in model.graph:
+        if node.domain == FUSION_DOMAIN and node.op_type == "RotaryEmbedding":
+            out, x = node.outputs[0], node.inputs[0]
+            if out.shape is None:
+                out.shape, out.type = x.shape, x.type
+
+
+def _expand_sdpa(model: ir.Model) -> int:
+    """Each SDPA left (a block the rule did not take) back to standard ops:
+    ``Where(IsNaN(p), 0, p) @ v`` with ``p = Softmax(q @ kᵀ · scale + mask)``, the exported
+    form's arithmetic. Returns how many."""
+    graph, count = model.graph, 0
+    for node in list(graph):
+        if node.domain != FUSION_DOMAIN or node.op_type != "SDPA":
+            continue
+        q, k, v = node.inputs[:3]
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        head_dim = _ir_utils.get_dim(q, 3)
+        scale = node.attributes.get_float("scale", None)
+        if scale is None:
+            scale = 1.0 / float(np.sqrt(head_dim))
+        perm = [0, 1, 3, 2] if node.attributes.get_string("key_format", "BHSd") == "BHSd" \
+            else [0, 2, 3, 1]
+        const = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(
+            scale, np.float32))})
+        zero = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(0, np.float32))})
+        kt = ir.node("Transpose", [k], attributes={"perm": perm})
+        scores = ir.node("MatMul", [q, kt.outputs[0]])
+        scaled = ir.node("Mul", [scores.outputs[0], const.outputs[0]])
+        new = [const, zero, kt, scores, scaled]
+        if mask is not None:
+            new.append(ir.node("Add", [scaled.outputs[0], mask]))
+        probs = ir.node("Softmax", [new[-1].outputs[0]], attributes={"axis": -1})
+        nan = ir.node("IsNaN", [probs.outputs[0]])
+        safe = ir.node("Where", [nan.outputs[0], zero.outputs[0], probs.outputs[0]])
+        result = ir.node("MatMul", [safe.outputs[0], v])
+        new += [probs, nan, safe, result]
+        graph.insert_before(node, new)
+        result.outputs[0].shape, result.outputs[0].type = node.outputs[0].shape, \
+            node.outputs[0].type
+        node.outputs[0].replace_all_uses_with(result.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def fuse_causal_attention(model: ir.Model, debug: bool = False) -> tuple[int, int, list[str]]:
+    """Fuse every cache-free causal attention block of ``model``. Returns (blocks fused, blocks
+    left as they were, why those were left: one reason each where the rule's check ran).
+    ``debug`` prints onnxscript's matching tracer report (where a pattern stopped matching)."""
+    from onnxscript.rewriter.ort_fusions import rotary_embedding, sdpa
+
+    rotary_embedding.rotary_embedding_rules.apply_to_model(model, verbose=0)
+    _with_rotary_shapes(model)
+    sdpa.sdpa_rules.apply_to_model(model, verbose=0)
+    rule = CausalGroupQueryAttention()  # kept: its ``reasons`` are read below
+    rules = pattern.RewriteRuleSet([pattern.RewriteRule(
+        rule.pattern, rule.rewrite, rule.check, name=rule.name, remove_nodes=rule.remove_nodes,
+        graph_pre_visitor=rule.setup, graph_post_visitor=rule.cleanup)])
+    tracer = pattern.MatchingTracer() if debug else None
+    count = rules.apply_to_model(model, tracer=tracer, verbose=0)
+    if tracer is not None:
+        tracer.report()
+    left = _expand_sdpa(model)
+    if model.functions:
+        ir.passes.common.InlinePass()(model)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    ir.passes.common.RemoveUnusedFunctionsPass()(model)
+    reasons = list(dict.fromkeys(rule.reasons))
+    if left and not reasons:
+        reasons = ["no rotary -> repeat-kv -> causal attention pattern (run with debug=True "
+                   "for where matching stopped)"]
+    return count, left, reasons if left else []
+
+
+class FuseAttention(Pass):
+    """``fuse-attention``: :func:`fuse_causal_attention`, with counts and reasons in the report."""
+
+    name = "fuse-attention"
+    preserves = frozenset({"activation-stats"})
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from lbcc.kvcache import kv_layout
+
+        if kv_layout(model) is not None:
+            self.note("skipped", "a KV-cache graph: fuse-ort already made its attention "
+                                 "GroupQueryAttention")
+            return ir.passes.PassResult(model, modified=False)
+        fused, left, reasons = fuse_causal_attention(model)
+        self.note("fused", fused)
+        self.note("left_unfused", left)
+        if reasons:
+            self.note("why_not", reasons)
+        return ir.passes.PassResult(model, modified=fused > 0)
