@@ -16,8 +16,9 @@ k/v or the mask, when fed
 
 The match goes through onnxscript's rotary and SDPA fusions (as functions, so a block this rule
 does not take is inlined back unchanged). What cannot be read off the pattern is checked by
-evaluating it: the mask and the cos/sin tensors must depend on the inputs' shapes only (every
-path from a graph input passes through ``Shape``); evaluated on batch 2 x a few sequence lengths
+evaluating it: the mask and the cos/sin tensors must depend on shapes only (every path from a
+graph input passes through a ``Shape`` of a tensor whose shape is known in terms of the batch and
+sequence dims); evaluated on batch 2 x a few sequence lengths
 (one beyond 4,096, where sliding windows start), the mask must be exactly causal (0 on and below
 the diagonal, <= -1e4 above), and cos / sin the same for every batch row with equal halves. A
 block that fails a check stays as it was, and the pass notes why.
@@ -44,11 +45,32 @@ CHECK_SEQ_LENS = (1, 7, 4099)
 MASKED_MAX = -1e4
 
 
-def _ancestors(values: list[ir.Value]) -> tuple[list[ir.Node], set[ir.Value], str]:
-    """Nodes computing ``values`` (any order), the graph inputs they read, and why they cannot be
-    evaluated from shapes alone ("" when they can)."""
+def _resolved_shape(value: ir.Value, dims: tuple[object, object], batch: int, seq: int
+                    ) -> list[int] | None:
+    """``value``'s shape with the symbolic (batch, sequence) dims ``dims`` set to ``batch`` and
+    ``seq``; None when a dim is anything else."""
+    if value.shape is None:
+        return None
+    out = []
+    for d in value.shape:
+        if isinstance(d, int):
+            out.append(d)
+        elif d == dims[0]:
+            out.append(batch)
+        elif d == dims[1]:
+            out.append(seq)
+        else:
+            return None
+    return out
+
+
+def _ancestors(values: list[ir.Value], dims: tuple[object, object]
+               ) -> tuple[list[ir.Node], list[ir.Node], str]:
+    """Nodes computing ``values`` (any order), the ``Shape`` nodes among them whose input's shape
+    is known in terms of the batch and sequence dims (leaves: nothing above them is needed),
+    and why the values cannot be computed from shapes alone ("" when they can)."""
     nodes: dict[int, ir.Node] = {}
-    inputs: set[ir.Value] = set()
+    leaves: list[ir.Node] = []
     stack = list(values)
     seen: set[int] = set()
     while stack:
@@ -59,49 +81,45 @@ def _ancestors(values: list[ir.Value]) -> tuple[list[ir.Node], set[ir.Value], st
         p = v.producer()
         if p is None:
             if v.const_value is None:
-                return [], set(), f"{v.name!r} is a graph input, not a shape"
+                return [], [], f"{v.name!r} is read as data, not only through its shape"
             continue
         if p.domain not in ("", "ai.onnx"):
-            return [], set(), f"{p.op_type} ({p.domain}) is not a standard op"
+            return [], [], f"{p.op_type} ({p.domain}) is not a standard op"
         nodes[id(p)] = p
         if p.op_type == "Shape":
-            src = p.inputs[0]
-            if src is not None and src.producer() is None and src.const_value is None:
-                inputs.add(src)
-                continue
+            if p.inputs[0] is None or _resolved_shape(p.inputs[0], dims, 1, 1) is None:
+                return [], [], (f"the shape of {p.inputs[0].name!r} is not known in terms of "
+                                "the batch and sequence dims")
+            leaves.append(p)
+            continue
         stack.extend(i for i in p.inputs if i is not None)
-    return list(nodes.values()), inputs, ""
+    return list(nodes.values()), leaves, ""
 
 
 def _evaluate(model: ir.Model, values: list[ir.Value], batch: int, seq: int,
               dims: tuple[object, object]) -> list[np.ndarray]:
-    """Run the nodes computing ``values`` in ONNX Runtime with zero-filled graph inputs whose
-    symbolic dims ``dims`` (batch, sequence) are ``batch`` and ``seq``."""
+    """Compute ``values`` in ONNX Runtime for an input of ``batch`` x ``seq`` tokens: their
+    ancestor nodes, with each ``Shape`` leaf replaced by the constant it would produce."""
     import onnx
     import onnxruntime as ort
 
-    nodes, inputs, why = _ancestors(values)
+    nodes, leaves, why = _ancestors(values, dims)
     if why:
         raise ValueError(why)
     order = {id(n): i for i, n in enumerate(model.graph)}
     nodes.sort(key=lambda n: order.get(id(n), 0))
-    feeds, infos = {}, []
-    for v in inputs:
-        shape = []
-        for d in v.shape or []:
-            if isinstance(d, int):
-                shape.append(d)
-            elif d == dims[0]:
-                shape.append(batch)
-            elif d == dims[1]:
-                shape.append(seq)
-            else:
-                raise ValueError(f"input {v.name!r} has a dimension {d} that is neither the "
-                                 "batch nor the sequence")
-        feeds[v.name] = np.zeros(shape, v.dtype.numpy())
-        infos.append(onnx.helper.make_tensor_value_info(v.name, v.dtype.value, shape))
-    inits, seen = [], set()
+    leaf_ids = {id(n) for n in leaves}
+    protos, inits, seen = [], [], set()
     for n in nodes:
+        if id(n) in leaf_ids:
+            full = np.array(_resolved_shape(n.inputs[0], dims, batch, seq), np.int64)
+            start = n.attributes.get_int("start", 0)
+            end = n.attributes.get_int("end", None)
+            protos.append(onnx.helper.make_node(
+                "Constant", [], [n.outputs[0].name],
+                value=onnx.numpy_helper.from_array(full[start:end])))
+            continue
+        protos.append(ir.serde.serialize_node(n))
         for i in n.inputs:
             if i is not None and i.producer() is None and i.const_value is not None \
                     and i.name not in seen:
@@ -109,8 +127,8 @@ def _evaluate(model: ir.Model, values: list[ir.Value], batch: int, seq: int,
                 inits.append(ir.serde.serialize_tensor(i.const_value))
                 inits[-1].name = i.name
     graph = onnx.helper.make_graph(
-        [ir.serde.serialize_node(n) for n in nodes], "probe", infos,
-        [onnx.helper.make_empty_tensor_value_info(v.name) for v in values], inits)
+        protos, "probe", [], [onnx.helper.make_empty_tensor_value_info(v.name) for v in values],
+        inits)
     proto = onnx.helper.make_model(graph, opset_imports=[
         onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()])
     options = ort.SessionOptions()
@@ -118,7 +136,7 @@ def _evaluate(model: ir.Model, values: list[ir.Value], batch: int, seq: int,
     options.log_severity_level = 3
     sess = ort.InferenceSession(proto.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
-    return sess.run([v.name for v in values], feeds)
+    return sess.run([v.name for v in values], {})
 
 
 def causal_rotary_reason(model: ir.Model, mask: ir.Value, cos: ir.Value, sin: ir.Value,

@@ -147,6 +147,49 @@ class SelectPrecision(Pass):
             return 7
         return weight["bits"]
 
+    def _promote(self, model: ir.Model, pending: list, counts: dict[str, int],
+                 tied_spec: dict[str, dict[str, Any]]) -> None:
+        """Float-fallback layers -> per-token int8 where their measured KL fits the recipe's
+        ``promote_max_ppl_increase`` (:mod:`lbcc.passes.token_promotion`); the others stay float
+        (a tied lm_head then releases its embedding)."""
+        from lbcc.passes.token_promotion import choose_promotions, measure_promotion_kl
+
+        budget = self.recipe.activations.promote_max_ppl_increase
+        feed = self.context.calibration
+        if feed is None:
+            raise self.fail("activations.promote_max_ppl_increase measures each float-fallback "
+                            "layer's effect on calibration data, and none was given.",
+                            "Pass --calib FILE.txt --tokenizer T.")
+        kls = measure_promotion_kl(model, [p[0] for p in pending], feed,
+                                   progress=self.context.progress)
+        sizes = [int(np.prod(p[0].weight.const_value.shape)) for p in pending]
+        chosen = choose_promotions(kls, sizes, budget)
+        rows = []
+        for (site, entry, plan, w), kl, take in zip(pending, kls, chosen):
+            rows.append({"layer": site.layer, "kl": kl, "promoted": take})
+            if not take:
+                entry["reason"] += (f"; its per-token KL {kl:.2e} nats did not fit the "
+                                    f"promotion budget (perplexity +{100 * budget:g} %)")
+                counts["float"] = counts.get("float", 0) + 1
+                tied_spec.pop(site.weight.name, None)
+                continue
+            plan = {**plan, "activation": "dynamic-token",
+                    "reason": plan["reason"].replace("kept at float", "promoted to per-token int8")
+                    + f" by its measured KL {kl:.2e} nats (budget: perplexity +{100 * budget:g} "
+                      "% over all promotions)", "promotion_kl": kl}
+            value_bits = self._value_bits(w, plan["weight"], "dynamic-token")
+            if value_bits != plan["weight"]["bits"]:
+                plan["weight"] = {**plan["weight"], "value_bits": value_bits}
+            set_plan(site.node, plan)
+            for key in ("reason", "measured"):
+                entry.pop(key, None)
+            entry.update(status="quantized", plan=plan)
+            counts["dynamic-token"] = counts.get("dynamic-token", 0) + 1
+        self.note("promotions", {"budget_max_ppl_increase": budget,
+                                 "estimated_ppl_increase": float(np.expm1(sum(
+                                     k for k, c in zip(kls, chosen) if c))),
+                                 "layers": rows})
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites, skipped = find_sites(model)
         if not sites:
@@ -174,7 +217,11 @@ class SelectPrecision(Pass):
             layers[site.node.name] = {}
         # tied embeddings last: a lm_head that stays float releases its table (the embedding then
         # takes its own spec)
+        pending: list[tuple[Any, dict[str, Any], dict[str, Any], Any]] = []
         for site in sorted(sites, key=lambda s: s.kind == "gather"):
+            if site.kind == "gather" and pending:
+                self._promote(model, pending, counts, tied_spec)
+                pending = []
             w, act, skip = self.recipe.spec_for(site.layer)
             entry: dict[str, Any] = {"node": site.node.name, "op": site.node.op_type,
                                      "layer": site.layer, "kind": site.kind,
@@ -253,6 +300,11 @@ class SelectPrecision(Pass):
                                              "sqnr_db", "token_sqnr_db", "range", "outliers")
                                              if k in plan})
                             layers[site.node.name] = entry
+                            if acts.promote_max_ppl_increase is not None \
+                                    and "token_sqnr_db" in plan:
+                                # decided below, by its measured effect on the output
+                                pending.append((site, entry, plan, w))
+                                continue
                             counts["float"] = counts.get("float", 0) + 1
                             tied_spec.pop(site.weight.name, None)
                             continue
@@ -266,6 +318,8 @@ class SelectPrecision(Pass):
             entry.update(status="quantized", plan=plan)
             layers[site.node.name] = entry
             counts[plan["activation"]] = counts.get(plan["activation"], 0) + 1
+        if pending:
+            self._promote(model, pending, counts, tied_spec)
         self.note("sites", len(sites))
         self.note("not_sites", len(skipped))
         self.note("activation_modes", counts)

@@ -341,6 +341,45 @@ def test_float_last_tier_leaves_the_layer_unquantized_with_its_reason(tmp_path):
     assert err[0] <= err[1]
 
 
+def test_promotion_by_kl_follows_the_budget(tmp_path):
+    """promote_max_ppl_increase: a float-fallback layer is measured at per-token int8 (its
+    output's relative squared error here, the MLP has no logits) and promoted only when that
+    fits the budget; the graph used for measuring leaves no trace."""
+    x = _outlier_inputs()
+    np.savez(tmp_path / "calib.npz", x=x)
+    rows = {}
+    for budget in (0.0, 0.5):
+        recipe = _token_fallback_recipe()
+        recipe.activations.token_fallback = "float"
+        recipe.activations.promote_max_ppl_increase = budget
+        result = lbcc.compile(_outlier_model(), recipe=recipe,
+                              calibration=NpzFeed(tmp_path / "calib.npz"), progress=False)
+        rows[budget] = next(r for r in result.report.layers if r["layer"] == "fc1")
+        notes = next(p["notes"] for p in result.report.data["passes"]
+                     if p["name"] == "select-precision")
+        promo = notes["promotions"]["layers"]
+        assert [r["layer"] for r in promo] == ["fc1"] and promo[0]["kl"] > 0
+        assert [v.name for v in result.model.graph.inputs] == ["x"]
+        graph = result.model.graph
+        assert all(u.node.graph is graph for n in graph for o in n.outputs for u in o.uses())
+    assert rows[0.0]["status"] == "float" and "did not fit the promotion budget" in \
+        rows[0.0]["reason"]
+    assert rows[0.5]["status"] == "quantized"
+    plan = rows[0.5]["plan"]
+    assert plan["activation"] == "dynamic-token" and "promoted to per-token int8" in plan["reason"]
+
+
+def test_promotions_take_the_least_kl_per_weight_first():
+    from lbcc.passes.token_promotion import choose_promotions
+
+    kls = [4e-3, 1e-3, 2e-3, 1e-4]
+    sizes = [100, 10, 1000, 1]
+    # KL per weight: 4e-5, 1e-4, 2e-6, 1e-4 -> order 2, 0, then 1 / 3
+    assert choose_promotions(kls, sizes, np.expm1(6.5e-3)) == [True, False, True, True]
+    assert choose_promotions(kls, sizes, 0.0) == [False] * 4
+    assert choose_promotions(kls, sizes, 1.0) == [True] * 4
+
+
 def test_unknown_token_fallback_is_a_clear_error():
     from lbcc.errors import BadInputError
     from lbcc.recipes import recipe_from_dict
