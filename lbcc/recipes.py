@@ -277,8 +277,8 @@ PRESETS["auto"].activations.min_token_sqnr_db = 31.0
 # latency 0.82x float vs auto 1.01x, 312 MB vs 148 MB (float 538 MB); on 32,768 tokens 29.74 vs
 # float 29.45 (1.010x) at 0.88x (auto: 29.76 at 1.01x). Then the float layers are promoted to
 # per-token int8 by their measured KL within +1 % estimated perplexity (20 of 24 down-projections
-# and the lm_head on SmolLM2): 29.96 (1.017x) at 0.75x float seq-128 latency (attention fused),
-# 146 MB instead of 315 MB.
+# and the lm_head on SmolLM2): 29.96 (1.017x) at 0.72x float seq-128 latency (attention fused),
+# 149 MB instead of 315 MB.
 PRESETS["auto-avx2"] = copy.deepcopy(PRESETS["auto"])
 PRESETS["auto-avx2"].name = "auto-avx2"
 PRESETS["auto-avx2"].activations.promote_max_ppl_increase = 0.01

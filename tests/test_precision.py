@@ -388,6 +388,15 @@ def test_unknown_token_fallback_is_a_clear_error():
         recipe_from_dict({"base": "auto", "activations": {"token_fallback": "fp16"}}, "bad")
 
 
+def test_a_promotion_budget_outside_0_1_is_a_clear_error():
+    from lbcc.errors import BadInputError
+    from lbcc.recipes import recipe_from_dict
+
+    with pytest.raises(BadInputError, match="promote_max_ppl_increase must be a fraction"):
+        recipe_from_dict({"base": "auto-avx2", "activations": {"promote_max_ppl_increase": 5}},
+                         "bad")
+
+
 def test_targets_without_per_token_activations_refuse_that_fallback():
     from lbcc.errors import TargetError
     from lbcc.target import check_recipe, get_target
