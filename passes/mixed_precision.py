@@ -29,8 +29,6 @@ smoothing, whose scales change what rounding does), before ``select-precision``.
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,17 +53,6 @@ def stored_bits(bits: int, group_size: int | None, k: int, symmetric: bool) -> f
 def _escape(name: str) -> str:
     """An fnmatch pattern matching exactly ``name``."""
     return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
-
-
-def _kl(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
-    """Mean over positions of KL(softmax(ref) || softmax(got)) on the last axis."""
-    def log_softmax(z: np.ndarray) -> np.ndarray:
-        z = z.astype(np.float64)
-        z = z - z.max(axis=-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-    lp, lq = log_softmax(ref_logits), log_softmax(got_logits)
-    return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
 
 
 class MixedPrecision(Pass):
@@ -117,43 +104,20 @@ class MixedPrecision(Pass):
         return np.ascontiguousarray(q.T if cand["transposed"] else q, np.float32)
 
     def _measure(self, model: ir.Model, cands: dict[str, dict[str, Any]]) -> dict[str, float]:
-        import onnxruntime as ort
-
-        from lbcc.modelio import save_model
-        from lbcc.progress import track
+        from lbcc.passes.sensitivity import calibration_inputs, measure_divergences
 
         feed = self.context.calibration
         if feed is None:
             raise self.fail("mixed precision measures each layer's sensitivity on calibration "
                             "data, and none was given.", "Pass --calib FILE.txt --tokenizer T.")
-        inputs = []
-        for i, sample in enumerate(feed.samples(model)):
-            if i >= self.samples:
-                break
-            inputs.append({k: v[..., : self.tokens] if v.ndim == 2 and v.dtype.kind == "i"
-                           else v for k, v in sample.items()})
-        graph = model.graph
-        with tempfile.TemporaryDirectory(prefix="lbcc-mp-") as tmp:
-            # the candidates' initializers as graph inputs, so each run can override them
-            with extra_graph_io(graph.inputs, [c["value"] for c in cands.values()]):
-                path = save_model(model, Path(tmp) / "mp.onnx", external_data=True)
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            out_name = sess.get_outputs()[0].name
-            refs = [sess.run([out_name], x)[0] for x in inputs]
-            lm = refs[0].ndim == 3 and refs[0].shape[-1] > 1
-            result = {}
-            for name in track(list(cands), description="layer sensitivity",
-                              enabled=self.context.progress):
-                wq = self._quantized(cands[name], 4)
-                total = 0.0
-                for x, ref in zip(inputs, refs):
-                    got = sess.run([out_name], {**x, name: wq})[0]
-                    total += _kl(ref, got) if lm else float(
-                        ((ref - got) ** 2).sum() / max(float((ref**2).sum()), 1e-30))
-                result[name] = total / len(inputs)
-        return result
+        names = list(cands)
+        # the candidates' initializers as graph inputs, so each run can override them
+        sens = measure_divergences(
+            model, calibration_inputs(feed, model, self.samples, self.tokens),
+            extra_graph_io(model.graph.inputs, [c["value"] for c in cands.values()]), names,
+            lambda name: {name: self._quantized(cands[name], 4)}, "layer sensitivity",
+            self.context.progress)
+        return dict(zip(names, sens))
 
     # ------------------------------------------------------------------ assignment
 

@@ -26,8 +26,6 @@ false), so run ``i`` flips one switch. The graph is restored afterwards.
 from __future__ import annotations
 
 import contextlib
-import tempfile
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -63,25 +61,27 @@ def _quantized_weight(node: ir.Node, site_kind: str, weight: np.ndarray) -> np.n
     return np.ascontiguousarray(q.T, np.float32)
 
 
+def _switch_names(n: int) -> list[str]:
+    return [f"{SWITCH_PREFIX}{i}" for i in range(n)]
+
+
 @contextlib.contextmanager
 def _switched(model: ir.Model, sites: list[Any]) -> Iterator[list[str]]:
-    """The graph with a switchable quantized path per site (see the module docstring); yields
-    the switch names, restores the graph on exit."""
+    """The graph with a switchable quantized path per site (see the module docstring), switch
+    ``i`` named ``_switch_names(...)[i]``; yields the names, restores the graph on exit."""
     graph = model.graph
     added_nodes: list[ir.Node] = []
     added_inputs: list[ir.Value] = []
     rewired: list[tuple[ir.Node, int, ir.Value]] = []
-    names = []
+    names = _switch_names(len(sites))
     try:
-        for i, site in enumerate(sites):
+        for name, site in zip(names, sites):
             node = site.node
-            name = f"{SWITCH_PREFIX}{i}"
             switch = ir.Value(name=name, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.BOOL),
                               const_value=ir.tensor(np.array(False), name=name))
             graph.inputs.append(switch)
             graph.register_initializer(switch)
             added_inputs.append(switch)
-            names.append(name)
             x, b = node.inputs[0], node.inputs[1]
             fq = _per_token_fake_quant(x)
             x_sel = ir.node("Where", [switch, fq[-1].outputs[0], x])
@@ -107,45 +107,15 @@ def _switched(model: ir.Model, sites: list[Any]) -> Iterator[list[str]]:
             graph.initializers.pop(name)
 
 
-def _kl(ref: np.ndarray, got: np.ndarray) -> float:
-    from lbcc.passes.mixed_precision import _kl as kl
-
-    return kl(ref, got)
-
-
 def measure_promotion_kl(model: ir.Model, sites: list[Any], feed: Any, samples: int = 2,
                          tokens: int = 512, progress: bool = False) -> list[float]:
     """KL_i of each site in ``sites`` (see the module docstring), in order."""
-    import onnxruntime as ort
+    from lbcc.passes.sensitivity import calibration_inputs, measure_divergences
 
-    from lbcc.modelio import save_model
-    from lbcc.progress import track
-
-    inputs = []
-    for i, sample in enumerate(feed.samples(model)):
-        if i >= samples:
-            break
-        inputs.append({k: v[..., :tokens] if v.ndim == 2 and v.dtype.kind == "i" else v
-                       for k, v in sample.items()})
-    with tempfile.TemporaryDirectory(prefix="lbcc-promote-") as tmp:
-        with _switched(model, sites) as switches:
-            path = save_model(model, Path(tmp) / "promote.onnx", external_data=True)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        out = sess.get_outputs()[0].name
-        refs = [sess.run([out], x)[0] for x in inputs]
-        logits = refs[0].ndim == 3 and refs[0].shape[-1] > 1
-        on = np.array(True)
-        result = []
-        for name in track(switches, description="per-token KL", enabled=progress):
-            total = 0.0
-            for x, ref in zip(inputs, refs):
-                got = sess.run([out], {**x, name: on})[0]
-                total += _kl(ref, got) if logits else float(
-                    ((ref - got) ** 2).sum() / max(float((ref ** 2).sum()), 1e-30))
-            result.append(total / len(inputs))
-    return result
+    on = np.array(True)
+    return measure_divergences(model, calibration_inputs(feed, model, samples, tokens),
+                               _switched(model, sites), _switch_names(len(sites)),
+                               lambda name: {name: on}, "per-token KL", progress)
 
 
 def choose_promotions(kls: list[float], weights: list[int], max_ppl_increase: float

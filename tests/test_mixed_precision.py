@@ -11,7 +11,8 @@ from lbcc.calibration import RandomFeed
 from lbcc.capture import capture
 from lbcc.errors import BadInputError
 from lbcc.numerics import quantize_weight
-from lbcc.passes.mixed_precision import MixedPrecision, _kl, stored_bits
+from lbcc.passes.mixed_precision import MixedPrecision, stored_bits
+from lbcc.passes.sensitivity import kl_divergence as _kl
 from lbcc.recipes import preset, recipe_from_dict
 
 
