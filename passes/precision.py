@@ -7,7 +7,9 @@ quantized per tensor (:func:`output_sqnr_db`); an input below ``min_sqnr_db`` is
 outlier-dominated, and its layer gets the recipe's fallback (int8 per token or per block of input
 channels computed at run time, or float activations), with the measured reason written to the
 plan. The per-token fallback is itself checked on the calibration rows: a layer whose per-token
-output SQNR is still below the threshold gets int8 per block. The plan is stored on the node
+output SQNR is still below the threshold gets int8 per block (or float; with
+``promote_max_ppl_increase``, those float layers are then measured one at a time at per-token int8
+and promoted within the budget, :mod:`lbcc.passes.token_promotion`). The plan is stored on the node
 (``lbcc.plan`` metadata) and in the report's per-layer table; later passes only execute it.
 """
 
