@@ -172,12 +172,15 @@ class CausalGroupQueryAttention(pattern.RewriteRuleClassBase):
         super().__init__("CausalGroupQueryAttention", remove_nodes=False)
         self._checked: dict[tuple[int, int, int], str] = {}
         self._caches: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        #: (symbolic batch, seq) -> (seq as int64 [1], total_sequence_length, seqlens_k)
+        self._lengths: dict[tuple[str, str], tuple[ir.Value, ir.Value, ir.Value]] = {}
         #: why each matched block was not fused (its check's failure), in graph order
         self.reasons: list[str] = []
 
     def cleanup(self) -> None:
         self._checked.clear()
         self._caches.clear()
+        self._lengths.clear()
 
     def _fail(self, result: pattern.MatchResult, reason: str, where) -> pattern.MatchResult:
         self.reasons.append(reason)
@@ -238,13 +241,15 @@ class CausalGroupQueryAttention(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, q_bsd, k_bsd, v_bsd, cos, sin, att, **_):
-        int32 = ir.DataType.INT32
-        batch = op.Shape(q_bsd, start=0, end=1)
-        seq64 = op.Shape(q_bsd, start=1, end=2)
-        seq = op.Cast(seq64, to=int32)
-        total = op.Squeeze(seq)
-        one = op.Constant(value=ir.tensor(np.array([1], np.int32)))
-        seqlens_k = op.Expand(op.Sub(seq, one), batch)
+        # every block of one batch x seq input shares these: computed once, by the first block
+        dims = (str(q_bsd.shape[0]), str(q_bsd.shape[1]))
+        if dims not in self._lengths:
+            batch = op.Shape(q_bsd, start=0, end=1)
+            seq64 = op.Shape(q_bsd, start=1, end=2)
+            seq = op.Cast(seq64, to=ir.DataType.INT32)
+            one = op.Constant(value=ir.tensor(np.array([1], np.int32)))
+            self._lengths[dims] = (seq64, op.Squeeze(seq), op.Expand(op.Sub(seq, one), batch))
+        seq64, total, seqlens_k = self._lengths[dims]
         key = (id(cos), id(sin))
         if key not in self._caches:
             half = self._head_dim // 2
