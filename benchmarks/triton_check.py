@@ -6,8 +6,9 @@ Every kernel form (GEMV with and without split-K, tiled with and without SWAP an
 natural-order tiled kernel with and without float16-pair dequantization, the dequantize kernel
 behind dequant+cublas) on 4- and 8-bit, symmetric and asymmetric, several
 group sizes, K a multiple of the chunk or not; relative Frobenius error against float32 math on
-the same dequantized weights (< 2e-3 passes). Prints one line per case and a summary; exits 1
-on a failure. Runs in a few seconds (the compilation dominates).
+the same dequantized weights (< 2e-3 passes); for the GEMVs also the residual and gated-MLP
+(silu(gate) * up) epilogues, two steps of prefetch and programmatic dependent launch. Prints one
+line per case and a summary; exits 1 on a failure. Runs in a few seconds (the compilation dominates).
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ def main() -> int:
             ops._nat(128, 128, 2, 8, 3, h2=True), ops._nat(128, 256, 4, 8, 3, h2=True),
             ops._nat(128, 128, 2, 8, 3, swap=True, h2=True), ops._nat(16, 64, 1, 4, 3),
             ops._dqmm(), ops._dqmm(64, 128, 4), ops._dqmm(4, 2048, 4),
-            ops._nat(128, 128, 4, 8, 2, h2=True, maxnreg=128)]
+            ops._nat(128, 128, 4, 8, 2, h2=True, maxnreg=128),
+            # two steps of prefetch; programmatic dependent launch (sm_90+)
+            ops._gemv(8, 1, 1, 2, pf=2), ops._gemv(8, 8, 1, 4, pf=2, h2=True),
+            dict(ops._gemv(8, 1, 1, 4), PDL=True), dict(ops._gemv(16, 4, 2, 4), PDL=True),
+            dict(ops._gemv(32, 8, 1, 16, pf=2, h2=True), PDL=True)]
     for bits, group, sym, n, k in cases:
         w = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
         codes, s, z = quantize_gpu(w, bits, group, sym)
@@ -71,10 +76,21 @@ def main() -> int:
                 else:
                     msg = ""
                 ok = err < 2e-3
+                if ok and cfg["kind"] == "gemv" and m <= 3:  # the epilogues, unbiased
+                    y0 = x.float() @ wref.t()
+                    res = torch.randn(m, n, device=dev, dtype=torch.float16)
+                    y = ops.wq_linear(x, qw, s, z, bits, group, config=cfg, residual=res)
+                    e_res = ((y.float() - y0 - res.float()).norm() / (y0 + res.float()).norm())
+                    g, u = y0[:, : n // 2], y0[:, n // 2:]
+                    glu_ref = torch.nn.functional.silu(g) * u
+                    y = ops.wq_linear(x, qw, s, z, bits, group, config=cfg, glu=True)
+                    e_glu = ((y.float() - glu_ref).norm() / glu_ref.norm())
+                    ok = e_res.item() < 2e-3 and e_glu.item() < 2e-3
+                    msg = f"residual {e_res.item():.1e}, glu {e_glu.item():.1e}"
                 fails += not ok
                 if not ok or m == 1:
                     print(f"  {bits}b g{group} {'sym' if sym else 'asym'} {n}x{k} M={m} {cfg}: "
-                          f"{err:.1e} {'ok' if ok else 'FAIL ' + msg}", flush=True)
+                          f"{err:.1e} {'ok' if ok else 'FAIL'} {msg}", flush=True)
     print(f"triton_check: {fails} failures")
     return 1 if fails else 0
 

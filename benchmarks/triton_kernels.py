@@ -309,8 +309,8 @@ def markdown(env, rows, w8rows, checks, copy_bw, gl_note, seconds):
             return "–" if v is None else f"{v:,.1f} ({f16 / v:.2f}×)"
         c = r.get("ours_cfg", {})
         cfg = c.get("kind", "?") + "".join(
-            f" {k_[0].lower()}{k_.split('_')[-1][0].lower()}={v}" for k_, v in c.items()
-            if k_ not in ("kind", "us"))
+            f" {'pdl' if k_ == 'PDL' else k_[0].lower() + k_.split('_')[-1][0].lower()}={v}"
+            for k_, v in c.items() if k_ not in ("kind", "us"))
         out.append(f"| {r['N']}×{r['K']} | {r['M']} | {fmt(f16)} | {cell('ours_us')} | "
                    f"{cell('tinygemm_us')} | {cell('gemlite_us')} | "
                    f"{r['bw_frac'] * 100:.0f} % | {cfg} |")

@@ -154,6 +154,39 @@ def test_wq_gemv_half2(symmetric):
         assert rel_err(y.numpy(), _ref_linear(x, codes, s, z, 4, 128)) < FLOAT_TOL
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_wq_gemv_epilogues(symmetric):
+    """The GEMV's epilogues against float64 math on the same weights: ``residual + x W^T``
+    (whole rows and split-K, where the first split adds it) and, for W = [G; U],
+    ``silu(x G^T) * (x U^T)`` (rows of G and U interleaved in one program; N not a multiple of
+    the row block); the float32 and float16-pair forms, one and two steps of prefetch; and the
+    tiled kernels, which apply the same epilogues in torch."""
+    rng = np.random.default_rng(31 + symmetric)
+    n, k, group = 40, 384, 128
+    codes, s, z, (qw, st, zt) = packed(rng, n, k, 4, group, symmetric)
+    x = rng.standard_normal((2, k)).astype(np.float16)
+    res = rng.standard_normal((2, n)).astype(np.float16)
+    ref = _ref_linear(x, codes, s, z, 4, group)
+    g, u = ref[:, : n // 2], ref[:, n // 2:]
+    ref_glu = g / (1 + np.exp(-g)) * u
+    cfgs = (ops._gemv(8, 1, 1, 4), ops._gemv(4, 1, 3, 4), ops._gemv(8, 1, 1, 2, pf=2),
+            ops._gemv(8, 1, 1, 4, h2=True), ops._gemv(4, 1, 1, 4, pf=2, h2=True),
+            ops._nat(16, 16, 1, 4, 2), ops._dqmm(8, 128, 4))
+    for cfg in cfgs:
+        y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, group, config=cfg,
+                          residual=torch.from_numpy(res))
+        assert rel_err(y.numpy(), ref + res) < FLOAT_TOL, cfg
+        y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, group, config=cfg, glu=True)
+        assert y.shape == (2, n // 2)
+        assert rel_err(y.numpy(), ref_glu) < FLOAT_TOL, cfg
+    # without a config: the tuner's default (the CPU has no tuning) for GLU rows
+    y = ops.wq_linear(torch.from_numpy(x[:1]), qw, st, zt, 4, group, glu=True)
+    assert rel_err(y.numpy(), ref_glu[:1]) < FLOAT_TOL
+    with pytest.raises(ValueError, match="glu and residual"):
+        ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, group, glu=True,
+                      residual=torch.from_numpy(res))
+
+
 def test_wq_linear_default_configs_3d_input():
     """The dispatch without an explicit config (M=1 GEMV, small M, large M) and a [B, T, K] input."""
     rng = np.random.default_rng(3)

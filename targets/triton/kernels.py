@@ -10,7 +10,9 @@ All weight-only kernels read the one packed layout of :mod:`packing` (``qweight`
   ``y += s * sum_k (u - z) * x`` per group; a code becomes a float by one AND-OR
   (:func:`_plane_f32`), a plane of a thread's words meets consecutive activations; one program
   per (row of x, block of N, K split); the rows of x are the fastest grid axis, so the programs
-  that read the same weights run together and the later ones hit L2.
+  that read the same weights run together and the later ones hit L2. Epilogues: bias, the
+  residual stream (``y = r + x W^T``) and the gated MLP activation (``silu(x G^T) * (x U^T)``
+  from the concatenated ``[G; U]`` weight); programmatic dependent launch on sm_90+.
 * :func:`_wq_matmul_kernel` (M > 1): tensor-core tiles; the weight tile is dequantized to
   float16 inside the main loop (``(u - z)`` exact, one rounding for ``* s``: the same float16
   weights as :func:`packing.dequantize`), one K=16 product per plane (or, CAT, the planes joined
@@ -162,12 +164,14 @@ def _split_k_range(steps, pid_k, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-                    M, N, K, KW, G, stride_xm, stride_ym, magic0,
+def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
+                    M, N, K, KW, G, stride_xm, stride_rm, stride_ym, magic0,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
-                    HALF2: tl.constexpr = False, ASM: tl.constexpr = False):
+                    HALF2: tl.constexpr = False, ASM: tl.constexpr = False,
+                    PDL: tl.constexpr = False, HAS_RES: tl.constexpr = False,
+                    GLU: tl.constexpr = False):
     # One program: BLOCK_N rows x (its share of) K, CHUNKS chunks of 16 words a step; the word
     # tile is [BLOCK_N, CHUNKS, 16] (rows of 64 * CHUNKS contiguous bytes, 16-byte loads).
     # Plane j of a chunk meets the 16 consecutive activations c*C + 16 j + (0..15): a thread's
@@ -176,28 +180,52 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     # 2**(23-p) + z: exact) and one FFMA; the scale multiplies each group's partial sums once
     # (a group is some planes of a chunk or whole chunks). PREFETCH loads the next step's words
     # before this step's arithmetic (two steps of loads in flight). No atomics unless
-    # SPLIT_K > 1.
+    # SPLIT_K > 1. PREFETCH = 2 keeps two steps in flight. PDL (programmatic dependent launch,
+    # sm_90+): the next kernel may be scheduled once every program has started, and this one
+    # issues its first weight loads (which no earlier kernel writes) before it waits for the
+    # previous kernel's results (x, the residual, a zeroed y).
+    # Epilogues: + bias[n]; + res[m, n] (HAS_RES: the residual stream); GLU: the weight is
+    # [gate; up] (2N rows) and y[m, n] = silu(g) * u with g, u rows n and N + n (held by the
+    # same program, interleaved: tile row r is weight row n0 + r // 2 + (r % 2) * N).
     E: tl.constexpr = 32 // BITS
     C: tl.constexpr = 16 * E
     PG: tl.constexpr = GROUP // 16 if GROUP // 16 < E else E  # planes per scale
+    ROWS: tl.constexpr = 2 * BLOCK_N if GLU else BLOCK_N
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
-    rn = tl.where(nmask, offs_n, 0)
+    if GLU:
+        tile_row = tl.arange(0, ROWS)
+        on = pid_n * BLOCK_N + tile_row // 2
+        rn = tl.where(on < N, on + (tile_row % 2) * N, 0)
+    else:
+        rn = tl.where(nmask, offs_n, 0)
     offs_c = tl.arange(0, CHUNKS)
     offs_i = tl.arange(0, 16)
     steps = KW // (16 * CHUNKS)
     st0, st1 = _split_k_range(steps, pid_k, SPLIT_K)
-    acc = tl.zeros([BLOCK_N, CHUNKS, 16], dtype=tl.float32)
+    acc = tl.zeros([ROWS, CHUNKS, 16], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
     w_tile = qw_ptr + rn[:, None, None] * KW + (offs_c[:, None] * 16 + offs_i[None, :])[None, :, :]
-    if PREFETCH:  # (the last step re-reads its own words instead of reading past the part)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    if PREFETCH:  # (the last steps re-read their own words instead of reading past the part)
         nxt = tl.load(w_tile + tl.minimum(st0, steps - 1) * (16 * CHUNKS),
                       eviction_policy="evict_first")
+        if PREFETCH >= 2:
+            nxt2 = tl.load(w_tile + tl.minimum(st0 + 1, steps - 1) * (16 * CHUNKS),
+                           eviction_policy="evict_first")
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     for st in range(st0, st1):
-        if PREFETCH:
+        if PREFETCH >= 2:
+            words = nxt
+            nxt = nxt2
+            nxt2 = tl.load(w_tile + tl.minimum(st + 2, st1 - 1) * (16 * CHUNKS),
+                           eviction_policy="evict_first")
+        elif PREFETCH:
             words = nxt
             nxt = tl.load(w_tile + tl.minimum(st + 1, st1 - 1) * (16 * CHUNKS),
                           eviction_policy="evict_first")
@@ -224,7 +252,7 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
             if HAS_ZERO:
                 z = tl.load(z_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
             else:
-                z = tl.full([BLOCK_N, CHUNKS, 1], 8.0, tl.float32)
+                z = tl.full([ROWS, CHUNKS, 1], 8.0, tl.float32)
             z16 = z * 0.0625
             zz0 = (-(z16 + 64.0)).to(tl.float16)
             zz1 = (-(z16 + 4.0)).to(tl.float16)
@@ -239,7 +267,7 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                     z = tl.load(z_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
                 else:
                     z = (1 << (BITS - 1)) * 1.0
-                part = tl.zeros([BLOCK_N, CHUNKS, 16], dtype=tl.float32)
+                part = tl.zeros([ROWS, CHUNKS, 16], dtype=tl.float32)
             kk = kb + j * 16
             if EVEN_K:
                 xj = tl.load(x_row + kk).to(tl.float32)
@@ -253,6 +281,13 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     if HAS_BIAS:
         if pid_k == 0:
             out += tl.load(bias_ptr + rn).to(tl.float32)
+    if GLU:  # (SPLIT_K == 1: the activation needs whole sums)
+        g, u = tl.split(tl.reshape(out, [BLOCK_N, 2]))
+        out = g / (1.0 + tl.exp(-g)) * u
+    if HAS_RES:
+        if pid_k == 0:
+            out += tl.load(res_ptr + pid_m * stride_rm + offs_n, mask=nmask,
+                           other=0.0).to(tl.float32)
     out = out.to(y_ptr.dtype.element_ty)
     if SPLIT_K == 1:
         tl.store(y_ptr + pid_m * stride_ym + offs_n, out, mask=nmask)
@@ -625,14 +660,20 @@ def _dequant_nat_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, G, stride_wn,
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, g_ptr, y_ptr, K, stride_x, stride_y, eps, BLOCK_K: tl.constexpr):
-    """``y = x * rsqrt(mean(x^2) + eps) * gamma`` per row, float32 inside (one launch)."""
+def _rmsnorm_kernel(x_ptr, g_ptr, y_ptr, K, stride_x, stride_y, eps, BLOCK_K: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    """``y = x * rsqrt(mean(x^2) + eps) * gamma`` per row, float32 inside (one launch); PDL: see
+    :func:`_wq_gemv_kernel` (gamma is read before the wait)."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     m = offs < K
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
-    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + offs, (x * r * g).to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -640,7 +681,7 @@ def _rmsnorm_kernel(x_ptr, g_ptr, y_ptr, K, stride_x, stride_y, eps, BLOCK_K: tl
 def _rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr,
                        T, stride_qkv, s_kv, s_b, s_h, s_l,
                        NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
-                       HAS_ROPE: tl.constexpr):
+                       HAS_ROPE: tl.constexpr, PDL: tl.constexpr = False):
     """The epilogue of the fused qkv GEMM, one program per (token row, head): rotary on q and k
     (rotate-half: ``[x1*c - x2*s, x2*c + x1*s]``), q to ``q [R, NH, HD]``, k and v written into
     the cache ``[2, B, NKV, L, HD]`` at the token's position."""
@@ -648,6 +689,9 @@ def _rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr,
     h = tl.program_id(1)
     HALF: tl.constexpr = HD // 2
     offs = tl.arange(0, HALF)
+    if PDL:  # (see _wq_gemv_kernel)
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pos = tl.load(pos_ptr + r % T)
     base = qkv_ptr + r * stride_qkv + h * HD
     x1 = tl.load(base + offs).to(tl.float32)

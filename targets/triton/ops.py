@@ -59,7 +59,9 @@ def _dqmm(bn=8, bk=1024, nw=4):
 # 64 * CHUNKS contiguous bytes a step), whole rows of K unless SPLIT_K > 1 (then float16 atomic
 # adds into a zeroed output: an extra memset). A thread's activations serve every row it holds
 # (BLOCK_N * CHUNKS * 16 / (32 * num_warps) words a thread: 8 or 16 here); PREFETCH keeps the
-# next step's words in flight during this step's arithmetic.
+# next step's words (PREFETCH=2: the next two steps') in flight during this step's arithmetic.
+# On sm_90+ every GEMV candidate is also timed with programmatic dependent launch (PDL) at
+# M <= 2 (decode).
 GEMV_CONFIGS = [_gemv(bn, ch, sk, nw, pf=pf) for bn, ch, sk, nw, pf in (
     (16, 4, 1, 2, True), (16, 4, 1, 2, False), (16, 8, 1, 4, True), (16, 8, 1, 4, False),
     (32, 4, 1, 4, True), (32, 4, 1, 4, False), (32, 8, 1, 8, True), (8, 8, 1, 2, True),
@@ -77,7 +79,13 @@ GEMV_CONFIGS = [_gemv(bn, ch, sk, nw, pf=pf) for bn, ch, sk, nw, pf in (
     _gemv(bn, ch, sk, nw, h2=True) for bn, ch, sk, nw in (
         (32, 8, 1, 8), (16, 4, 1, 4), (4, 16, 1, 4), (32, 4, 4, 4), (16, 4, 1, 2), (32, 4, 1, 4),
         (8, 8, 1, 2), (32, 8, 2, 8), (8, 8, 1, 4), (16, 8, 1, 4), (8, 16, 1, 4), (16, 8, 1, 8),
-        (4, 8, 1, 2), (8, 4, 1, 2), (16, 8, 2, 4), (8, 8, 2, 2))]
+        (4, 8, 1, 2), (8, 4, 1, 2), (16, 8, 2, 4), (8, 8, 2, 2),
+        # 512-thread programs, whole short rows (H200 exploration: best at 8192 x 8192)
+        (32, 8, 1, 16), (16, 16, 1, 8), (4, 32, 1, 4))] + [
+    # two steps of loads in flight
+    _gemv(bn, ch, sk, nw, pf=2, h2=True) for bn, ch, sk, nw in (
+        (32, 8, 1, 16), (16, 8, 1, 8), (8, 16, 1, 4), (8, 8, 1, 2), (16, 4, 1, 4), (8, 4, 1, 2),
+        (16, 8, 1, 2))]
 SMALL_MM_CONFIGS = ([_mm(16, bn, sk, nw, ns, swap=sw)
                      for bn in (64, 128) for sk in (1, 2, 4) for sw in (False, True)
                      for nw, ns in ((4, 3),)]
@@ -135,8 +143,9 @@ DEFAULT_W8A8 = W8A8_CONFIGS[1]
 
 # Part of every tuning-table key: entries written for other kernels (other config fields) are
 # never read back. 2: the chunked-plane layout's GEMV / tiled configs (CHUNKS, SWAP, CAT, ...);
-# 3: natural-order tiles (kind nat) and tiled dequantization (dequant+cublas fields).
-TUNE_VERSION = 3
+# 3: natural-order tiles (kind nat) and tiled dequantization (dequant+cublas fields); 4: GEMVs
+# with programmatic dependent launch (PDL) and two steps of prefetch (PREFETCH=2).
+TUNE_VERSION = 4
 
 
 def m_bucket(m: int) -> int:
@@ -271,7 +280,11 @@ TUNER = Tuner()
 # weight-only linear (W4A16 / W8A16)
 
 
-def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, y, bits, group):
+def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, bits, group, residual=None,
+               glu: bool = False):
+    """``x @ W^T (+ bias)`` by the kernel of ``cfg``, then the epilogue: ``+ residual``, or with
+    ``glu`` (W = [G; U]) ``silu(x G^T) * (x U^T)``. GEMVs apply the epilogue inside the kernel;
+    the other kinds in torch afterwards."""
     m, k = x.shape
     n, kw = qw.shape
     g = scales.shape[1]
@@ -280,39 +293,56 @@ def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, y, bits, group):
     bp = bias if has_bias else scales
     even_k = k == kw * (32 // bits)
     kind = cfg["kind"]
+    if kind == "gemv":
+        n_out = n // 2 if glu else n
+        y = (torch.zeros if cfg["SPLIT_K"] > 1 else torch.empty)(
+            (m, n_out), dtype=x.dtype, device=x.device)
+        pdl = cfg.get("PDL", False) and pdl_supported(x.device)
+        grid = (m, triton.cdiv(n_out, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+        K._wq_gemv_kernel[grid](x, qw, scales, zp, bp,
+                                residual if residual is not None else x, y, m, n_out, k, kw, g,
+                                x.stride(0), residual.stride(0) if residual is not None else 0,
+                                y.stride(0), 150 << 23, BITS=bits, GROUP=group,
+                                HAS_ZERO=has_zero, HAS_BIAS=has_bias, BLOCK_N=cfg["BLOCK_N"],
+                                CHUNKS=cfg["CHUNKS"], SPLIT_K=cfg["SPLIT_K"], EVEN_K=even_k,
+                                PREFETCH=int(cfg.get("PREFETCH", False)),
+                                HALF2=cfg.get("HALF2", False), ASM=not _INTERPRET,
+                                PDL=pdl, HAS_RES=residual is not None, GLU=glu,
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                **({"launch_pdl": True} if pdl else {}))
+        return y
     if kind == "dequant+cublas":
         # F.linear, not mm(..., out=y): on the H200 at M = 2048, 8192 x 8192 the out= form got a
-        # slower cuBLAS kernel (409 vs 363 µs); the caller takes the returned tensor
+        # slower cuBLAS kernel (409 vs 363 µs)
         w = dequantize(qw, scales, zeros, bits, group, k, cfg.get("BLOCK_N", 8),
                        cfg.get("BLOCK_K", 1024), cfg.get("num_warps", 4))
-        return torch.nn.functional.linear(x, w, bias)
-    if cfg.get("SPLIT_K", 1) > 1:
-        y.zero_()
-    if kind == "gemv":
-        grid = (m, triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-        K._wq_gemv_kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0),
-                                y.stride(0), 150 << 23, BITS=bits, GROUP=group, HAS_ZERO=has_zero,
-                                HAS_BIAS=has_bias, BLOCK_N=cfg["BLOCK_N"],
-                                CHUNKS=cfg["CHUNKS"], SPLIT_K=cfg["SPLIT_K"], EVEN_K=even_k,
-                                PREFETCH=cfg.get("PREFETCH", False),
-                                HALF2=cfg.get("HALF2", False), ASM=not _INTERPRET,
-                                num_warps=cfg["num_warps"],
-                                num_stages=cfg["num_stages"])
-    else:  # the tiled kernels: "nat" (natural k order) or "mm" (plane by plane)
-        if kind == "nat":
-            kernel = K._wq_mm_nat_kernel
-            extra = {"H2": cfg.get("H2", False), "ASM": not _INTERPRET,
-                     **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and not _INTERPRET
-                        else {})}
-        else:
-            kernel, extra = K._wq_matmul_kernel, {"CAT": cfg.get("CAT", False)}
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-        kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0), y.stride(0),
-                     BITS=bits, GROUP=group, HAS_ZERO=has_zero, HAS_BIAS=has_bias,
-                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
-                     SPLIT_K=cfg["SPLIT_K"], SWAP=cfg.get("SWAP", False), EVEN_K=even_k,
-                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
-    return y
+        return linear_epilogue(torch.nn.functional.linear(x, w, bias), residual, glu)
+    # the tiled kernels: "nat" (natural k order) or "mm" (plane by plane)
+    y = (torch.zeros if cfg.get("SPLIT_K", 1) > 1 else torch.empty)(
+        (m, n), dtype=x.dtype, device=x.device)
+    if kind == "nat":
+        kernel = K._wq_mm_nat_kernel
+        extra = {"H2": cfg.get("H2", False), "ASM": not _INTERPRET,
+                 **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and not _INTERPRET
+                    else {})}
+    else:
+        kernel, extra = K._wq_matmul_kernel, {"CAT": cfg.get("CAT", False)}
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    kernel[grid](x, qw, scales, zp, bp, y, m, n, k, kw, g, x.stride(0), y.stride(0),
+                 BITS=bits, GROUP=group, HAS_ZERO=has_zero, HAS_BIAS=has_bias,
+                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
+                 SPLIT_K=cfg["SPLIT_K"], SWAP=cfg.get("SWAP", False), EVEN_K=even_k,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
+    return linear_epilogue(y, residual, glu)
+
+
+def linear_epilogue(y: torch.Tensor, residual: torch.Tensor | None, glu: bool) -> torch.Tensor:
+    """In torch: ``silu(y_G) * y_U`` (``glu``: y = [y_G, y_U] along the last axis), then
+    ``residual + y``."""
+    if glu:
+        g, u = y.split(y.shape[-1] // 2, -1)
+        y = torch.nn.functional.silu(g) * u
+    return y if residual is None else y + residual
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX in the interpreter
@@ -331,38 +361,87 @@ def _fits(cfg: dict, kw: int, bits: int = 4, group: int = 128) -> bool:
     return kw % step == 0 and kw // step >= cfg["SPLIT_K"]
 
 
+# GLU (gate/up + silu * mul) in the GEMV's epilogue up to this many rows; larger M runs the
+# tiled kernels and the activation in torch.
+GLU_GEMV_MAX_M = 4
+
+
 def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
               zeros: torch.Tensor | None, bits: int, group: int,
-              bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """``y = x @ W.T (+ bias)`` for packed ``W`` (see :mod:`packing`); x float16 ``[..., K]``."""
+              bias: torch.Tensor | None = None, config: dict | None = None,
+              residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
+    """``y = x @ W.T (+ bias)`` for packed ``W`` (see :mod:`packing`); x float16 ``[..., K]``.
+
+    ``residual`` (shape of y): returns ``residual + y``. ``glu``: W is ``[G; U]`` (2N rows) and
+    the result ``silu(x G^T) * (x U^T)`` ``[..., N]``; not together with ``residual``.
+    """
+    if glu and residual is not None:
+        raise ValueError("wq_linear: glu and residual are not fused together")
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, n, kw = x2.shape[0], qw.shape[0], qw.shape[1]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    n_out = n // 2 if glu else n
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(-1, n)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
     if m == 0:
-        return y.reshape(*lead, n)
+        return torch.empty((*lead, n_out), dtype=x.dtype, device=x.device)
     if config is None:
-        if m <= 16:
+        pdl = pdl_supported(x.device)
+        if glu and m <= GLU_GEMV_MAX_M:
+            cands = [c for c in GEMV_CONFIGS if c["SPLIT_K"] == 1]
+            default = DEFAULT_GEMV
+        elif m <= 16:
             cands = GEMV_CONFIGS + (SMALL_MM_CONFIGS if m > 1 else [])
             default = DEFAULT_GEMV if m <= 2 else DEFAULT_SMALL_MM
         else:
             cands, default = LARGE_MM_CONFIGS, DEFAULT_LARGE_MM
+        if pdl and m <= 2:  # (at larger M the tiled kernels win: no need to time both forms)
+            cands = cands + [dict(c, PDL=True) for c in cands if c["kind"] == "gemv"]
         cands = [c for c in cands if _fits(c, kw, bits, group)]
-        key = ("wq", m_bucket(m), n, k, bits, group, zeros is not None)
+        fused_glu = glu and m <= GLU_GEMV_MAX_M
+        key = ("wq-glu" if fused_glu else "wq", m_bucket(m), n, k, bits, group,
+               zeros is not None)
 
         def make_fns():
             r = rotation_copies(qw.numel() * 4 + scales.numel() * 2, x.device)
             sets = [(qw, scales, zeros)] + [
                 (qw.clone(), scales.clone(), None if zeros is None else zeros.clone())
                 for _ in range(r - 1)]
-            out = torch.empty_like(y)
-            return lambda c: [lambda q=q, s=s, z=z: _launch_wq(c, x2, q, s, z, bias, out, bits,
-                                                               group) for q, s, z in sets]
+            return lambda c: [lambda q=q, s=s, z=z: _launch_wq(c, x2, q, s, z, bias, bits, group,
+                                                               glu=fused_glu)
+                              for q, s, z in sets]
         config = TUNER.pick(key, x.device, cands, default, make_fns)
-    y = _launch_wq(config, x2, qw, scales, zeros, bias, y, bits, group)
-    return y.reshape(*lead, n)
+    if glu and (config["kind"] != "gemv" or config["SPLIT_K"] > 1):
+        y = linear_epilogue(_launch_wq(config, x2, qw, scales, zeros, bias, bits, group),
+                            None, True)
+    else:
+        y = _launch_wq(config, x2, qw, scales, zeros, bias, bits, group, r2, glu)
+    return y.reshape(*lead, n_out)
+
+
+_PDL: dict = {}
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: CUDA compute capability 9.0 or newer, a Triton that has it
+    (``tl.extra.cuda.gdc_wait``), not the interpreter, not turned off by ``LBCC_TRITON_PDL=0``."""
+    if _INTERPRET or device.type != "cuda" or os.environ.get("LBCC_TRITON_PDL", "1") == "0":
+        return False
+    try:
+        from triton.language.extra import cuda as _cuda
+    except ImportError:
+        return False
+    if not hasattr(_cuda, "gdc_wait"):
+        return False
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _PDL:
+        _PDL[i] = torch.cuda.get_device_capability(i)[0] >= 9
+    return _PDL[i]
 
 
 def dequantize(qw: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
@@ -461,8 +540,10 @@ def rms_norm_fused(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Te
         x2 = x2.contiguous()
     y = torch.empty_like(x2)
     bk = triton.next_power_of_2(k)
+    pdl = pdl_supported(x.device)
     K._rmsnorm_kernel[(x2.shape[0],)](x2, gamma, y, k, x2.stride(0), y.stride(0), eps,
-                                      BLOCK_K=bk, num_warps=4 if bk <= 2048 else 8)
+                                      BLOCK_K=bk, PDL=pdl, num_warps=4 if bk <= 2048 else 8,
+                                      **({"launch_pdl": True} if pdl else {}))
     return y.reshape(x.shape)
 
 
@@ -473,12 +554,14 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos, sin, cache: 
     rows = qkv.shape[0]
     q = torch.empty((rows, nh, hd), dtype=qkv.dtype, device=qkv.device)
     has_rope = cos is not None
+    pdl = pdl_supported(qkv.device)
     K._rope_cache_kernel[(rows, nh + 2 * nkv)](
         qkv, positions, cos if has_rope else qkv, sin if has_rope else qkv, q, cache, t,
         qkv.stride(0), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
-        NH=nh, NKV=nkv, HD=hd, HAS_ROPE=has_rope, num_warps=1)
+        NH=nh, NKV=nkv, HD=hd, HAS_ROPE=has_rope, PDL=pdl, num_warps=1,
+        **({"launch_pdl": True} if pdl else {}))
     return q
 
 
-__all__ = ["wq_linear", "dequantize", "quant_rows", "w8a8_linear", "w8a8_linear_fp", "TUNER",
+__all__ = ["wq_linear", "linear_epilogue", "pdl_supported", "dequantize", "quant_rows", "w8a8_linear", "w8a8_linear_fp", "TUNER",
            "Tuner", "m_bucket", "rms_norm_fused", "rope_and_cache"]

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 # lbcc:strip-begin
-from .ops import quant_rows, rms_norm_fused, rope_and_cache, w8a8_linear, wq_linear
+from .ops import (linear_epilogue, quant_rows, rms_norm_fused, rope_and_cache, w8a8_linear,
+                  wq_linear)
 # lbcc:strip-end
 
 
@@ -41,20 +42,24 @@ class Linear:
         else:
             self.weight = t[name + ".weight"]
 
-    def __call__(self, x: torch.Tensor, gamma: torch.Tensor | None = None, eps: float = 0.0
-                 ) -> torch.Tensor:
-        """``(RMSNorm(x) * gamma if gamma is given else x) @ W^T``."""
+    def __call__(self, x: torch.Tensor, gamma: torch.Tensor | None = None, eps: float = 0.0,
+                 residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
+        """``y = (RMSNorm(x) * gamma if gamma is given else x) @ W^T``, then ``residual + y``
+        or, with ``glu`` (W = [G; U]), ``silu(y_G) * y_U``. The 4- and 8-bit weight-only GEMVs
+        apply these epilogues inside the kernel."""
         if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return self._torch(x, gamma, eps)
+            return linear_epilogue(self._torch(x, gamma, eps), residual, glu)
         if self.kind == "w8a8":
             lead = x.shape[:-1]
             q, sa = quant_rows(x, gamma, eps)  # RMSNorm fused into the quantization
-            return w8a8_linear(q, sa, self.weight, self.wscale).reshape(*lead, self.n)
+            y = w8a8_linear(q, sa, self.weight, self.wscale).reshape(*lead, self.n)
+            return linear_epilogue(y, residual, glu)
         if gamma is not None:
             x = rms_norm_fused(x, gamma, eps)
         if self.kind == "wq":
-            return wq_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group)
-        return F.linear(x, self.weight)
+            return wq_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group,
+                             residual=residual, glu=glu)
+        return linear_epilogue(F.linear(x, self.weight), residual, glu)
 
 
     def _torch(self, x: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -185,10 +190,9 @@ class Model:
             qh = q.reshape(b, t, nh, hd).transpose(1, 2)
             o = F.scaled_dot_product_attention(qh, cache[0], cache[1], attn_mask=mask,
                                                enable_gqa=nh != nkv)
-            h = h + lay["o"](o.transpose(1, 2).reshape(b, t, nh * hd))
-            gu = lay["gate_up"](h, lay["post_norm"], eps)
-            g, u = gu.split(gu.shape[-1] // 2, -1)
-            h = h + lay["down"](F.silu(g) * u)
+            h = lay["o"](o.transpose(1, 2).reshape(b, t, nh * hd), residual=h)
+            act = lay["gate_up"](h, lay["post_norm"], eps, glu=True)  # silu(gate) * up
+            h = lay["down"](act, residual=h)
         kv_cache.pos.add_(t)
         return self.lm_head(h, self.norm, eps)
 
