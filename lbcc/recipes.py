@@ -283,6 +283,15 @@ PRESETS["auto-avx2"] = copy.deepcopy(PRESETS["auto"])
 PRESETS["auto-avx2"].name = "auto-avx2"
 PRESETS["auto-avx2"].activations.promote_max_ppl_increase = 0.01
 PRESETS["auto-avx2"].activations.token_fallback = "float"
+# auto for x86 CPUs with VNNI (AVX512-VNNI / AVX-VNNI / AMX: Intel Cascade Lake and newer, AMD
+# Zen 4 and newer): the same model, int8 weights stored as int8, so ONNX Runtime runs its u8 x s8
+# kernels (vpdpbusd / AMX, exact) instead of u8 x u8. Measured on an Intel Xeon with AMX and
+# AVX512-VNNI, 2 threads, SmolLM2's MLP shapes at M = 128 (benchmarks/int8_gemm_cpu.py):
+# u8 x s8 0.23-0.33x float, u8 x u8 0.76-0.80x. Wrong on CPUs without VNNI, where u8 x s8
+# saturates (auto-avx2 there).
+PRESETS["auto-vnni"] = copy.deepcopy(PRESETS["auto"])
+PRESETS["auto-vnni"].name = "auto-vnni"
+PRESETS["auto-vnni"].weights.saturation_safe = False
 # bits placed by measured sensitivity: 4 / 8 / float per weight at 5 stored bits per weight
 PRESETS["w4a16-mixed"] = copy.deepcopy(PRESETS["w4a16"])
 PRESETS["w4a16-mixed"].name = "w4a16-mixed"
@@ -307,6 +316,9 @@ PRESET_HELP = {
     "auto-avx2": "auto for x86 CPUs without VNNI: layers that fail both the static and the "
                  "per-token check stay float (not per block), then those whose measured KL is "
                  "cheapest are promoted to per-token int8 within +1 % estimated perplexity "
+                 "(needs calibration data)",
+    "auto-vnni": "auto for x86 CPUs with VNNI or AMX: int8 weights stored as int8, run by ONNX "
+                 "Runtime's u8 x s8 kernels (saturate without VNNI: use auto-avx2 there) "
                  "(needs calibration data)",
     "w4a16-mixed": "4 / 8 bits / float per weight from measured KL sensitivity, 5 bits per "
                    "weight on average (needs calibration data)",

@@ -17,6 +17,8 @@ from lbcc.calibration import RandomFeed
 pytestmark = pytest.mark.slow
 
 VOCAB = 512
+# (auto-vnni is auto with int8 weight storage, tested against it in test_precision.py: ONNX
+# Runtime runs it exactly only on CPUs with VNNI, and CI's may have none)
 PRESETS = ["w8a8", "w8a8-dynamic", "w8a8-sq", "auto", "auto-avx2", "w4a16", "w4a16-gptq",
            "w4a16-awq", "w4a16-mixed"]
 

@@ -230,6 +230,35 @@ def test_auto_preset_measures_and_follows_the_outlier_report(tmp_path):
                 assert (p["activation"] == "dynamic-token") == (p["token_sqnr_db"] >= threshold)
 
 
+def test_auto_vnni_is_auto_with_int8_weight_storage(tmp_path):
+    """auto-vnni compiles the same function as auto: every int8 weight that auto stores as
+    uint8 + 128 (u8 x u8 kernels) is stored as int8 with the same values (u8 x s8 kernels, fast
+    and exact with VNNI); everything else is identical."""
+    from test_smoothing import _inputs, norm_model
+
+    np.savez(tmp_path / "c.npz", x=_inputs())
+    out = {}
+    for name in ("auto", "auto-vnni"):
+        r = lbcc.compile(norm_model(), preset=name, calibration=NpzFeed(tmp_path / "c.npz"),
+                         progress=False)
+        values = [node.inputs[0].const_value.numpy().astype(np.int32)
+                  - (node.inputs[2].const_value.numpy().astype(np.int32)
+                     if len(node.inputs) > 2 and node.inputs[2] is not None else 0)
+                  for node in r.model.graph if node.op_type == "DequantizeLinear"
+                  and node.inputs[0].const_value is not None
+                  and node.inputs[0].const_value.numpy().ndim == 2]
+        out[name] = (r, _int8_weight_ranges(r.model), sorted(n.op_type for n in r.model.graph),
+                     values)
+    (auto, auto_ranges, auto_ops, auto_q) = out["auto"]
+    (vnni, vnni_ranges, vnni_ops, vnni_q) = out["auto-vnni"]
+    assert auto_ops == vnni_ops
+    assert auto_ranges and [dt for dt, _, _ in auto_ranges] == ["uint8"] * len(auto_ranges)
+    assert [dt for dt, _, _ in vnni_ranges] == ["int8"] * len(vnni_ranges)
+    assert len(auto_q) == len(vnni_q) and all(np.array_equal(a, b) for a, b in zip(auto_q, vnni_q))
+    assert [layer["plan"] for layer in auto.report.layers] == \
+        [layer["plan"] for layer in vnni.report.layers]
+
+
 def _single_matmul(tmp_path, x, w):
     """One MatMul ``y = x @ w`` (x [1, S, K]) saved to disk, with ``x`` as its calibration."""
     import onnx
