@@ -210,8 +210,8 @@ JOBS = {
     "ort-nbits-gptq": lambda a: ort_nbits(a, "gptq"),
     "lbcc-float-fused": lbcc_float_fused,
     **{f"lbcc-{p}": (lambda a, p=p: lbcc_preset(a, p)) for p in (
-        "w8a8", "w8a8-dynamic", "w8a8-sq", "auto", "auto-avx2", "w4a16-rtn", "w4a16", "w4a16-gptq",
-        "w4a16-awq", "w4a16-mixed")},
+        "w8a8", "w8a8-dynamic", "w8a8-sq", "auto", "auto-avx2", "auto-vnni", "w4a16-rtn", "w4a16",
+        "w4a16-gptq", "w4a16-awq", "w4a16-mixed")},
 }
 
 

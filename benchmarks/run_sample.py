@@ -64,8 +64,10 @@ FLOAT = "float"
 BASELINES = ["ort-static", "ort-static-all", "ort-static-rr", "ort-static-sq", "ort-dynamic",
              "ort-nbits-rtn4", "ort-nbits-hqq", "ort-nbits-kquant", "ort-nbits-gptq"]
 LBCC = ["lbcc-float-fused", "lbcc-w8a8", "lbcc-w8a8-dynamic", "lbcc-w8a8-sq", "lbcc-auto",
-        "lbcc-auto-avx2", "lbcc-w4a16-rtn", "lbcc-w4a16", "lbcc-w4a16-gptq", "lbcc-w4a16-awq", "lbcc-w4a16-mixed"]
+        "lbcc-auto-avx2", "lbcc-auto-vnni", "lbcc-w4a16-rtn", "lbcc-w4a16", "lbcc-w4a16-gptq", "lbcc-w4a16-awq", "lbcc-w4a16-mixed"]
 ALL = [FLOAT, *BASELINES, *LBCC]
+#: models whose int8 products are exact only on x86 CPUs with VNNI or AMX (not run elsewhere)
+NEEDS_VNNI = {"lbcc-auto-vnni"}
 DESCRIPTION = {
     FLOAT: "float32 ONNX export (reference)",
     "ort-static": "ORT quantize_static: QDQ, act QUInt8 per tensor, weight QInt8 per channel, "
@@ -94,6 +96,8 @@ DESCRIPTION = {
     "lbcc-auto-avx2": "lbcc preset auto-avx2: auto, with the layers that fail both static and "
                       "per-token int8 left in float (per-block int8 is slower than float on x86 "
                       "without VNNI)",
+    "lbcc-auto-vnni": "lbcc preset auto-vnni: auto with int8 weight storage (ONNX Runtime's "
+                      "u8 x s8 kernels: exact and fast with VNNI or AMX; run only on such a CPU)",
     "lbcc-w4a16-rtn": "lbcc w4a16 with plain round-to-nearest (clip none, no calibration): the "
                       "RTN reference of the GPTQ / AWQ gap figures",
     "lbcc-w4a16": "lbcc preset w4a16, group size 128 (calibrated: importance-weighted clip)",
@@ -113,11 +117,14 @@ MD_END = "<!-- run_sample.py:end -->"
 
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor()
+                                                         or platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     ram_gib = None
@@ -133,7 +140,8 @@ def machine_info() -> dict[str, Any]:
     except AttributeError:
         usable = os.cpu_count()
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable, "ram_gib": ram_gib,
-            "platform": platform.platform(), "loadavg_start": _loadavg()}
+            "platform": platform.platform(), "loadavg_start": _loadavg(),
+            "vnni": bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})}
 
 
 def _loadavg() -> list[float] | None:
@@ -342,7 +350,9 @@ def table_rows(models: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for name, m in models.items():
         if "error" in m and "perplexity" not in m:
-            rows.append([name, "failed: " + m["error"].splitlines()[-1][:80], "", "", "", "", ""])
+            err = m["error"].splitlines()[-1]
+            rows.append([name, err if err.startswith("not run") else "failed: " + err[:80],
+                         "", "", "", "", ""])
             continue
         size, ppl = m.get("size_mb"), m.get("perplexity")
         l128, l1 = _lat(m, 128), _lat(m, 1)
@@ -419,7 +429,8 @@ def check_targets(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     vs_model("lbcc-w8a8-sq", "ppl", "lbcc-w8a8", "perplexity", "")
     # the accuracy issue: best static W8A8 <= 1.02x float at seq128 <= 0.65x, better than every
     # ORT recipe; GPTQ and AWQ each close >= 30 % of RTN's gap; best W4 beats every ORT 4-bit
-    w8 = [n for n in ("lbcc-w8a8", "lbcc-w8a8-sq", "lbcc-auto", "lbcc-auto-avx2")
+    w8 = [n for n in ("lbcc-w8a8", "lbcc-w8a8-sq", "lbcc-auto", "lbcc-auto-avx2",
+                      "lbcc-auto-vnni")
           if get(n, "ppl") is not None]
     if w8:
         # the target asks for one model meeting both: the fastest within 1.02x float perplexity,
@@ -628,6 +639,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.skip_baselines and name in BASELINES:
             print(f"[build] {name}: skipped (--skip-baselines, nothing to reuse)")
+            continue
+        if name in NEEDS_VNNI and not machine["vnni"]:
+            models[name] = {"build": {"error": "not run: this CPU has no VNNI / AMX, where "
+                                               "ONNX Runtime's u8 x s8 kernels saturate"}}
+            print(f"[build] {name}: {models[name]['build']['error']}")
             continue
         rec = run_job(name, float_path, out, args, calib, hf_dir, log_dir)
         rec["date"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
