@@ -272,8 +272,8 @@ PRESETS["auto"].activations.fallback = "dynamic-token"
 PRESETS["auto"].activations.min_token_sqnr_db = 31.0
 # auto for x86 CPUs without VNNI (AVX2, AVX-512 without VNNI): the layers that fail both static
 # and per-token int8 stay float instead of per-block int8, which ONNX Runtime runs slower than
-# the float MatMul there (on VNNI CPUs per block is faster than float: use auto). Measured on
-# SmolLM2-135M, AVX2 without VNNI, 8,192 test tokens: 36.32 vs auto 36.29 (float 36.00), seq-128
+# the float MatMul there (on VNNI CPUs per block is faster than float: use auto-vnni). Measured
+# on SmolLM2-135M, AVX2 without VNNI, 8,192 test tokens: 36.32 vs auto 36.29 (float 36.00), seq-128
 # latency 0.82x float vs auto 1.01x, 312 MB vs 148 MB (float 538 MB); on 32,768 tokens 29.74 vs
 # float 29.45 (1.010x) at 0.88x (auto: 29.76 at 1.01x). Then the float layers are promoted to
 # per-token int8 by their measured KL within +1 % estimated perplexity (20 of 24 down-projections
