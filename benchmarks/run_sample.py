@@ -16,7 +16,8 @@ thread count, and timed back to back in the same process:
   lbcc-float-fused    the float model with lbcc's fuse-attention pass only (what every ort-int8
                       compile does to attention), unquantized: the float reference with the fusion
   lbcc-*              lbcc.compile(preset=..., calibration=valid.txt, tokenizer=HF dir) for every
-                      preset (w8a8-dynamic and w4a16-rtn without calibration)
+                      preset (w8a8-dynamic and w4a16-rtn without calibration); lbcc-auto-vnni
+                      only on a CPU with VNNI or AMX (its u8 x s8 products saturate elsewhere)
 
 Each quantizer / compile runs in its own subprocess (``benchmarks/_bench_worker.py``); its wall time
 and peak RSS come from ``os.wait4`` on that child, so memory of different tools never mixes. No
