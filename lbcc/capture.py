@@ -227,7 +227,7 @@ def _export_causal_lm_with_cache(model: Any) -> ir.Model:
     specialized to 0 or 1; the graph itself runs with past 0 (prefill) and seq 1 (decode).
     """
     torch = _require_torch()
-    from lbcc.kvcache import past_name, present_name
+    from lbcc.kvcache import MAX_POSITIONS_KEY, past_name, present_name
 
     config = model.config.get_text_config(decoder=True)
     n_layers = config.num_hidden_layers
@@ -244,8 +244,12 @@ def _export_causal_lm_with_cache(model: Any) -> ir.Model:
     dynamic = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t},
                "position_ids": {0: b, 1: s}, "past": [{0: b, 2: p}] * (2 * n_layers)}
     kinds = [(i, kv) for i in range(n_layers) for kv in ("key", "value")]
-    return from_torch(_causal_lm_cache_wrapper(model, n_layers),
-                      (ids, mask, pos.contiguous(), past), dynamic_shapes=dynamic,
-                      input_names=["input_ids", "attention_mask", "position_ids",
-                                   *(past_name(i, kv) for i, kv in kinds)],
-                      output_names=["logits", *(present_name(i, kv) for i, kv in kinds)])
+    graph = from_torch(_causal_lm_cache_wrapper(model, n_layers),
+                       (ids, mask, pos.contiguous(), past), dynamic_shapes=dynamic,
+                       input_names=["input_ids", "attention_mask", "position_ids",
+                                    *(past_name(i, kv) for i, kv in kinds)],
+                       output_names=["logits", *(present_name(i, kv) for i, kv in kinds)])
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and context > 0:  # the rotary caches' length (fuse-ort)
+        graph.metadata_props[MAX_POSITIONS_KEY] = str(context)
+    return graph

@@ -81,8 +81,9 @@ class Generator:
 
     ``model``: path to the .onnx file. ``tokenizer``: a tokenizer.json or a HF directory (needed
     for text prompts; token-id generation works without). ``max_context``: the longest sequence
-    (prompt + new tokens); by default ``context_length`` of a genai_config.json beside the model,
-    else ``max_position_embeddings`` of the tokenizer directory's config.json. ``share_buffer``:
+    (prompt + new tokens); by default the context length lbcc's capture recorded in the model
+    (at most that: it sizes the rotary caches), else ``context_length`` of a genai_config.json
+    beside the model, else ``max_position_embeddings`` of the tokenizer directory's config.json. ``share_buffer``:
     keep the cache in one fixed-size buffer a layer (see the module docstring); by default when
     the graph allows it.
     """
@@ -102,7 +103,13 @@ class Generator:
                 "Compile it with a cache: lbcc compile HF_DIR --kv-cache -o OUT.onnx ...")
         self.layout: KVLayout = layout
         self.tokenizer = self._load_tokenizer(tokenizer)
-        self.max_context = max_context or self._find_context()
+        recorded = self._recorded_context()
+        if max_context and recorded and max_context > recorded:
+            raise BadInputError(
+                f"max_context {max_context} is beyond the {recorded} positions "
+                f"{str(self.model_path)!r} holds (its max_position_embeddings, which sizes its "
+                "rotary caches).", f"Pass --max-context {recorded} or less.")
+        self.max_context = max_context or recorded or self._find_context()
         self.eos_ids = self._find_eos()
         self.stats = GenerationStats()
         self._out_names = [o.name for o in self.session.get_outputs()]
@@ -146,6 +153,13 @@ class Generator:
         if getattr(self, "_tokenizer_dir", None) is not None:
             dirs.append(self._tokenizer_dir)
         return dirs
+
+    def _recorded_context(self) -> int | None:
+        """The context length lbcc's KV-cache capture recorded in the model's metadata."""
+        from lbcc.kvcache import MAX_POSITIONS_KEY
+
+        value = self.session.get_modelmeta().custom_metadata_map.get(MAX_POSITIONS_KEY, "")
+        return int(value) if value.isdigit() and int(value) > 0 else None
 
     def _find_context(self) -> int | None:
         for d in self._config_dirs():

@@ -26,6 +26,15 @@ PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
 #: ``logits_to_keep`` (optional, default all positions): the prefill of a generator feeds 1
 AUX_INPUTS = ("attention_mask", "position_ids", "logits_to_keep")
+#: ``metadata_props`` key of a KV-cache capture: the model's context length
+#: (``max_position_embeddings``), which sizes constant rotary caches (:mod:`lbcc.passes.kv_fusions`)
+MAX_POSITIONS_KEY = "lbcc.max_positions"
+
+
+def max_positions(model: Any) -> int | None:
+    """The context length a KV-cache capture recorded in ``model`` (an ``ir.Model``), or None."""
+    value = model.metadata_props.get(MAX_POSITIONS_KEY, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def past_name(layer: int, kind: str) -> str:

@@ -6,8 +6,13 @@ a size-1 dim is folded), then ``emb = concat(freqs, freqs)``, ``cos(emb)``, ``si
 ``cos_sin_cache`` rules expect the older ``Transpose(MatMul(inv_freq, pos))`` form, so the
 ``RotaryEmbedding`` fused from the rotation is inlined back. This rule rewrites the whole thing to
 ORT's ``com.microsoft::RotaryEmbedding(x, position_ids, cos_cache, sin_cache)`` with
-``cos_cache[p, e] = cos(p * inv_freq[e])`` for ``p`` in ``[0, max(position_ids)]``, computed in
-the graph (a Range, a Mul, Cos, Sin: shared by every layer), so any context length works.
+``cos_cache[p, e] = cos(p * inv_freq[e])``, shared by every layer. Where the capture recorded the
+model's context length ``P`` (metadata ``lbcc.max_positions``: ``max_position_embeddings``), the
+caches are constants for ``p`` in ``[0, P)``, as onnxruntime-genai's are (no rotary nodes run in a
+decode step; ``P x head_dim / 2`` floats each); otherwise they are computed in the graph for ``p``
+in ``[0, max(position_ids)]`` (a ReduceMax, a Range, a Mul, Cos, Sin each step), so that any
+context length works. The angles are the float32 product ``float(p) * inv_freq[e]`` either way, as
+in the exported graph.
 
 Attention: onnxscript's SDPA and GQA fusions (SDPA -> ``com.microsoft::MultiHeadAttention`` with
 the mask as an additive bias where GQA does not apply).
@@ -39,9 +44,10 @@ from onnxscript.rewriter import _fusion_utils, _ir_utils, pattern
 class RotaryFromPositionIds(pattern.RewriteRuleClassBase):
     """Mul(Cast(Unsqueeze(position_ids)), inv_freq) -> cos/sin -> RotaryEmbedding, with caches."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_positions: int | None = None) -> None:
         # the cos/sin values are shared by every layer's rotary: keep them, clean up afterwards
         super().__init__("RotaryFromPositionIds", remove_nodes=False)
+        self.max_positions = max_positions
         self._caches: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
 
     def cleanup(self) -> None:
@@ -70,6 +76,8 @@ class RotaryFromPositionIds(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, inv_freq, position_ids, interleaved, num_heads, **_):
+        if inv_freq not in self._caches and self.max_positions:
+            self._caches[inv_freq] = self._constant_caches(op, inv_freq.const_value.numpy())
         if inv_freq not in self._caches:
             freq_row = op.Constant(value=ir.tensor(
                 inv_freq.const_value.numpy().reshape(1, -1).astype("float32")))
@@ -85,9 +93,21 @@ class RotaryFromPositionIds(pattern.RewriteRuleClassBase):
         return op.RotaryEmbedding(x, position_ids, cos, sin, interleaved=interleaved,
                                   _domain="com.microsoft")
 
+    def _constant_caches(self, op, inv_freq: np.ndarray) -> tuple[ir.Value, ir.Value]:
+        """cos / sin of ``float32(p) * inv_freq`` for p < max_positions, as initializers."""
+        pos = np.arange(self.max_positions, dtype=np.float32).reshape(-1, 1)
+        angles = (pos * inv_freq.reshape(1, -1).astype(np.float32)).astype(np.float64)
+        suffix = f"_{len(self._caches)}" if self._caches else ""
+        return tuple(op.initializer(ir.tensor(f(angles).astype(np.float32), name=name + suffix))
+                     for f, name in ((np.cos, "cos_cache"), (np.sin, "sin_cache")))
 
-rotary_from_position_ids = _fusion_utils.apply_fusion_rules(
-    pattern.RewriteRuleSet([RotaryFromPositionIds.rule()]))
+
+def rotary_from_position_ids(model: ir.Model, debug: bool = False) -> int:
+    """Apply :class:`RotaryFromPositionIds` (constant caches where the context length is known)."""
+    from lbcc.kvcache import max_positions
+
+    rule = RotaryFromPositionIds.rule(max_positions=max_positions(model))
+    return _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet([rule]))(model, debug=debug)
 
 
 def _packable(gqa: ir.Node) -> str:

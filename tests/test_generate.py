@@ -210,6 +210,13 @@ def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
     assert notes["fused_ops_in_graph"]["com.microsoft::GroupQueryAttention"] == 2
     assert notes["fused_ops_in_graph"]["com.microsoft::SkipSimplifiedLayerNormalization"] == 4
     assert "cos_sin_cache" in notes["why_not"]  # the older rotary form: the tracer says why
+    # the capture recorded the context length: the rotary caches are constants, as genai's are
+    caches = {n: v.const_value.numpy() for n, v in run.model.graph.initializers.items()
+              if n.startswith(("cos_cache", "sin_cache"))}
+    assert sorted(caches) == ["cos_cache", "sin_cache"] and caches["cos_cache"].shape == (128, 8)
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    np.testing.assert_allclose(caches["sin_cache"][100], np.sin(100 * inv_freq), atol=2e-5)
+    assert not {"Cos", "Sin", "Range"} & {n.op_type for n in run.model.graph}
     save_model(run.model, tmp_path / "fused.onnx")
     prompt = np.random.default_rng(5).integers(0, VOCAB, 11)
     ref = _hf_greedy(hf, prompt, 40)
@@ -223,6 +230,34 @@ def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
     assert list(concat.generate_ids(prompt, 40, stop_at_eos=False)) == ref
     gen.initial_room = 3  # the shared cache fills up and is reallocated (doubled) while decoding
     assert list(gen.generate_ids(prompt, 40, stop_at_eos=False)) == ref
+    # the recorded context (128) bounds the generator: the rotary caches hold no more
+    assert Generator(tmp_path / "fused.onnx").max_context == 128
+    with pytest.raises(BadInputError, match="beyond the 128 positions"):
+        Generator(tmp_path / "fused.onnx", max_context=129)
+
+
+@pytest.mark.slow
+def test_rotary_caches_are_computed_when_the_context_is_unknown(tiny, tmp_path):
+    """A KV-cache graph without a recorded context length (an ONNX file from elsewhere): the
+    fused rotary computes its cos/sin rows from the positions each step; same greedy tokens."""
+    import onnx_ir as ir
+
+    from lbcc.kvcache import MAX_POSITIONS_KEY
+    from lbcc.modelio import save_model
+    from lbcc.passes import CaptureNormalize, FuseORT
+    from lbcc.pipeline import Pipeline, PipelineContext
+
+    hf, kv, _ = tiny
+    model = ir.from_proto(ir.to_proto(kv))
+    del model.metadata_props[MAX_POSITIONS_KEY]
+    run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(model)
+    assert run.records[-1].notes["matched"]["gqa"] == 2
+    assert {"Cos", "Sin", "Range"} <= {n.op_type for n in run.model.graph}
+    assert not any(n.startswith("cos_cache") for n in run.model.graph.initializers)
+    save_model(run.model, tmp_path / "computed.onnx")
+    prompt = np.random.default_rng(6).integers(0, VOCAB, 9)
+    gen = Generator(tmp_path / "computed.onnx", max_context=128)
+    assert list(gen.generate_ids(prompt, 30, stop_at_eos=False)) == _hf_greedy(hf, prompt, 30)
 
 
 @pytest.mark.slow
@@ -289,6 +324,8 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
     cached = lbcc.compile(ir.from_proto(ir.to_proto(kv)), preset=preset, calibration=feed,
                           group_size=group, progress=False)
     cached.save(tmp_path / "kv.onnx")
+    assert {"cos_cache", "sin_cache"} <= set(cached.model.graph.initializers)  # not quantized
+    assert Generator(tmp_path / "kv.onnx").max_context == 128  # the capture's record survives
     ids = np.random.default_rng(3).integers(0, VOCAB, 24)
     ref = ort.InferenceSession(ir.to_proto(nocache.model).SerializeToString()).run(
         None, {"input_ids": ids[None]})[0][0]
