@@ -6,13 +6,13 @@ a size-1 dim is folded), then ``emb = concat(freqs, freqs)``, ``cos(emb)``, ``si
 ``cos_sin_cache`` rules expect the older ``Transpose(MatMul(inv_freq, pos))`` form, so the
 ``RotaryEmbedding`` fused from the rotation is inlined back. This rule rewrites the whole thing to
 ORT's ``com.microsoft::RotaryEmbedding(x, position_ids, cos_cache, sin_cache)`` with
-``cos_cache[p, e] = cos(p * inv_freq[e])``, shared by every layer. Where the capture recorded the
-model's context length ``P`` (metadata ``lbcc.max_positions``: ``max_position_embeddings``), the
-caches are constants for ``p`` in ``[0, P)``, as onnxruntime-genai's are (no rotary nodes run in a
-decode step; ``P x head_dim / 2`` floats each); otherwise they are computed in the graph for ``p``
-in ``[0, max(position_ids)]`` (a ReduceMax, a Range, a Mul, Cos, Sin each step), so that any
-context length works. The angles are the float32 product ``float(p) * inv_freq[e]`` either way, as
-in the exported graph.
+``cos_cache[p, e] = cos(p * inv_freq[e])``, shared by every layer, computed in the graph (a
+Range, a Mul, Cos, Sin) from the float32 angles ``float(p) * inv_freq[e]`` of the exported graph.
+Where the capture recorded the model's context length ``P`` (metadata ``lbcc.max_positions``:
+``max_position_embeddings``), ``p`` runs over ``[0, P)``: every input of that subgraph is a
+constant, so ONNX Runtime folds it into two initializers when it loads the session (no rotary
+arithmetic in a decode step, as with onnxruntime-genai's stored caches, and nothing added to the
+file). Otherwise ``p`` runs over ``[0, max(position_ids)]`` each step, so that any length works.
 
 Attention: onnxscript's SDPA and GQA fusions (SDPA -> ``com.microsoft::MultiHeadAttention`` with
 the mask as an additive bias where GQA does not apply).
@@ -76,12 +76,13 @@ class RotaryFromPositionIds(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, inv_freq, position_ids, interleaved, num_heads, **_):
-        if inv_freq not in self._caches and self.max_positions:
-            self._caches[inv_freq] = self._constant_caches(op, inv_freq.const_value.numpy())
         if inv_freq not in self._caches:
             freq_row = op.Constant(value=ir.tensor(
                 inv_freq.const_value.numpy().reshape(1, -1).astype("float32")))
-            n_pos = op.Add(op.ReduceMax(position_ids, keepdims=0), op.Constant(value_int=1))
+            if self.max_positions:  # constant: ONNX Runtime folds the caches at session load
+                n_pos = op.Constant(value_int=self.max_positions)
+            else:
+                n_pos = op.Add(op.ReduceMax(position_ids, keepdims=0), op.Constant(value_int=1))
             pos = op.Range(op.Constant(value_int=0), n_pos, op.Constant(value_int=1))
             pos = op.Cast(op.Reshape(pos, op.Constant(value_ints=[-1, 1])),
                           to=ir.DataType.FLOAT)
@@ -93,17 +94,9 @@ class RotaryFromPositionIds(pattern.RewriteRuleClassBase):
         return op.RotaryEmbedding(x, position_ids, cos, sin, interleaved=interleaved,
                                   _domain="com.microsoft")
 
-    def _constant_caches(self, op, inv_freq: np.ndarray) -> tuple[ir.Value, ir.Value]:
-        """cos / sin of ``float32(p) * inv_freq`` for p < max_positions, as initializers."""
-        pos = np.arange(self.max_positions, dtype=np.float32).reshape(-1, 1)
-        angles = (pos * inv_freq.reshape(1, -1).astype(np.float32)).astype(np.float64)
-        suffix = f"_{len(self._caches)}" if self._caches else ""
-        return tuple(op.initializer(ir.tensor(f(angles).astype(np.float32), name=name + suffix))
-                     for f, name in ((np.cos, "cos_cache"), (np.sin, "sin_cache")))
-
 
 def rotary_from_position_ids(model: ir.Model, debug: bool = False) -> int:
-    """Apply :class:`RotaryFromPositionIds` (constant caches where the context length is known)."""
+    """Apply :class:`RotaryFromPositionIds` (caches of the recorded context length, if any)."""
     from lbcc.kvcache import max_positions
 
     rule = RotaryFromPositionIds.rule(max_positions=max_positions(model))
