@@ -61,6 +61,8 @@ from typing import Any
 
 import numpy as np
 
+from lbcc.evaluate import SETTLE_S
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / ".cache" / "smollm2"
 DATA = REPO.parent / "shared" / "data"
@@ -260,17 +262,11 @@ def cpu_per_step(paths: dict[str, Path], hf_dir: Path, prompt: np.ndarray, steps
     return {n: statistics.median(v) for n, v in cpu.items()}
 
 
-#: pause before each model's turn: ONNX Runtime's (and onnxruntime-genai's) intra-op workers
-#: spin for a while after a run, and a worker of the model that ran before, still spinning, takes
-#: one of the 2 cores from the next model (measured here: 16-step blocks ran about 25 % slower
-#: without the pause, and the model in the middle of the order lost the most)
-SETTLE_S = 0.05
-
-
 def paired_blocks(steppers: dict[str, Any], blocks: int, block: int) -> dict[str, Any]:
     """ms a decode step at the benchmark's thread count, the models interleaved in blocks of
     ``block`` steps (the order rotated every block, so each model runs first, in the middle and
-    last equally often; :data:`SETTLE_S` before each), and each model's speed relative to the
+    last equally often; ``lbcc.evaluate.SETTLE_S`` before each: ONNX Runtime's and genai's
+    workers spin after a run, and the previous model's would take a core), and each model's speed relative to the
     first as the median of per-block ratios: on a shared machine, load that changes from one
     round of 128 tokens to the next cancels out of a ratio taken a block at a time."""
     ms: dict[str, list[float]] = {n: [] for n in steppers}

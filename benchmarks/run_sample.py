@@ -27,8 +27,9 @@ Evaluation: perplexity with ``lbcc.evaluate.evaluate`` on the first ``--max-toke
 WikiText-2 raw test (``wiki.test.raw`` read as one string, tokenized once without special tokens,
 no BOS, non-overlapping 512-token windows); file size = .onnx + external data; latency = median of
 batch-1 forward passes at 128 tokens (prefill) and at 1 token, measured with all sessions loaded
-and the models interleaved round-robin (rotating the order each round), ``--threads`` intra-op
-threads.
+and the models interleaved round-robin (rotating the order each round, 50 ms pause before each
+run so that the previous session's spinning workers are parked: ``lbcc.evaluate.SETTLE_S``),
+``--threads`` intra-op threads.
 
     python benchmarks/run_sample.py                                  # everything, 32768 tokens
     python benchmarks/run_sample.py --max-tokens 2048 --only lbcc-w4a16 ort-nbits-rtn4
@@ -260,7 +261,7 @@ def interleaved_latency(paths: dict[str, Path], threads: int, seqs: dict[int, in
 
     The input is the one ``lbcc.evaluate.latency_ms`` uses (seeded random ids < 100, batch 1).
     """
-    from lbcc.evaluate import make_session
+    from lbcc.evaluate import SETTLE_S, make_session
 
     sessions = {name: make_session(p, threads) for name, p in paths.items()}
     names = list(sessions)
@@ -276,6 +277,7 @@ def interleaved_latency(paths: dict[str, Path], threads: int, seqs: dict[int, in
         for r in range(repeats):
             order = names[r % len(names):] + names[:r % len(names)]
             for n in order:
+                time.sleep(SETTLE_S)  # the previous session's workers stop spinning
                 t = time.perf_counter()
                 sessions[n].run(None, {feeds[n]: x})
                 samples[n].append((time.perf_counter() - t) * 1e3)
@@ -493,7 +495,8 @@ def markdown_section(res: dict[str, Any]) -> str:
              "threads, CPUExecutionProvider. Latency: median of batch-1 runs "
              f"({s['latency_repeats']} at 128 tokens (prefill), {s['latency_repeats_seq1']} at "
              f"1 token, after {s['latency_warmup']} warm-up), all models loaded and run "
-             "round-robin (order rotated each round).",
+             "round-robin (order rotated each round, a 50 ms pause before each run so that "
+             "the previous session's spinning threads are parked).",
              f"- Calibration (ort-static, lbcc-w8a8): the first {s['calib_samples']} x "
              f"{s['seq_len']} tokens of `wikitext-2-tokens/valid.txt`. No baseline uses "
              "`quant_pre_process`.",

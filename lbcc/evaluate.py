@@ -107,6 +107,14 @@ def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> float:
     return float((logz - picked).sum())
 
 
+#: seconds to wait before timing a run right after another session's: ONNX Runtime's intra-op
+#: workers spin for a while after a run, and on a 2-core machine a still-spinning worker of the
+#: session that ran before takes a core from the one being timed (measured on SmolLM2-135M,
+#: 2 threads, three sessions round-robin: seq-1 latency 36-40 ms without the pause, 20.5 ms with it;
+#: seq 128 about 3 %)
+SETTLE_S = 0.05
+
+
 def latency_ms(session: Any, seq: int, vocab: int = 100, repeats: int = 10, warmup: int = 2
                ) -> float:
     rng = np.random.default_rng(0)
