@@ -266,9 +266,10 @@ def paired_blocks(steppers: dict[str, Any], blocks: int, block: int) -> dict[str
     """ms a decode step at the benchmark's thread count, the models interleaved in blocks of
     ``block`` steps (the order rotated every block, so each model runs first, in the middle and
     last equally often; ``lbcc.evaluate.SETTLE_S`` before each: ONNX Runtime's and genai's
-    workers spin after a run, and the previous model's would take a core), and each model's speed relative to the
-    first as the median of per-block ratios: on a shared machine, load that changes from one
-    round of 128 tokens to the next cancels out of a ratio taken a block at a time."""
+    workers spin after a run, and the previous model's would take a core), and each model's
+    speed relative to the first as the median of per-block ratios: on a shared machine, load
+    that changes from one round of 128 tokens to the next cancels out of a ratio taken a block
+    at a time."""
     ms: dict[str, list[float]] = {n: [] for n in steppers}
     names = list(steppers)
     for b in range(blocks):

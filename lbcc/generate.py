@@ -34,7 +34,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from lbcc.errors import BadInputError
-from lbcc.kvcache import KVLayout, keeps_last_logits, kv_layout, presents_from_gqa
+from lbcc.kvcache import (KVLayout, keeps_last_logits, kv_layout, max_positions,
+                          presents_from_gqa)
 
 
 @dataclasses.dataclass
@@ -83,9 +84,9 @@ class Generator:
     for text prompts; token-id generation works without). ``max_context``: the longest sequence
     (prompt + new tokens); by default the context length lbcc's capture recorded in the model
     (at most that: it sizes the rotary caches), else ``context_length`` of a genai_config.json
-    beside the model, else ``max_position_embeddings`` of the tokenizer directory's config.json. ``share_buffer``:
-    keep the cache in one fixed-size buffer a layer (see the module docstring); by default when
-    the graph allows it.
+    beside the model, else ``max_position_embeddings`` of the tokenizer directory's config.json.
+    ``share_buffer``: keep the cache in one fixed-size buffer a layer (see the module docstring);
+    by default when the graph allows it.
     """
 
     def __init__(self, model: str | os.PathLike, tokenizer: Any = None, *, threads: int = 2,
@@ -103,7 +104,7 @@ class Generator:
                 "Compile it with a cache: lbcc compile HF_DIR --kv-cache -o OUT.onnx ...")
         self.layout: KVLayout = layout
         self.tokenizer = self._load_tokenizer(tokenizer)
-        recorded = self._recorded_context()
+        recorded = max_positions(self.session.get_modelmeta().custom_metadata_map)
         if max_context and recorded and max_context > recorded:
             raise BadInputError(
                 f"max_context {max_context} is beyond the {recorded} positions "
@@ -153,13 +154,6 @@ class Generator:
         if getattr(self, "_tokenizer_dir", None) is not None:
             dirs.append(self._tokenizer_dir)
         return dirs
-
-    def _recorded_context(self) -> int | None:
-        """The context length lbcc's KV-cache capture recorded in the model's metadata."""
-        from lbcc.kvcache import MAX_POSITIONS_KEY
-
-        value = self.session.get_modelmeta().custom_metadata_map.get(MAX_POSITIONS_KEY, "")
-        return int(value) if value.isdigit() and int(value) > 0 else None
 
     def _find_context(self) -> int | None:
         for d in self._config_dirs():

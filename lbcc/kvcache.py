@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -31,9 +31,10 @@ AUX_INPUTS = ("attention_mask", "position_ids", "logits_to_keep")
 MAX_POSITIONS_KEY = "lbcc.max_positions"
 
 
-def max_positions(model: Any) -> int | None:
-    """The context length a KV-cache capture recorded in ``model`` (an ``ir.Model``), or None."""
-    value = model.metadata_props.get(MAX_POSITIONS_KEY, "")
+def max_positions(metadata: Mapping[str, str]) -> int | None:
+    """The context length a KV-cache capture recorded, or None: ``metadata`` is an
+    ``ir.Model``'s ``metadata_props`` or an ONNX Runtime session's ``custom_metadata_map``."""
+    value = metadata.get(MAX_POSITIONS_KEY, "")
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 

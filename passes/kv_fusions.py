@@ -99,7 +99,7 @@ def rotary_from_position_ids(model: ir.Model, debug: bool = False) -> int:
     """Apply :class:`RotaryFromPositionIds` (caches of the recorded context length, if any)."""
     from lbcc.kvcache import max_positions
 
-    rule = RotaryFromPositionIds.rule(max_positions=max_positions(model))
+    rule = RotaryFromPositionIds.rule(max_positions=max_positions(model.metadata_props))
     return _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet([rule]))(model, debug=debug)
 
 

@@ -341,8 +341,9 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
     cached = lbcc.compile(ir.from_proto(ir.to_proto(kv)), preset=preset, calibration=feed,
                           group_size=group, progress=False)
     cached.save(tmp_path / "kv.onnx")
-    assert _rotary_cache_length(cached.model) == 128  # the capture's record survives compiling
-    assert Generator(tmp_path / "kv.onnx").max_context == 128  # the capture's record survives
+    # the capture's record of the context length survives compiling and saving
+    assert _rotary_cache_length(cached.model) == 128
+    assert Generator(tmp_path / "kv.onnx").max_context == 128
     ids = np.random.default_rng(3).integers(0, VOCAB, 24)
     ref = ort.InferenceSession(ir.to_proto(nocache.model).SerializeToString()).run(
         None, {"input_ids": ids[None]})[0][0]
