@@ -1,0 +1,136 @@
+"""Exploration of the tiled W4A16 paths at M = 128 and M = 2048 on a CUDA GPU (run by hand).
+
+    python benchmarks/triton_explore_tiled.py [--shapes 8192x8192,...] [--ms 128,2048]
+
+Times, with the method of ``triton_kernels.py`` (CUDA-graph replays, weights rotated beyond L2):
+float16 ``F.linear``; the plane-by-plane tiled kernel (SWAP: the weights are the register operand)
+and the natural-order kernel over a set of tiles; at large M also the dequantize kernel alone,
+cuBLAS alone on its output, the two together, and cuBLAS on W^T. Run once as is and once with
+``DISABLE_MMA_V3=1`` (Triton then emits Ampere-style mma.sync instead of Hopper's wgmma; the
+variable is part of Triton's cache key). Prints one line per candidate and a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_kernels as TK  # noqa: E402
+
+ops = TK.ops
+K = ops.K
+GROUP = 128
+BITS = 4
+
+
+V2 = os.environ.get("DISABLE_MMA_V3") == "1"
+
+
+def cands(m: int) -> list[dict]:
+    """Tiles to time at this M: the plane-by-plane kernel (kind mm) under SWAP in both runs, and
+    the natural-order kernel (kind nat) in the run with Hopper's wgmma (not DISABLE_MMA_V3)."""
+    mm = ops._mm
+    if m <= 32:
+        out = [mm(16, bn, sk, nw, ns, swap=True) for bn, sk, nw, ns in (
+            (64, 4, 4, 3), (128, 4, 4, 3), (128, 2, 4, 3), (64, 8, 4, 3), (256, 4, 8, 3),
+            (128, 8, 4, 3), (64, 2, 4, 3))]
+    elif m <= 256:
+        out = [mm(bm, bn, sk, nw, ns, swap=True) for bm, bn, sk, nw, ns in (
+            (128, 128, 4, 8, 3), (128, 128, 2, 8, 3), (128, 128, 8, 8, 3), (128, 64, 4, 4, 3),
+            (128, 64, 8, 4, 3), (64, 128, 4, 4, 3), (128, 256, 4, 8, 3), (128, 128, 4, 4, 3),
+            (64, 64, 8, 4, 3), (128, 128, 4, 8, 4), (128, 128, 1, 8, 3), (128, 256, 2, 8, 3),
+            (64, 128, 8, 4, 3), (128, 64, 4, 8, 3))]
+        if not V2:
+            out += [ops._nat(128, 128, sk, 8, 2, h2=True, maxnreg=128) for sk in (4, 8)]
+            out += [ops._nat(128, 128, 4, 8, ns, h2=True) for ns in (3, 4)]
+    else:
+        out = [mm(bm, bn, 1, nw, ns, swap=True) for bm, bn, nw, ns in (
+            (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 3),
+            (64, 128, 4, 3), (128, 128, 8, 4), (256, 128, 8, 2), (128, 256, 8, 2))]
+    return out
+
+
+def tag(c):
+    keys = ("BLOCK_M", "BLOCK_N", "SPLIT_K", "num_warps", "num_stages", "SWAP", "H2", "maxnreg")
+    return (("v2 " if V2 else "v3 ") + c["kind"] + " "
+            + " ".join(f"{k}={c[k]}" for k in keys if k in c))
+
+
+def explore(n, k, ms, out):
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+    codes, s, _ = TK.quantize_gpu(w, BITS, GROUP, symmetric=True)
+    qw = TK.pack_gpu(codes, BITS)
+    r4 = TK.copies_for(qw.numel() * 4 + s.numel() * 2)
+    qws = [qw] + [qw.clone() for _ in range(r4 - 1)]
+    ss = [s] + [s.clone() for _ in range(r4 - 1)]
+    r16 = TK.copies_for(n * k * 2)
+    ws = [w] + [w.clone() for _ in range(r16 - 1)]
+    wref = TK.dequant_ref(codes, s, None, BITS, GROUP)
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ref = F.linear(x, wref)
+        fp16 = TK.graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in ws])
+        rows = {"N": n, "K": k, "M": m, "fp16_us": fp16, "cands": []}
+        TK.log(f"{n}x{k} M={m}: fp16 {fp16:.1f} us")
+
+        def rec(name, t, err=None):
+            rows["cands"].append({"name": name, "us": t, "x_fp16": fp16 / t, "err": err})
+            e = "" if err is None else f" err {err:.1e}"
+            TK.log(f"  {name:60s} {t:8.1f} us  {fp16 / t:5.2f}x{e}")
+
+        for c in cands(m):
+            try:
+                yo = ops._launch_wq(c, x, qw, s, None, None, BITS, GROUP)
+                err = ((yo.float() - ref.float()).norm() / ref.float().norm()).item()
+                t = TK.graph_time_us([lambda q_=q_, s_=s_: ops._launch_wq(
+                    c, x, q_, s_, None, None, BITS, GROUP) for q_, s_ in zip(qws, ss)])
+                rec(tag(c), t, err)
+            except Exception as e:  # noqa: BLE001
+                TK.log(f"  {tag(c)}: {type(e).__name__}: {str(e)[:160]}")
+        if m >= 1024 and not V2:
+            wbuf = torch.empty(n, k, device="cuda", dtype=torch.float16)
+            t = TK.graph_time_us([lambda q_=q_, s_=s_: ops.dequantize(
+                q_, s_, None, BITS, GROUP, k, out=wbuf) for q_, s_ in zip(qws, ss)])
+            rec(f"dequant only ({n * k * 2.5 / t / 1e6:.2f} TB/s)", t)
+            rec("cuBLAS only on one W buffer", TK.graph_time_us([lambda: F.linear(x, wbuf)]))
+            t = TK.graph_time_us([lambda q_=q_, s_=s_: F.linear(x, ops.dequantize(
+                q_, s_, None, BITS, GROUP, k, out=wbuf)) for q_, s_ in zip(qws, ss)])
+            rec("dequant+cublas", t)
+            wts = [w_.t().contiguous() for w_ in ws]
+            rec("fp16 rotated, W^T [K, N] contiguous: mm(x, W^T)",
+                TK.graph_time_us([lambda w_=w_: torch.mm(x, w_) for w_ in wts]))
+            del wts
+        best = min(rows["cands"], key=lambda r: r["us"])
+        TK.log(f"  BEST {best['name']}: {best['us']:.1f} us = {best['x_fp16']:.2f}x fp16")
+        out.append(rows)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="8192x8192,4096x4096,14336x4096,4096x14336")
+    ap.add_argument("--ms", default="128,2048")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    t0 = time.time()
+    TK.log(torch.cuda.get_device_name(0), torch.__version__, TK.triton.__version__
+           if hasattr(TK, "triton") else "")
+    out = []
+    for sh in a.shapes.split(","):
+        n, k = map(int, sh.split("x"))
+        explore(n, k, [int(v) for v in a.ms.split(",")], out)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    TK.log(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
