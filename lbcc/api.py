@@ -86,7 +86,9 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
     context.analyses.providers[ACTIVATION_STATS] = compute_activation_stats
     if calibrate is None:
         calibrate = recipe.needs_calibration or context.calibration is not None
-    passes: list[Pass] = [CaptureNormalize(), FuseORT()]
+    # Q / K / V stay separate layers while precision is chosen (the cache-free graph's layers);
+    # the target packs them once their plans are known
+    passes: list[Pass] = [CaptureNormalize(), FuseORT(pack_qkv=False)]
     if calibrate:
         passes += [Calibrate(), DetectOutliers(recipe.activations.min_sqnr_db)]
     if (recipe.activations.criterion == "measured" or recipe.activations.method == "output"

@@ -60,14 +60,21 @@ def _why_not(fuse: Callable[..., int], model: ir.Model, kwargs: dict) -> str:
 
 
 class FuseORT(Pass):
-    """onnxscript ORT fusions; ``only`` restricts them by name (e.g. ``["rms_normalization"]``)."""
+    """onnxscript ORT fusions; ``only`` restricts them by name (e.g. ``["rms_normalization"]``).
+
+    ``pack_qkv=False`` leaves a GroupQueryAttention's Q, K and V projections separate: a compile
+    that quantizes plans each projection as its own layer (as in the cache-free graph, where they
+    are separate) and the ``ort-int8`` target packs them afterwards where the plans agree
+    (:class:`lbcc.targets.ort_int8.packing.PackQKV`)."""
 
     name = "fuse-ort"
 
-    def __init__(self, only: list[str] | None = None, explain: bool = True):
+    def __init__(self, only: list[str] | None = None, explain: bool = True,
+                 pack_qkv: bool = True):
         super().__init__()
         self.only = only
         self.explain = explain
+        self.pack_qkv = pack_qkv
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from lbcc.kvcache import kv_layout
@@ -75,7 +82,8 @@ class FuseORT(Pass):
         counts: dict[str, int] = {}
         why_not: dict[str, str] = {}
         for name, fuse, kwargs in _fusions(kv_cache=kv_layout(model) is not None):
-            if self.only is not None and name not in self.only:
+            if (self.only is not None and name not in self.only) or (
+                    name == "pack_qkv" and not self.pack_qkv):
                 continue
             counts[name] = int(fuse(model, **kwargs) or 0)
             if counts[name] == 0 and self.explain:

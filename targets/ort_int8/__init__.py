@@ -43,11 +43,11 @@ class OrtInt8Target:
         from lbcc.passes.causal_attention import FuseAttention
         from lbcc.passes.cleanup import Cleanup
         from lbcc.targets.ort_int8.lowering import LowerORT
-        from lbcc.targets.ort_int8.packing import PackNBits
+        from lbcc.targets.ort_int8.packing import PackNBits, PackQKV
         from lbcc.targets.ort_int8.verify import Verify
 
-        return [FuseAttention(), LowerORT(uint8_weights=recipe.weights.saturation_safe), PackNBits(), Cleanup(),
-                Verify()]
+        return [FuseAttention(), LowerORT(uint8_weights=recipe.weights.saturation_safe),
+                PackQKV(), PackNBits(), Cleanup(), Verify()]
 
     def emit(self, model: ir.Model, path: Path, external_data: bool | None = None,
              **_: Any) -> list[Path]:

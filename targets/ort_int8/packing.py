@@ -1,4 +1,24 @@
-"""``pack-nbits``: sibling ``MatMulNBits`` that read one input become one, then a ``Slice`` each.
+"""Packing of sibling projections after lowering: ``pack-qkv`` and ``pack-nbits``.
+
+``pack-qkv`` (KV-cache graphs): the Q, K and V projections of a ``GroupQueryAttention`` become one
+projection, GQA's packed-QKV input (the form onnxruntime-genai's builder emits: one projection a layer at decode
+instead of three), *after* each of them was planned and lowered as its own layer, as in the
+cache-free graph. They are packed only when they were lowered alike:
+
+* three ``MatMulNBits`` on one input with one signature (bits, block, accuracy level): their
+  rows stacked (see below);
+* three static int8 ``MatMul(DequantizeLinear(q(x)), DequantizeLinear(W_i, s_i, z_i, axis=1))``
+  on one quantized input: ``W = [W_q | W_k | W_v]`` with the per-column scales and zero points
+  side by side;
+* three float ``MatMul(x, W_i)`` (layers left float): ``MatMul(x, [W_q | W_k | W_v])``.
+
+Every output column is then computed from the same numbers as before. Projections lowered
+differently (say V at int8 per block of the input at run time because its static SQNR fell short,
+Q and K static) stay three inputs of the attention: packing them first and planning the packed
+projection as one layer would hand V the plan that suits Q and K. The cache-free scoring graph is
+left to ``pack-nbits``, whose Slices keep a per-layer output for ``lbcc.debug.compare``.
+
+``pack-nbits``: sibling ``MatMulNBits`` that read one input become one, then a ``Slice`` each.
 
     y_i = MatMulNBits(x, B_i, s_i, z_i)  (i = 1..m, same K / bits / block / accuracy level)
     ->  y_i = Slice(MatMulNBits(x, [B_1; ...; B_m], [s_1; ...], [z_1; ...]), columns of y_i)
@@ -10,7 +30,7 @@ is bit-identical. What it saves is per-call work: at decode (one token, M = 1) a
 MatMulNBits costs about as much in dispatch, activation quantization (``accuracy_level`` 4) and
 thread synchronization as in arithmetic; a SwiGLU MLP's gate and up projections (or unpacked
 Q / K / V) become one call. Runs after ``lower-ort``; per-layer choices are untouched (the
-siblings' layers keep their names in the report, with ``lowered_to`` naming the packed node).
+siblings' layers keep their names in the report, with ``packed_into`` naming the packed node).
 """
 
 from __future__ import annotations
@@ -20,7 +40,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lbcc.irutils import add_initializer, copy_identity
+from lbcc.irutils import LAYER_KEY, NAME_SCOPES_KEY, add_initializer, copy_identity, layer_name
 from lbcc.pipeline import Pass
 
 MS = "com.microsoft"
@@ -125,3 +145,154 @@ class PackNBits(Pass):
             out.replace_all_uses_with(new)
             graph.remove(old, safe=True)
             new.name = name
+
+
+# ---------------------------------------------------------------------------------------------
+# pack-qkv
+
+
+def _same(a: ir.Value | None, b: ir.Value | None) -> bool:
+    """One value, or two constants with equal contents (or both absent)."""
+    if a is b:
+        return True
+    if a is None or b is None or a.const_value is None or b.const_value is None:
+        return False
+    x, y = a.const_value.numpy(), b.const_value.numpy()
+    return x.dtype == y.dtype and x.shape == y.shape and bool(np.array_equal(x, y))
+
+
+def _qdq_weight(mm: ir.Node) -> ir.Node | None:
+    """The weight's ``DequantizeLinear(W, s, z, axis=1)`` of a static int8 MatMul whose input is a
+    ``DequantizeLinear`` (constant weight, per-column scales and zero points), else None. The
+    packed projection gets copies: the originals go when nothing reads them any more."""
+    if mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
+        return None
+    act, dq = (v.producer() if v is not None else None for v in mm.inputs[:2])
+    if act is None or act.op_type != "DequantizeLinear" or dq is None \
+            or dq.op_type != "DequantizeLinear" or "block_size" in dq.attributes:
+        return None
+    if any(v is None or v.const_value is None for v in dq.inputs):
+        return None
+    w, scale = dq.inputs[0].const_value, dq.inputs[1].const_value
+    if len(w.shape) != 2 or dq.attributes.get_int("axis", 1) != 1 or len(scale.shape) != 1:
+        return None
+    return dq
+
+
+def _qkv_form(mms: list[ir.Node]) -> tuple[str, str]:
+    """("nbits" | "qdq", "") when the three projections can be packed, else ("", why not)."""
+    if all(_packable(m) for m in mms):
+        if len({id(m.inputs[0]) for m in mms}) != 1:
+            return "", "the projections do not read one input"
+        if len({_signature(m) for m in mms}) != 1:
+            return "", "the MatMulNBits differ in bits, block size or accuracy level"
+        return "nbits", ""
+    dqs = [_qdq_weight(m) for m in mms]
+    if all(dq is not None for dq in dqs):
+        acts = [m.inputs[0].producer() for m in mms]
+        if not all(acts[0].inputs[0] is a.inputs[0] and all(
+                _same(x, y) for x, y in zip(acts[0].inputs[1:], a.inputs[1:])) for a in acts):
+            return "", "the projections quantize their input differently"
+        dtypes = {tuple(v.const_value.dtype for v in dq.inputs) for dq in dqs}
+        if len(dtypes) != 1 or len({len(dq.inputs) for dq in dqs}) != 1:
+            return "", "the int8 weights differ in storage type"
+        return "qdq", ""
+    kinds = sorted({m.op_type if m.op_type != "MatMul" else (
+        "static int8" if _qdq_weight(m) is not None else "MatMul") for m in mms})
+    return "", "the projections were lowered differently (" + " / ".join(kinds) + ")"
+
+
+def _concat_columns(graph: ir.Graph, name: str, values: list[ir.Value], axis: int) -> ir.Value:
+    return add_initializer(graph, name, np.concatenate([v.const_value.numpy() for v in values],
+                                                       axis=axis))
+
+
+class PackQKV(Pass):
+    """Q, K, V projections of each GroupQueryAttention -> GQA's packed QKV, where lowered alike."""
+
+    name = "pack-qkv"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from lbcc.kvcache import kv_layout
+        from lbcc.passes.kv_fusions import pack_qkv
+
+        if kv_layout(model) is None:
+            self.note("packed", "not a KV-cache graph")
+            return ir.passes.PassResult(model, modified=False)
+        graph = model.graph
+        layers = self.context.notes.setdefault("layers", {})
+        packed = {"float": pack_qkv(model), "nbits": 0, "qdq": 0}
+        separate: dict[str, str] = {}
+        for gqa in list(graph):
+            if gqa.op_type != "GroupQueryAttention" or gqa.domain != MS \
+                    or len(gqa.inputs) < 3 or any(v is None for v in gqa.inputs[:3]):
+                continue
+            outs = list(gqa.inputs[:3])
+            mms = [v.producer() for v in outs]
+            if any(m is None for m in mms) or len({id(m) for m in mms}) != 3 or any(
+                    len(v.uses()) != 1 or v.is_graph_output() for v in outs):
+                separate[gqa.name] = "a projection output has another consumer"
+                continue
+            form, why = _qkv_form(mms)
+            if not form:
+                separate[gqa.name] = why
+                continue
+            node = self._pack_nbits(graph, mms) if form == "nbits" else self._pack_qdq(graph, mms)
+            gqa.replace_input_with(0, node.outputs[0])
+            gqa.replace_input_with(1, None)
+            gqa.replace_input_with(2, None)
+            graph.remove(mms, safe=True)
+            for m in mms:
+                for key in (m.name, m.name.removesuffix("_nbits")):
+                    if key in layers:
+                        layers[key]["packed_into"] = node.name
+            packed[form] += 1
+        self.note("packed", packed)
+        if separate:
+            self.note("kept_separate", len(separate))
+            self.note("why_separate", dict(list(separate.items())[:4]))
+        return ir.passes.PassResult(model, modified=any(packed.values()))
+
+    @staticmethod
+    def _qkv_node(graph: ir.Graph, mms: list[ir.Node], node: ir.Node, n: int) -> ir.Node:
+        """Name ``node`` as the layer ``<attention>.qkv_proj`` with ``n`` output columns and
+        insert it before the Q projection."""
+        q_layer = layer_name(mms[0])
+        layer = (q_layer.rsplit(".", 1)[0] + "." if "." in q_layer else "") + "qkv_proj"
+        node.name = f"{layer}.{node.op_type}"
+        node.metadata_props[LAYER_KEY] = layer
+        if NAME_SCOPES_KEY in mms[0].metadata_props:
+            node.metadata_props[NAME_SCOPES_KEY] = mms[0].metadata_props[NAME_SCOPES_KEY]
+        q_out = mms[0].outputs[0]
+        node.outputs[0].name = f"{layer}.output"
+        node.outputs[0].type = q_out.type
+        if q_out.shape is not None and len(q_out.shape) >= 1:
+            node.outputs[0].shape = ir.Shape([*list(q_out.shape)[:-1], n])
+        graph.insert_before(mms[0], node)
+        return node
+
+    def _pack_nbits(self, graph: ir.Graph, mms: list[ir.Node]) -> ir.Node:
+        ns = [m.attributes.get_int("N", 0) for m in mms]
+        first = mms[0]
+        inputs = [first.inputs[0]] + [
+            add_initializer(graph, f"{first.name}_qkv_{suffix}",
+                            _stack([m.inputs[i] for m in mms], ns))
+            for i, suffix in ((1, "B"), (2, "scales"), (3, "zero_points"))
+            if i < len(first.inputs)]
+        attrs = {k: first.attributes.get_int(k, 0) for k in _KEYS}
+        node = ir.node("MatMulNBits", inputs, domain=MS, attributes={**attrs, "N": int(sum(ns))})
+        return self._qkv_node(graph, mms, node, int(sum(ns)))
+
+    def _pack_qdq(self, graph: ir.Graph, mms: list[ir.Node]) -> ir.Node:
+        dqs = [m.inputs[1].producer() for m in mms]
+        base = f"{mms[0].name}_qkv"
+        parts = [_concat_columns(graph, f"{base}_weight", [d.inputs[0] for d in dqs], axis=1)]
+        parts += [_concat_columns(graph, f"{base}_{suffix}", [d.inputs[i] for d in dqs], axis=0)
+                  for i, suffix in ((1, "scale"), (2, "zero_point")) if i < len(dqs[0].inputs)]
+        weight = ir.node("DequantizeLinear", parts, attributes={"axis": 1},
+                         name=f"{base}_weight_dq")
+        weight.outputs[0].type = dqs[0].outputs[0].type
+        graph.insert_before(mms[0], weight)
+        n = int(parts[0].shape[1])
+        node = ir.node("MatMul", [mms[0].inputs[0], weight.outputs[0]])
+        return self._qkv_node(graph, mms, node, n)
