@@ -76,8 +76,8 @@ def make_feed(calibration: Any, tokenizer: Any = None, recipe: Recipe | None = N
 def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None = None,
                    calibrate: bool | None = None) -> Pipeline:
     """The passes a recipe runs for a target, in order."""
-    from lbcc.passes import (AWQ, Calibrate, CaptureNormalize, DetectOutliers, FuseORT,
-                             InsertQDQ, MixedPrecision, RoundWeightsGPTQ, RoundWeightsRTN,
+    from lbcc.passes import (AWQ, Calibrate, CaptureNormalize, DetectOutliers, FuseKVAttention,
+                             FuseORT, InsertQDQ, MixedPrecision, RoundWeightsGPTQ, RoundWeightsRTN,
                              SelectPrecision, SmoothQuant)
     from lbcc.passes.calibrate import ACTIVATION_STATS, compute_activation_stats
 
@@ -86,9 +86,10 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
     context.analyses.providers[ACTIVATION_STATS] = compute_activation_stats
     if calibrate is None:
         calibrate = recipe.needs_calibration or context.calibration is not None
-    # Q / K / V stay separate layers while precision is chosen (the cache-free graph's layers);
-    # the target packs them once their plans are known
-    passes: list[Pass] = [CaptureNormalize(), FuseORT(pack_qkv=False)]
+    # a KV-cache graph keeps its attention as exported and Q / K / V as separate layers while
+    # precision is chosen (what the cache-free graph computes); attention is fused after
+    # rounding, and the target packs Q / K / V where their plans agree
+    passes: list[Pass] = [CaptureNormalize(), FuseORT(pack_qkv=False, kv_attention=False)]
     if calibrate:
         passes += [Calibrate(), DetectOutliers(recipe.activations.min_sqnr_db)]
     if (recipe.activations.criterion == "measured" or recipe.activations.method == "output"
@@ -119,6 +120,7 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
     if recipe.activations.mode in ("static", "dynamic") or any(
             o.activations in ("static", "dynamic") for o in recipe.layers):
         passes.append(InsertQDQ())
+    passes.append(FuseKVAttention())
     passes += target.passes(recipe)
     return Pipeline(passes, context)
 

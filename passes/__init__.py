@@ -5,7 +5,7 @@ from __future__ import annotations
 from lbcc.passes.awq import AWQ
 from lbcc.passes.calibrate import Calibrate
 from lbcc.passes.cleanup import Cleanup
-from lbcc.passes.fusion import FuseORT
+from lbcc.passes.fusion import FuseKVAttention, FuseORT
 from lbcc.passes.mixed_precision import MixedPrecision
 from lbcc.passes.normalize import CaptureNormalize
 from lbcc.passes.outliers import DetectOutliers
@@ -16,8 +16,9 @@ from lbcc.passes.smoothing import SmoothQuant
 
 PASSES = {cls.name: cls for cls in (CaptureNormalize, Calibrate, DetectOutliers, SelectPrecision,
                                     RoundWeightsRTN, RoundWeightsGPTQ, SmoothQuant, AWQ,
-                                    MixedPrecision, InsertQDQ, FuseORT, Cleanup)}
+                                    MixedPrecision, InsertQDQ, FuseORT, FuseKVAttention,
+                                    Cleanup)}
 
 __all__ = ["PASSES", "AWQ", "Calibrate", "CaptureNormalize", "DetectOutliers", "Cleanup",
-           "FuseORT", "InsertQDQ", "MixedPrecision",
+           "FuseKVAttention", "FuseORT", "InsertQDQ", "MixedPrecision",
            "RoundWeightsGPTQ", "RoundWeightsRTN", "SelectPrecision", "SmoothQuant"]

@@ -22,6 +22,9 @@ from lbcc.irutils import LAYER_KEY, layer_name, op_histogram
 from lbcc.pipeline import Pass
 
 
+#: the KV-cache graph's attention fusions (the rotary first: the GQA fusion takes RotaryEmbedding)
+KV_ATTENTION_FUSIONS = ("rotary_from_position_ids", "sdpa", "gqa", "sdpa_via_mha")
+
 FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
              "MultiHeadAttention", "GroupQueryAttention", "Attention"}
 
@@ -65,16 +68,18 @@ class FuseORT(Pass):
     ``pack_qkv=False`` leaves a GroupQueryAttention's Q, K and V projections separate: a compile
     that quantizes plans each projection as its own layer (as in the cache-free graph, where they
     are separate) and the ``ort-int8`` target packs them afterwards where the plans agree
-    (:class:`lbcc.targets.ort_int8.packing.PackQKV`)."""
+    (:class:`lbcc.targets.ort_int8.packing.PackQKV`). ``kv_attention=False`` leaves a KV-cache
+    graph's attention as exported (:class:`FuseKVAttention` fuses it later)."""
 
     name = "fuse-ort"
 
     def __init__(self, only: list[str] | None = None, explain: bool = True,
-                 pack_qkv: bool = True):
+                 pack_qkv: bool = True, kv_attention: bool = True):
         super().__init__()
         self.only = only
         self.explain = explain
         self.pack_qkv = pack_qkv
+        self.kv_attention = kv_attention
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from lbcc.kvcache import kv_layout
@@ -83,7 +88,8 @@ class FuseORT(Pass):
         why_not: dict[str, str] = {}
         for name, fuse, kwargs in _fusions(kv_cache=kv_layout(model) is not None):
             if (self.only is not None and name not in self.only) or (
-                    name == "pack_qkv" and not self.pack_qkv):
+                    name == "pack_qkv" and not self.pack_qkv) or (
+                    name in KV_ATTENTION_FUSIONS and not self.kv_attention):
                 continue
             counts[name] = int(fuse(model, **kwargs) or 0)
             if counts[name] == 0 and self.explain:
@@ -114,3 +120,33 @@ class FuseORT(Pass):
                 if users:
                     node.metadata_props[LAYER_KEY] = layer_name(users[0])
                     break
+
+
+class FuseKVAttention(FuseORT):
+    """``fuse-kv-attention``: a KV-cache graph's attention -> ``GroupQueryAttention`` (rotary from
+    the position ids inside), run by a quantizing compile after the weights are rounded.
+
+    Until then the attention stays as exported, the same operations the cache-free graph runs
+    (whose attention the ``ort-int8`` target fuses at the end too), so calibration, outlier
+    detection, SmoothQuant / AWQ and every error measurement see the activations the cache-free
+    compile sees, and both compiles make the same choices: fused before calibration, ONNX
+    Runtime's attention kernel changed the calibrated ranges in their last bits, enough to flip
+    near-tied clip and range searches (measured: 0.1-0.2 % perplexity apart on SmolLM2). The
+    fusions touch no weight: their patterns start at the projections' outputs."""
+
+    name = "fuse-kv-attention"
+
+    def __init__(self, explain: bool = True):
+        super().__init__(only=["rotary_embedding", *KV_ATTENTION_FUSIONS], explain=explain,
+                         pack_qkv=False)
+
+    def options(self) -> dict:
+        return {"fusions": self.only, "explain": self.explain}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from lbcc.kvcache import kv_layout
+
+        if kv_layout(model) is None:
+            self.note("matched", "not a KV-cache graph")
+            return ir.passes.PassResult(model, modified=False)
+        return super().call(model)

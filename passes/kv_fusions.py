@@ -19,11 +19,11 @@ the mask as an additive bias where GQA does not apply).
 
 ``pack_qkv``: ``GroupQueryAttention(MatMul(x, Wq), MatMul(x, Wk), MatMul(x, Wv), ...)`` ->
 ``GroupQueryAttention(MatMul(x, [Wq | Wk | Wv]), -, -, ...)``, GQA's packed-QKV form (the one
-onnxruntime-genai's builder emits): one projection a layer instead of three. Each output column
-of the concatenated weight is the column it was, and lbcc's weight quantizers scale per output
-column (or per group within one), so the columns round as before (the tests compare the cache graph
-with the cache-free one); the fused MatMul is the layer ``<attention>.qkv_proj`` in reports and
-recipes (a rule on ``*.k_proj`` no longer matches it).
+onnxruntime-genai's builder emits): one projection a layer instead of three; the fused MatMul is
+the layer ``<attention>.qkv_proj``. This form packs float weights (``fuse-ort`` on a float graph);
+a quantizing compile keeps Q, K and V separate while it plans and rounds them (recipe rules on
+``*.k_proj`` match as in the cache-free graph) and packs them after lowering where they were
+lowered alike (``pack-qkv`` of the ``ort-int8`` target).
 
 ``drop_unused_norm_stats``: the fused RMS norms no longer compute the mean / inverse standard
 deviation outputs nobody reads.

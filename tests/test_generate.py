@@ -333,8 +333,10 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
     """Step-by-step decode logits of the compiled cache graph equal, position by position, the
     compiled cache-free graph's logits on the whole sequence (same weights, same ranges).
 
-    Q, K and V are planned as separate layers in both graphs and packed into GQA's QKV input
-    afterwards where they were lowered alike (static int8, MatMulNBits); with V at int8 per
+    Both compiles calibrate the attention as exported (the cache graph's is fused after the
+    weights are rounded), so their ranges and integer weights are identical. Q, K and V are
+    planned as separate layers in both graphs and packed into GQA's QKV input afterwards where
+    they were lowered alike (static int8, MatMulNBits); with V at int8 per
     block at run time and Q, K static (the third case, as the sample's w8a8 plans 6 of its
     v_proj layers) they stay three inputs, and the graphs still agree."""
     import onnx
@@ -365,6 +367,15 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
         assert all(n.inputs[1] is None and n.inputs[2] is None for n in gqas)
         assert notes["packed"]["qdq" if preset == "w8a8" else "nbits"] == 2
         assert layer_of(gqas[0].inputs[0].producer()) == "model.layers.0.self_attn.qkv_proj"
+    # attention is fused after rounding, so both compiles calibrated the same operations: the
+    # same static ranges and the same integer weights, bit for bit, layer by layer
+    assert cached.run.context.notes["fuse-kv-attention"]["matched"]["gqa"] == 2
+    plans = {r["layer"]: (r["plan"].get("range"), r.get("weight", {}).get("rel_error"))
+             for r in nocache.report.layers if "plan" in r}
+    for r in cached.report.layers:
+        if "plan" in r and r["layer"] in plans:
+            assert (r["plan"].get("range"), r.get("weight", {}).get("rel_error")) == \
+                plans[r["layer"]], r["layer"]
     cached.save(tmp_path / "kv.onnx")
     # the capture's record of the context length survives compiling and saving
     assert _rotary_cache_length(cached.model) == 128
