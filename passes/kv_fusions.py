@@ -123,9 +123,33 @@ def _packable(gqa: ir.Node) -> str:
     return ""
 
 
+def qkv_layer_name(q_proj: ir.Node) -> str:
+    """``<attention>.qkv_proj`` for the Q projection ``<attention>.q_proj``."""
+    from lbcc.irutils import layer_name
+
+    q_layer = layer_name(q_proj)
+    return (q_layer.rsplit(".", 1)[0] + "." if "." in q_layer else "") + "qkv_proj"
+
+
+def name_qkv_projection(node: ir.Node, q_proj: ir.Node, n: int) -> None:
+    """Make ``node`` (one output, ``n`` columns) the layer ``<attention>.qkv_proj`` of the Q
+    projection ``q_proj``: its name, layer and exporter scopes, and an output typed like Q's."""
+    from lbcc.irutils import LAYER_KEY, NAME_SCOPES_KEY
+
+    layer = qkv_layer_name(q_proj)
+    node.name = f"{layer}.{node.op_type}"
+    node.metadata_props[LAYER_KEY] = layer
+    if NAME_SCOPES_KEY in q_proj.metadata_props:
+        node.metadata_props[NAME_SCOPES_KEY] = q_proj.metadata_props[NAME_SCOPES_KEY]
+    q_out, out = q_proj.outputs[0], node.outputs[0]
+    out.name, out.type = f"{layer}.output", q_out.type
+    if q_out.shape is not None and len(q_out.shape) >= 1:
+        out.shape = ir.Shape([*list(q_out.shape)[:-1], n])
+
+
 def pack_qkv(model: ir.Model, debug: bool = False) -> int:
     """Q, K, V projections of each GroupQueryAttention -> one MatMul (packed QKV); the count."""
-    from lbcc.irutils import LAYER_KEY, NAME_SCOPES_KEY, add_initializer, layer_name
+    from lbcc.irutils import add_initializer
 
     graph, count, why = model.graph, 0, []
     for gqa in list(graph):
@@ -136,22 +160,12 @@ def pack_qkv(model: ir.Model, debug: bool = False) -> int:
             why.append(f"{gqa.name}: {reason}")
             continue
         mms = [v.producer() for v in gqa.inputs[:3]]
-        q_layer = layer_name(mms[0])
-        layer = (q_layer.rsplit(".", 1)[0] + "." if "." in q_layer else "") + "qkv_proj"
         w = np.concatenate([m.inputs[1].const_value.numpy() for m in mms], axis=1)
-        weight = add_initializer(graph, f"{layer}.weight", w)
-        q_out = mms[0].outputs[0]
-        shape = None
-        if q_out.shape is not None and len(q_out.shape) >= 1:
-            shape = ir.Shape([*list(q_out.shape)[:-1], w.shape[1]])
-        out = ir.Value(name=f"{layer}.output", shape=shape, type=q_out.type)
-        node = ir.Node("", "MatMul", [mms[0].inputs[0], weight], outputs=[out],
-                       name=f"{layer}.MatMul")
-        node.metadata_props[LAYER_KEY] = layer
-        if NAME_SCOPES_KEY in mms[0].metadata_props:
-            node.metadata_props[NAME_SCOPES_KEY] = mms[0].metadata_props[NAME_SCOPES_KEY]
+        weight = add_initializer(graph, f"{qkv_layer_name(mms[0])}.weight", w)
+        node = ir.node("MatMul", [mms[0].inputs[0], weight])
+        name_qkv_projection(node, mms[0], w.shape[1])
         graph.insert_before(mms[0], node)
-        gqa.replace_input_with(0, out)
+        gqa.replace_input_with(0, node.outputs[0])
         gqa.replace_input_with(1, None)
         gqa.replace_input_with(2, None)
         graph.remove(mms, safe=True)

@@ -1,9 +1,9 @@
 """Packing of sibling projections after lowering: ``pack-qkv`` and ``pack-nbits``.
 
-``pack-qkv`` (KV-cache graphs): the Q, K and V projections of a ``GroupQueryAttention`` become one
-projection, GQA's packed-QKV input (the form onnxruntime-genai's builder emits: one projection a layer at decode
-instead of three), *after* each of them was planned and lowered as its own layer, as in the
-cache-free graph. They are packed only when they were lowered alike:
+``pack-qkv`` (KV-cache graphs): the Q, K and V projections of a ``GroupQueryAttention`` become
+one projection, GQA's packed-QKV input (the form onnxruntime-genai's builder emits: one
+projection a layer at decode instead of three), *after* each of them was planned and lowered as
+its own layer, as in the cache-free graph. They are packed only when they were lowered alike:
 
 * three ``MatMulNBits`` on one input with one signature (bits, block, accuracy level): their
   rows stacked (see below);
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lbcc.irutils import LAYER_KEY, NAME_SCOPES_KEY, add_initializer, copy_identity, layer_name
+from lbcc.irutils import add_initializer, copy_identity
 from lbcc.pipeline import Pass
 
 MS = "com.microsoft"
@@ -255,19 +255,10 @@ class PackQKV(Pass):
 
     @staticmethod
     def _qkv_node(graph: ir.Graph, mms: list[ir.Node], node: ir.Node, n: int) -> ir.Node:
-        """Name ``node`` as the layer ``<attention>.qkv_proj`` with ``n`` output columns and
-        insert it before the Q projection."""
-        q_layer = layer_name(mms[0])
-        layer = (q_layer.rsplit(".", 1)[0] + "." if "." in q_layer else "") + "qkv_proj"
-        node.name = f"{layer}.{node.op_type}"
-        node.metadata_props[LAYER_KEY] = layer
-        if NAME_SCOPES_KEY in mms[0].metadata_props:
-            node.metadata_props[NAME_SCOPES_KEY] = mms[0].metadata_props[NAME_SCOPES_KEY]
-        q_out = mms[0].outputs[0]
-        node.outputs[0].name = f"{layer}.output"
-        node.outputs[0].type = q_out.type
-        if q_out.shape is not None and len(q_out.shape) >= 1:
-            node.outputs[0].shape = ir.Shape([*list(q_out.shape)[:-1], n])
+        """``node`` as the layer ``<attention>.qkv_proj``, inserted before the Q projection."""
+        from lbcc.passes.kv_fusions import name_qkv_projection
+
+        name_qkv_projection(node, mms[0], n)
         graph.insert_before(mms[0], node)
         return node
 
