@@ -146,12 +146,6 @@ def tiny_nocache(tiny):
     return ir.to_proto(capture(tiny[0])).SerializeToString()
 
 
-def layer_of(node) -> str:
-    from lbcc.irutils import layer_name
-
-    return layer_name(node)
-
-
 def _hf_greedy(hf, prompt: np.ndarray, n: int) -> list[int]:
     import torch
 
@@ -345,6 +339,7 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
 
     import lbcc
     from lbcc.calibration import RandomFeed
+    from lbcc.irutils import layer_name
     from lbcc.recipes import LayerOverride, preset as get_preset
 
     _, kv, _ = tiny
@@ -366,7 +361,7 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
     else:
         assert all(n.inputs[1] is None and n.inputs[2] is None for n in gqas)
         assert notes["packed"]["qdq" if preset == "w8a8" else "nbits"] == 2
-        assert layer_of(gqas[0].inputs[0].producer()) == "model.layers.0.self_attn.qkv_proj"
+        assert layer_name(gqas[0].inputs[0].producer()) == "model.layers.0.self_attn.qkv_proj"
     # attention is fused after rounding, so both compiles calibrated the same operations: the
     # same static ranges and the same integer weights, bit for bit, layer by layer
     assert cached.run.context.notes["fuse-kv-attention"]["matched"]["gqa"] == 2

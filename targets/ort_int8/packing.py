@@ -73,6 +73,24 @@ def _stack(values: list[ir.Value], ns: list[int]) -> np.ndarray:
     return np.concatenate(arrays, axis=0)
 
 
+def _stacked_nbits(graph: ir.Graph, nodes: list[ir.Node], base: str) -> ir.Node:
+    """One ``MatMulNBits`` over the rows of ``nodes`` (same input and signature), not yet in the
+    graph: weights, scales and zero points stacked, N the sum, output typed like the first's."""
+    first = nodes[0]
+    ns = [n.attributes.get_int("N", 0) for n in nodes]
+    inputs = [first.inputs[0]] + [
+        add_initializer(graph, f"{base}_{suffix}", _stack([n.inputs[i] for n in nodes], ns))
+        for i, suffix in ((1, "B"), (2, "scales"), (3, "zero_points")) if i < len(first.inputs)]
+    attrs = {k: first.attributes.get_int(k, 0) for k in _KEYS}
+    mm = ir.node("MatMulNBits", inputs, domain=MS, name=base,
+                 attributes={**attrs, "N": int(sum(ns))})
+    out0 = first.outputs[0]
+    mm.outputs[0].type = out0.type
+    if out0.shape is not None:
+        mm.outputs[0].shape = ir.Shape([*list(out0.shape)[:-1], int(sum(ns))])
+    return mm
+
+
 class PackNBits(Pass):
     """Siblings ``MatMulNBits(x, ...)`` with one signature -> one MatMulNBits + a Slice each."""
 
@@ -111,18 +129,7 @@ class PackNBits(Pass):
         first = nodes[0]
         ns = [n.attributes.get_int("N", 0) for n in nodes]
         base = f"{first.name}_packed"
-        inputs = [first.inputs[0]]
-        for i, suffix in ((1, "B"), (2, "scales"), (3, "zero_points")):
-            if i < len(first.inputs):
-                inputs.append(add_initializer(graph, f"{base}_{suffix}",
-                                              _stack([n.inputs[i] for n in nodes], ns)))
-        attrs = {k: first.attributes.get_int(k, 0) for k in _KEYS}
-        mm = ir.node("MatMulNBits", inputs, domain=MS, name=base,
-                     attributes={**attrs, "N": int(sum(ns))})
-        out0 = first.outputs[0]
-        mm.outputs[0].type = out0.type
-        if out0.shape is not None:
-            mm.outputs[0].shape = ir.Shape([*list(out0.shape)[:-1], int(sum(ns))])
+        mm = _stacked_nbits(graph, nodes, base)
         copy_identity(first, mm)
         # one Slice per sibling, with that sibling's identity: each layer keeps an output of its
         # own (per-layer debugging compares layers by name), where one Split node would carry
@@ -263,16 +270,8 @@ class PackQKV(Pass):
         return node
 
     def _pack_nbits(self, graph: ir.Graph, mms: list[ir.Node]) -> ir.Node:
-        ns = [m.attributes.get_int("N", 0) for m in mms]
-        first = mms[0]
-        inputs = [first.inputs[0]] + [
-            add_initializer(graph, f"{first.name}_qkv_{suffix}",
-                            _stack([m.inputs[i] for m in mms], ns))
-            for i, suffix in ((1, "B"), (2, "scales"), (3, "zero_points"))
-            if i < len(first.inputs)]
-        attrs = {k: first.attributes.get_int(k, 0) for k in _KEYS}
-        node = ir.node("MatMulNBits", inputs, domain=MS, attributes={**attrs, "N": int(sum(ns))})
-        return self._qkv_node(graph, mms, node, int(sum(ns)))
+        node = _stacked_nbits(graph, mms, f"{mms[0].name}_qkv")
+        return self._qkv_node(graph, mms, node, node.attributes.get_int("N", 0))
 
     def _pack_qdq(self, graph: ir.Graph, mms: list[ir.Node]) -> ir.Node:
         dqs = [m.inputs[1].producer() for m in mms]
