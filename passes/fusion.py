@@ -23,7 +23,8 @@ from lbcc.pipeline import Pass
 
 
 #: the KV-cache graph's attention fusions (the rotary first: the GQA fusion takes RotaryEmbedding)
-KV_ATTENTION_FUSIONS = ("rotary_from_position_ids", "sdpa", "gqa", "sdpa_via_mha")
+KV_ATTENTION_FUSIONS = ("rotary_from_position_ids", "sdpa", "gqa", "share_attention_lengths",
+                        "sdpa_via_mha")
 
 FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
              "MultiHeadAttention", "GroupQueryAttention", "Attention"}

@@ -25,8 +25,12 @@ a quantizing compile keeps Q, K and V separate while it plans and rounds them (r
 ``*.k_proj`` match as in the cache-free graph) and packs them after lowering where they were
 lowered alike (``pack-qkv`` of the ``ort-int8`` target).
 
-``drop_unused_norm_stats``: the fused RMS norms no longer compute the mean / inverse standard
-deviation outputs nobody reads.
+``share_attention_lengths``: onnxscript's GQA fusion computes each layer's ``seqlens_k`` and
+``total_sequence_length`` from the mask or positions on its own (four small ops a layer, every
+decode step); layers whose lengths are the same computation read the first layer's.
+
+``drop_unused_norm_stats`` (:mod:`lbcc.passes.cleanup`): the fused RMS norms no longer compute
+the mean / inverse standard deviation outputs nobody reads.
 
 ``last_logits``: an optional ``logits_to_keep`` input (default 0: all positions) slices the
 lm_head's input to the last positions, so a generator's prefill computes one row of logits.
@@ -34,7 +38,7 @@ lm_head's input to the last positions, so a generator's prefill computes one row
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -123,6 +127,72 @@ def _packable(gqa: ir.Node) -> str:
     return ""
 
 
+def _computation_key(value: ir.Value | None, memo: dict[int, Any]) -> Any:
+    """A hashable description of how ``value`` is computed: two values with equal keys hold
+    equal tensors. Graph inputs and large initializers are keyed by identity, small constants
+    by their bytes, node outputs by the node's op, attributes and inputs' keys."""
+    if value is None:
+        return None
+    if id(value) in memo:
+        return memo[id(value)]
+    const, node = value.const_value, value.producer()
+    if const is not None and const.size <= _SMALL_CONSTANT:
+        arr = const.numpy()
+        key: Any = ("const", str(arr.dtype), arr.shape, arr.tobytes())
+    elif node is None:
+        key = ("value", id(value))
+    else:
+        attrs = []
+        for name, attr in sorted(node.attributes.items()):
+            val = attr.value
+            if attr.type == ir.AttributeType.TENSOR:
+                if val.size > _SMALL_CONSTANT:
+                    val = ("tensor", id(val))
+                else:
+                    arr = val.numpy()
+                    val = (str(arr.dtype), arr.shape, arr.tobytes())
+            elif isinstance(val, (list, tuple)):
+                val = tuple(val)
+            elif not isinstance(val, (int, float, str, bytes)):
+                val = ("attribute", id(val))  # graphs, type protos: never equal
+            attrs.append((name, val))
+        key = (node.op_identifier(), tuple(attrs), value.index(),
+               tuple(_computation_key(v, memo) for v in node.inputs))
+    memo[id(value)] = key
+    return key
+
+
+_SMALL_CONSTANT = 64
+#: GroupQueryAttention's seqlens_k and total_sequence_length inputs
+_GQA_LENGTH_INPUTS = (5, 6)
+
+
+def share_attention_lengths(model: ir.Model, debug: bool = False) -> int:
+    """Each GroupQueryAttention whose ``seqlens_k`` / ``total_sequence_length`` are computed as
+    an earlier one's reads that one's values; the layers' own copies are left to dead-node
+    removal. Returns how many attention nodes changed."""
+    memo: dict[int, Any] = {}
+    first: dict[Any, ir.Value] = {}
+    count = 0
+    for node in model.graph:  # graph order is topological: the first copy precedes the rest
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
+            continue
+        changed = False
+        for i in _GQA_LENGTH_INPUTS:
+            value = node.inputs[i] if i < len(node.inputs) else None
+            if value is None:
+                continue
+            shared = first.setdefault(_computation_key(value, memo), value)
+            if shared is not value:
+                node.replace_input_with(i, shared)
+                changed = True
+        count += changed
+    if debug and not count:
+        print("Rule: ShareAttentionLengths failed: no two GroupQueryAttention nodes compute "
+              "their lengths alike")
+    return count
+
+
 def qkv_layer_name(q_proj: ir.Node) -> str:
     """``<attention>.qkv_proj`` for the Q projection ``<attention>.q_proj``."""
     from lbcc.irutils import layer_name
@@ -173,42 +243,6 @@ def pack_qkv(model: ir.Model, debug: bool = False) -> int:
     if debug and not count:
         print("Rule: PackQKV failed: " + ("; ".join(why[:2]) if why
                                           else "not a GroupQueryAttention in the graph"))
-    return count
-
-
-def drop_unused_norm_stats(model: ir.Model, debug: bool = False) -> int:
-    """Omit the unused ``mean`` / ``inv_std_var`` outputs (1, 2) of the fused RMS norms.
-
-    onnxscript's fusions name every output of ``(Skip)SimplifiedLayerNormalization``; ONNX Runtime
-    then allocates and writes the statistics that nothing reads, twice a layer each step (decode
-    steps are small enough for that to show). An omitted optional output is an empty name, as in
-    onnxruntime-genai's graphs. Returns how many nodes changed."""
-    graph, count = model.graph, 0
-    for node in list(graph):
-        if node.op_type not in ("SimplifiedLayerNormalization",
-                                "SkipSimplifiedLayerNormalization") \
-                or node.domain not in ("", "ai.onnx", "com.microsoft"):
-            continue
-        outs = node.outputs
-        drop = {i for i in (1, 2) if i < len(outs) and outs[i].name
-                and not outs[i].uses() and not outs[i].is_graph_output()}
-        if not drop:
-            continue
-        new = ir.Node(node.domain, node.op_type, list(node.inputs),
-                      attributes=list(node.attributes.values()), num_outputs=len(outs),
-                      name=node.name, metadata_props=dict(node.metadata_props))
-        graph.insert_before(node, new)
-        for i, (old_out, new_out) in enumerate(zip(outs, new.outputs)):
-            if i in drop:
-                new_out.name = ""
-                continue
-            new_out.name, new_out.shape, new_out.type = old_out.name, old_out.shape, old_out.type
-            old_out.name = None
-            old_out.replace_all_uses_with(new_out, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        count += 1
-    if debug and not count:
-        print("Rule: DropUnusedNormStats failed: no RMS norm with unused mean / inv_std_var")
     return count
 
 
@@ -269,10 +303,13 @@ def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
     """(name, fuse function, kwargs) of the fusions that need a KV-cache graph, in order."""
     from onnxscript.rewriter.ort_fusions import gqa, sdpa, sdpa_via_mha
 
+    from lbcc.passes.cleanup import drop_unused_norm_stats
+
     return [
         ("rotary_from_position_ids", rotary_from_position_ids, {}),
         ("sdpa", sdpa.fuse_sdpa, {"apply_shape_inference": True}),
         ("gqa", gqa.fuse_gqa, {}),
+        ("share_attention_lengths", share_attention_lengths, {}),
         ("pack_qkv", pack_qkv, {}),
         ("drop_unused_norm_stats", drop_unused_norm_stats, {}),
         ("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha, {}),

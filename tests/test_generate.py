@@ -218,6 +218,8 @@ def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
     notes = run.records[-1].notes
     assert notes["matched"]["gqa"] == 2 and notes["matched"]["rotary_from_position_ids"] == 4
     assert notes["matched"]["pack_qkv"] == 2
+    # the second layer reads the first layer's seqlens_k / total_sequence_length
+    assert notes["matched"]["share_attention_lengths"] == 1
     assert notes["matched"]["last_logits"] == 1  # the prefill of a generator: last row only
     # the norms' unused mean / inv_std_var outputs are omitted (empty names), as genai's are
     assert notes["matched"]["drop_unused_norm_stats"] == 4  # the skip norms
@@ -225,6 +227,8 @@ def test_fused_fp32_graph_has_gqa_and_matches_transformers(tiny, tmp_path):
     assert [o.name for o in skip.outputs][1:3] == ["", ""]
     gqas = [n for n in run.model.graph if n.op_type == "GroupQueryAttention"]
     assert all(n.inputs[1] is None and n.inputs[0].producer().op_type == "MatMul" for n in gqas)
+    assert gqas[1].inputs[5] is gqas[0].inputs[5] and gqas[1].inputs[6] is gqas[0].inputs[6]
+    assert sum(n.op_type == "ReduceMax" for n in run.model.graph) == 2  # once, not per layer
     assert gqas[0].inputs[0].producer().metadata_props["lbcc.layer"] == \
         "model.layers.0.self_attn.qkv_proj"
     assert notes["fused_ops_in_graph"]["com.microsoft::GroupQueryAttention"] == 2
@@ -365,6 +369,11 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
     # attention is fused after rounding, so both compiles calibrated the same operations: the
     # same static ranges and the same integer weights, bit for bit, layer by layer
     assert cached.run.context.notes["fuse-kv-attention"]["matched"]["gqa"] == 2
+    assert cached.run.context.notes["fuse-kv-attention"]["matched"]["share_attention_lengths"] == 1
+    # the skip norms' statistics, named again by the attention fusions, are omitted at the end
+    assert cached.run.context.notes["cleanup"]["norm_stats_omitted"] == 4
+    skip = next(n for n in cached.model.graph if n.op_type == "SkipSimplifiedLayerNormalization")
+    assert [o.name for o in skip.outputs][1:3] == ["", ""]
     plans = {r["layer"]: (r["plan"].get("range"), r.get("weight", {}).get("rel_error"))
              for r in nocache.report.layers if "plan" in r}
     for r in cached.report.layers:
