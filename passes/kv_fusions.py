@@ -107,13 +107,51 @@ def rotary_from_position_ids(model: ir.Model, debug: bool = False) -> int:
     return _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet([rule]))(model, debug=debug)
 
 
+def peel_bias(value: ir.Value) -> tuple[ir.Value, ir.Value | None]:
+    """``(y, b)`` for ``value = Add(y, b)`` (either order) with ``b`` a constant float vector and
+    ``y`` read by that Add only, as a projection with a bias (Qwen2's Q / K / V) is exported;
+    ``(value, None)`` otherwise."""
+    add = value.producer()
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return value, None
+    for y, b in (add.inputs, add.inputs[::-1]):
+        if b is not None and b.const_value is not None and len(b.const_value.shape) == 1 \
+                and b.const_value.dtype.is_floating_point() and y is not None \
+                and len(y.uses()) == 1 and not y.is_graph_output():
+            return y, b
+    return value, None
+
+
+def add_packed_bias(graph: ir.Graph, node: ir.Node, biases: list[ir.Value | None],
+                    widths: list[int]) -> ir.Node | None:
+    """``Add(node's output, [b_q | b_k | b_v])`` inserted after ``node`` (a missing bias is zeros
+    of its projection's width), or None when no projection has a bias. The caller routes the
+    attention's input through the returned node."""
+    from lbcc.irutils import add_initializer, copy_identity
+
+    if all(b is None for b in biases):
+        return None
+    given = next(b for b in biases if b is not None).const_value
+    parts = [b.const_value.numpy() if b is not None else np.zeros(w, given.numpy().dtype)
+             for b, w in zip(biases, widths)]
+    out = node.outputs[0]
+    bias = add_initializer(graph, f"{node.name}.bias", np.concatenate(parts))
+    add = ir.node("Add", [out, bias], name=f"{node.name}.bias_add")
+    add.outputs[0].type, add.outputs[0].shape = out.type, out.shape
+    copy_identity(node, add)
+    graph.insert_after(node, add)
+    return add
+
+
 def _packable(gqa: ir.Node) -> str:
     """Why the Q/K/V inputs of ``gqa`` cannot be packed into one MatMul ("" when they can)."""
     if len(gqa.inputs) < 3 or any(v is None for v in gqa.inputs[:3]):
         return "query/key/value are already packed"
-    mms = [v.producer() for v in gqa.inputs[:3]]
+    if any(len(v.uses()) != 1 or v.is_graph_output() for v in gqa.inputs[:3]):
+        return "a query/key/value projection has another consumer"
+    mms = [peel_bias(v)[0].producer() for v in gqa.inputs[:3]]
     if any(m is None or m.op_type != "MatMul" or m.domain not in ("", "ai.onnx") for m in mms):
-        return "query/key/value are not all MatMul outputs"
+        return "query/key/value are not all MatMul outputs (with or without a bias)"
     if len({id(m.inputs[0]) for m in mms}) != 1:
         return "query/key/value MatMuls do not share their input"
     ws = [m.inputs[1].const_value if m.inputs[1] is not None else None for m in mms]
@@ -121,9 +159,10 @@ def _packable(gqa: ir.Node) -> str:
         return "a query/key/value weight is not a constant 2-D float matrix"
     if len({(w.shape[0], w.dtype) for w in ws}) != 1:
         return "query/key/value weights differ in rows or dtype"
-    if any(len(v.uses()) != 1 for v in gqa.inputs[:3]) or any(v.is_graph_output()
-                                                            for v in gqa.inputs[:3]):
-        return "a query/key/value projection has another consumer"
+    biases = [peel_bias(v)[1] for v in gqa.inputs[:3]]
+    if any(b is not None and (b.const_value.shape[0] != w.shape[1] or b.const_value.dtype
+                              != w.dtype) for b, w in zip(biases, ws)):
+        return "a query/key/value bias does not match its weight"
     return ""
 
 
@@ -218,7 +257,8 @@ def name_qkv_projection(node: ir.Node, q_proj: ir.Node, n: int) -> None:
 
 
 def pack_qkv(model: ir.Model, debug: bool = False) -> int:
-    """Q, K, V projections of each GroupQueryAttention -> one MatMul (packed QKV); the count."""
+    """Q, K, V projections of each GroupQueryAttention -> one MatMul (packed QKV), and one Add of
+    the concatenated biases where the projections have biases; the count."""
     from lbcc.irutils import add_initializer
 
     graph, count, why = model.graph, 0, []
@@ -229,16 +269,19 @@ def pack_qkv(model: ir.Model, debug: bool = False) -> int:
         if reason:
             why.append(f"{gqa.name}: {reason}")
             continue
-        mms = [v.producer() for v in gqa.inputs[:3]]
-        w = np.concatenate([m.inputs[1].const_value.numpy() for m in mms], axis=1)
-        weight = add_initializer(graph, f"{qkv_layer_name(mms[0])}.weight", w)
+        peeled = [peel_bias(v) for v in gqa.inputs[:3]]
+        mms = [y.producer() for y, _ in peeled]
+        ws = [m.inputs[1].const_value.numpy() for m in mms]
+        weight = add_initializer(graph, f"{qkv_layer_name(mms[0])}.weight",
+                                 np.concatenate(ws, axis=1))
         node = ir.node("MatMul", [mms[0].inputs[0], weight])
-        name_qkv_projection(node, mms[0], w.shape[1])
+        name_qkv_projection(node, mms[0], int(weight.shape[1]))
         graph.insert_before(mms[0], node)
-        gqa.replace_input_with(0, node.outputs[0])
+        add = add_packed_bias(graph, node, [b for _, b in peeled], [w.shape[1] for w in ws])
+        gqa.replace_input_with(0, (add or node).outputs[0])
         gqa.replace_input_with(1, None)
         gqa.replace_input_with(2, None)
-        graph.remove(mms, safe=True)
+        graph.remove([y.uses()[0].node for y, b in peeled if b is not None] + mms, safe=True)
         count += 1
     if debug and not count:
         print("Rule: PackQKV failed: " + ("; ".join(why[:2]) if why

@@ -339,7 +339,6 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
     v_proj layers) they stay three inputs, and the graphs still agree."""
     import onnx
     import onnx_ir as ir
-    import onnxruntime as ort
 
     import lbcc
     from lbcc.calibration import RandomFeed
@@ -384,24 +383,87 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
     # the capture's record of the context length survives compiling and saving
     assert _rotary_cache_length(cached.model) == 128
     assert Generator(tmp_path / "kv.onnx").max_context == 128
-    ids = np.random.default_rng(3).integers(0, VOCAB, 24)
-    ref = ort.InferenceSession(ir.to_proto(nocache.model).SerializeToString()).run(
+    _assert_decode_matches_cache_free(tmp_path / "kv.onnx", nocache.model, VOCAB)
+
+
+def _assert_decode_matches_cache_free(kv_path, nocache_model, vocab: int) -> None:
+    """Logits of a prefill of 8 tokens then one token a step through the cache graph at
+    ``kv_path`` equal, position by position, the cache-free graph's on the whole sequence."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    ids = np.random.default_rng(3).integers(0, vocab, 24)
+    ref = ort.InferenceSession(ir.to_proto(nocache_model).SerializeToString()).run(
         None, {"input_ids": ids[None]})[0][0]
-    gen = Generator(tmp_path / "kv.onnx", max_context=128)
+    gen = Generator(kv_path, max_context=128)
     layout, sess = gen.layout, gen.session
-    past = layout.empty_past()
     got = []
-    prefill = 8  # a prefill of 8 tokens, then one token a step
-    outs = sess.run(None, layout.feed(ids[None, :prefill], past, 0))
+    prefill = 8
+    outs = sess.run(None, layout.feed(ids[None, :prefill], layout.empty_past(), 0))
     got.extend(outs[0][0])
     for t in range(prefill, len(ids)):
         outs = sess.run(None, layout.feed(ids[None, t:t + 1], outs[1:], t))
         got.append(outs[0][0, 0])
     got = np.array(got)
     scale = float(np.abs(ref).max())
-    print(f"{preset}: max |cache - cache-free| / max |logit| = {np.abs(got - ref).max() / scale}")
+    print(f"max |cache - cache-free| / max |logit| = {np.abs(got - ref).max() / scale}")
     assert np.abs(got - ref).max() <= 1e-4 * scale, np.abs(got - ref).max() / scale
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.slow
+def test_qwen2_kv_graph_packs_biased_qkv(tmp_path):
+    """Qwen2's Q / K / V projections have biases: the float graph packs them into one MatMul and
+    one Add of the three biases (greedy tokens still those of transformers), and a w4a16 compile
+    packs its MatMulNBits the same way after lowering, its decode logits equal to its cache-free
+    graph's."""
+    pytest.importorskip("transformers")
+    import onnx
+    import onnx_ir as ir
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    import lbcc
+    from lbcc.calibration import RandomFeed
+    from lbcc.capture import capture
+    from lbcc.modelio import save_model
+    from lbcc.passes import CaptureNormalize, FuseORT
+    from lbcc.pipeline import Pipeline, PipelineContext
+    from lbcc.recipes import preset
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True, initializer_range=0.2)).eval()
+    with torch.no_grad():  # random init leaves the biases at zero
+        for layer in hf.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    kv = ir.to_proto(capture(hf, kv_cache=True)).SerializeToString()
+    make_tokenizer(tmp_path / "tokenizer.json")
+
+    run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(
+        ir.from_proto(onnx.load_from_string(kv)))
+    assert run.records[-1].notes["matched"]["pack_qkv"] == 2
+    gqas = [n for n in run.model.graph if n.op_type == "GroupQueryAttention"]
+    assert all(n.inputs[0].producer().op_type == "Add" and n.inputs[1] is None for n in gqas)
+    save_model(run.model, tmp_path / "fp32.onnx")
+    prompt = np.array([5, 17, 33, 2, 9, 100, 41, 7])
+    gen = Generator(tmp_path / "fp32.onnx", tmp_path)
+    assert list(gen.generate_ids(prompt, 24, stop_at_eos=False)) == _hf_greedy(hf, prompt, 24)
+
+    recipe, feed = preset("w4a16", 32), RandomFeed(vocab_size=VOCAB, seq_len=32, n=4)
+    cached = lbcc.compile(ir.from_proto(onnx.load_from_string(kv)), recipe=recipe,
+                          calibration=feed, progress=False)
+    assert cached.run.context.notes["pack-qkv"]["packed"]["nbits"] == 2
+    gqas = [n for n in cached.model.graph if n.op_type == "GroupQueryAttention"]
+    assert all(n.inputs[0].producer().op_type == "Add" and
+               n.inputs[0].producer().inputs[0].producer().op_type == "MatMulNBits"
+               for n in gqas)
+    cached.save(tmp_path / "w4a16.onnx")
+    nocache = lbcc.compile(capture(hf), recipe=recipe, calibration=feed, progress=False)
+    _assert_decode_matches_cache_free(tmp_path / "w4a16.onnx", nocache.model, VOCAB)
 
 
 # ----------------------------------------------------------------------------- the sample

@@ -12,6 +12,9 @@ its own layer, as in the cache-free graph. They are packed only when they were l
   side by side;
 * three float ``MatMul(x, W_i)`` (layers left float): ``MatMul(x, [W_q | W_k | W_v])``.
 
+Projections with biases (``Add(MatMul(x, W_i), b_i)``, Qwen2's) pack the same way, followed by one
+``Add`` of ``[b_q | b_k | b_v]``.
+
 Every output column is then computed from the same numbers as before. Projections lowered
 differently (say V at int8 per block of the input at run time because its static SQNR fell short,
 Q and K static) stay three inputs of the attention: packing them first and planning the packed
@@ -209,6 +212,18 @@ def _qkv_form(mms: list[ir.Node]) -> tuple[str, str]:
     return "", "the projections were lowered differently (" + " / ".join(kinds) + ")"
 
 
+def _columns(mm: ir.Node) -> int:
+    """Output columns of a lowered projection (MatMulNBits, or a MatMul on a constant or
+    dequantized weight)."""
+    if mm.op_type == "MatMulNBits":
+        return mm.attributes.get_int("N", 0)
+    w = mm.inputs[1]
+    dq = w.producer()
+    if w.const_value is None and dq is not None and dq.op_type == "DequantizeLinear":
+        w = dq.inputs[0]
+    return int(w.const_value.shape[1])
+
+
 def _concat_columns(graph: ir.Graph, name: str, values: list[ir.Value], axis: int) -> ir.Value:
     return add_initializer(graph, name, np.concatenate([v.const_value.numpy() for v in values],
                                                        axis=axis))
@@ -221,7 +236,7 @@ class PackQKV(Pass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from lbcc.kvcache import kv_layout
-        from lbcc.passes.kv_fusions import pack_qkv
+        from lbcc.passes.kv_fusions import add_packed_bias, pack_qkv, peel_bias
 
         if kv_layout(model) is None:
             self.note("packed", "not a KV-cache graph")
@@ -234,21 +249,24 @@ class PackQKV(Pass):
             if gqa.op_type != "GroupQueryAttention" or gqa.domain != MS \
                     or len(gqa.inputs) < 3 or any(v is None for v in gqa.inputs[:3]):
                 continue
-            outs = list(gqa.inputs[:3])
-            mms = [v.producer() for v in outs]
-            if any(m is None for m in mms) or len({id(m) for m in mms}) != 3 or any(
-                    len(v.uses()) != 1 or v.is_graph_output() for v in outs):
+            if any(len(v.uses()) != 1 or v.is_graph_output() for v in gqa.inputs[:3]):
                 separate[gqa.name] = "a projection output has another consumer"
+                continue
+            peeled = [peel_bias(v) for v in gqa.inputs[:3]]
+            mms = [y.producer() for y, _ in peeled]
+            if any(m is None for m in mms) or len({id(m) for m in mms}) != 3:
+                separate[gqa.name] = "the projections are not three nodes"
                 continue
             form, why = _qkv_form(mms)
             if not form:
                 separate[gqa.name] = why
                 continue
             node = self._pack_nbits(graph, mms) if form == "nbits" else self._pack_qdq(graph, mms)
-            gqa.replace_input_with(0, node.outputs[0])
+            add = add_packed_bias(graph, node, [b for _, b in peeled], [_columns(m) for m in mms])
+            gqa.replace_input_with(0, (add or node).outputs[0])
             gqa.replace_input_with(1, None)
             gqa.replace_input_with(2, None)
-            graph.remove(mms, safe=True)
+            graph.remove([y.uses()[0].node for y, b in peeled if b is not None] + mms, safe=True)
             for m in mms:
                 for key in (m.name, m.name.removesuffix("_nbits")):
                     if key in layers:
