@@ -415,8 +415,8 @@ def _assert_decode_matches_cache_free(kv_path, nocache_model, vocab: int) -> Non
 def test_qwen2_kv_graph_packs_biased_qkv(tmp_path):
     """Qwen2's Q / K / V projections have biases: the float graph packs them into one MatMul and
     one Add of the three biases (greedy tokens still those of transformers), and a w4a16 compile
-    packs its MatMulNBits the same way after lowering, its decode logits equal to its cache-free
-    graph's."""
+    packs its MatMulNBits the same way after lowering (the bias then inside the kernel), its
+    decode logits equal to its cache-free graph's."""
     pytest.importorskip("transformers")
     import onnx
     import onnx_ir as ir
@@ -458,9 +458,10 @@ def test_qwen2_kv_graph_packs_biased_qkv(tmp_path):
                           calibration=feed, progress=False)
     assert cached.run.context.notes["pack-qkv"]["packed"]["nbits"] == 2
     gqas = [n for n in cached.model.graph if n.op_type == "GroupQueryAttention"]
-    assert all(n.inputs[0].producer().op_type == "Add" and
-               n.inputs[0].producer().inputs[0].producer().op_type == "MatMulNBits"
-               for n in gqas)
+    # the packed bias goes into the packed MatMulNBits (fold-nbits-bias)
+    assert all(n.inputs[0].producer().op_type == "MatMulNBits" and
+               n.inputs[0].producer().inputs[5] is not None for n in gqas)
+    assert cached.run.context.notes["fold-nbits-bias"]["folded"] == 2
     cached.save(tmp_path / "w4a16.onnx")
     nocache = lbcc.compile(capture(hf), recipe=recipe, calibration=feed, progress=False)
     _assert_decode_matches_cache_free(tmp_path / "w4a16.onnx", nocache.model, VOCAB)

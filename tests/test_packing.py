@@ -99,3 +99,37 @@ def test_pack_nbits_leaves_shared_weights_and_lone_nodes():
     p = PackNBits()
     assert not p(model).modified
     assert p.context.notes["pack-nbits"]["packed"] == 0
+
+
+@pytest.mark.parametrize("zp", [False, True])
+def test_fold_nbits_bias_is_bit_identical(zp):
+    """``Add(MatMulNBits(x), b)`` -> MatMulNBits with its bias input: one node fewer, the same
+    bits, and the output keeps the Add's name; an Add of a non-constant or of another width is
+    left alone."""
+    from lbcc.targets.ort_int8.packing import FoldNBitsBias
+
+    rng = np.random.default_rng(0)
+    x = ir.Value(name="x", shape=ir.Shape(["s", K]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 21, MS: 1}, name="g")
+    biased = _nbits(graph, x, 40, 32, zp, rng, "biased")
+    add = ir.node("Add", [biased.outputs[0], add_initializer(
+        graph, "b", rng.standard_normal(40).astype(np.float32))])
+    other = _nbits(graph, x, 40, 32, zp, rng, "other")
+    add_x = ir.node("Add", [other.outputs[0], add.outputs[0]])  # not a constant bias
+    for n in (add, add_x):
+        graph.append(n)
+        n.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    add.outputs[0].name, add_x.outputs[0].name = "y", "z"
+    graph.outputs.extend([add.outputs[0], add_x.outputs[0]])
+    model = ir.Model(graph, ir_version=10)
+    xs = rng.standard_normal((5, K)).astype(np.float32)
+    before = _run(model, xs)
+    p = FoldNBitsBias()
+    result = p(model)
+    assert p.context.notes["fold-nbits-bias"]["folded"] == 1
+    assert [n.op_type for n in result.model.graph] == ["MatMulNBits", "MatMulNBits", "Add"]
+    folded = next(n for n in result.model.graph if n.name == "biased")
+    assert folded.inputs[5].name == "b" and folded.outputs[0].name == "y"
+    after = _run(result.model, xs)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)

@@ -7,7 +7,8 @@ ONNX Runtime fuses into ``MatMulIntegerToFloat`` at load; per-tensor dynamic W8A
 per-row quantized input; grouped weights (4-bit, or 8-bit with per-block dynamic activations)
 as ``MatMulNBits`` with ``accuracy_level=4`` (activations quantized to int8 per block inside the
 kernel) and ``GatherBlockQuantized`` for the embedding; sibling MatMulNBits reading one input
-(a SwiGLU MLP's gate and up projections) are packed into one (``pack-nbits``). A cache-free
+(a SwiGLU MLP's gate and up projections) are packed into one (``pack-nbits``), and a constant
+bias after a MatMulNBits goes into its bias input (``fold-nbits-bias``). A cache-free
 graph's causal attention (rotary, grouped-query heads, causal mask) becomes one
 ``GroupQueryAttention`` a layer (``fuse-attention``, :mod:`lbcc.passes.causal_attention`).
 """
@@ -43,11 +44,11 @@ class OrtInt8Target:
         from lbcc.passes.causal_attention import FuseAttention
         from lbcc.passes.cleanup import Cleanup
         from lbcc.targets.ort_int8.lowering import LowerORT
-        from lbcc.targets.ort_int8.packing import PackNBits, PackQKV
+        from lbcc.targets.ort_int8.packing import FoldNBitsBias, PackNBits, PackQKV
         from lbcc.targets.ort_int8.verify import Verify
 
         return [FuseAttention(), LowerORT(uint8_weights=recipe.weights.saturation_safe),
-                PackQKV(), PackNBits(), Cleanup(), Verify()]
+                PackQKV(), PackNBits(), FoldNBitsBias(), Cleanup(), Verify()]
 
     def emit(self, model: ir.Model, path: Path, external_data: bool | None = None,
              **_: Any) -> list[Path]:

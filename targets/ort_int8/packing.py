@@ -304,3 +304,63 @@ class PackQKV(Pass):
         n = int(parts[0].shape[1])
         node = ir.node("MatMul", [mms[0].inputs[0], weight.outputs[0]])
         return self._qkv_node(graph, mms, node, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# fold-nbits-bias
+
+#: MatMulNBits' optional bias input (after A, B, scales, zero_points, g_idx)
+_NBITS_BIAS = 5
+
+
+class FoldNBitsBias(Pass):
+    """``Add(MatMulNBits(x, ...), b)`` -> ``MatMulNBits(x, ..., bias=b)``: a projection's constant
+    bias (Qwen2's Q / K / V, packed or not; GPT-style MLPs) added inside the kernel, one node
+    fewer a projection each step. ONNX Runtime's CPU kernel adds the bias to the same float32
+    result the Add would read (bit-identical, checked in the tests). The folded projection's
+    output takes the Add's output name, so a per-layer comparison by name meets the biased
+    value. Runs after ``pack-nbits`` (which packs bias-free siblings)."""
+
+    name = "fold-nbits-bias"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, folded = model.graph, 0
+        for mm in list(graph):
+            add, bias = self._foldable(mm)
+            if add is None:
+                continue
+            if len(mm.inputs) <= _NBITS_BIAS:
+                mm.resize_inputs(_NBITS_BIAS + 1)
+            mm.replace_input_with(_NBITS_BIAS, bias)
+            out, summed = mm.outputs[0], add.outputs[0]
+            name = summed.name
+            summed.replace_all_uses_with(out, replace_graph_outputs=True)
+            graph.remove(add, safe=True)
+            out.name = name
+            folded += 1
+        self.note("folded", folded)
+        return ir.passes.PassResult(model, modified=bool(folded))
+
+    @staticmethod
+    def _foldable(mm: ir.Node) -> tuple[ir.Node | None, ir.Value | None]:
+        """(the Add, its bias) when ``mm``'s output goes to one Add of a constant [N] vector of
+        the kernel's float type, and ``mm`` has no bias yet."""
+        if mm.op_type != "MatMulNBits" or mm.domain != MS or (
+                len(mm.inputs) > _NBITS_BIAS and mm.inputs[_NBITS_BIAS] is not None):
+            return None, None
+        out = mm.outputs[0]
+        if out.is_graph_output() or len(out.uses()) != 1:
+            return None, None
+        add = out.uses()[0].node
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+            return None, None
+        bias = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+        scales = mm.inputs[2]
+        if bias is None or bias is out or bias.const_value is None or scales is None \
+                or scales.const_value is None:
+            return None, None
+        n = mm.attributes.get_int("N", 0)
+        if tuple(bias.const_value.shape) != (n,) or bias.const_value.dtype != \
+                scales.const_value.dtype:
+            return None, None
+        return add, bias
