@@ -166,6 +166,12 @@ def _packable(gqa: ir.Node) -> str:
     return ""
 
 
+#: constants up to this many elements are compared by value in :func:`_computation_key`
+_SMALL_CONSTANT = 64
+#: GroupQueryAttention's seqlens_k and total_sequence_length inputs
+_GQA_LENGTH_INPUTS = (5, 6)
+
+
 def _computation_key(value: ir.Value | None, memo: dict[int, Any]) -> Any:
     """A hashable description of how ``value`` is computed: two values with equal keys hold
     equal tensors. Graph inputs and large initializers are keyed by identity, small constants
@@ -199,11 +205,6 @@ def _computation_key(value: ir.Value | None, memo: dict[int, Any]) -> Any:
                tuple(_computation_key(v, memo) for v in node.inputs))
     memo[id(value)] = key
     return key
-
-
-_SMALL_CONSTANT = 64
-#: GroupQueryAttention's seqlens_k and total_sequence_length inputs
-_GQA_LENGTH_INPUTS = (5, 6)
 
 
 def share_attention_lengths(model: ir.Model, debug: bool = False) -> int:
