@@ -15,6 +15,7 @@ import onnx_ir as ir
 from lbcc.calibration import Feed, NpzFeed, RandomFeed, TextFeed, load_tokenizer
 from lbcc.errors import BadInputError
 from lbcc.irutils import initializer_bytes
+from lbcc.kvcache import kv_layout
 from lbcc.pipeline import DumpIR, Pass, Pipeline, PipelineContext, PipelineRun
 from lbcc.recipes import Recipe, load_recipe, preset
 from lbcc.report import Report, build_report
@@ -74,8 +75,9 @@ def make_feed(calibration: Any, tokenizer: Any = None, recipe: Recipe | None = N
 
 
 def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None = None,
-                   calibrate: bool | None = None) -> Pipeline:
-    """The passes a recipe runs for a target, in order."""
+                   calibrate: bool | None = None, kv_cache_dtype: str = "float") -> Pipeline:
+    """The passes a recipe runs for a target, in order (``kv_cache_dtype``: one of the target's
+    ``capabilities.kv_cache_dtypes``)."""
     from lbcc.passes import (AWQ, Calibrate, CaptureNormalize, DetectOutliers, FuseKVAttention,
                              FuseORT, InsertQDQ, MixedPrecision, RoundWeightsGPTQ, RoundWeightsRTN,
                              SelectPrecision, SmoothQuant)
@@ -121,21 +123,22 @@ def build_pipeline(recipe: Recipe, target: Any, context: PipelineContext | None 
             o.activations in ("static", "dynamic") for o in recipe.layers):
         passes.append(InsertQDQ())
     passes.append(FuseKVAttention())
-    passes += target.passes(recipe)
+    passes += target.passes(recipe) if kv_cache_dtype == "float" \
+        else target.passes(recipe, kv_cache_dtype=kv_cache_dtype)
     return Pipeline(passes, context)
 
 
-def check_kv_cache_dtype(dtype: str, target: str) -> None:
-    """The KV cache stays float: int8 caches are a target question, answered before any work."""
+def check_kv_cache_dtype(dtype: str, target: Any) -> None:
+    """A KV-cache element type is a target question, answered before any work."""
     from lbcc.errors import TargetError
 
-    if dtype == "float":
+    supported = target.capabilities.kv_cache_dtypes
+    if dtype in supported:
         return
     if dtype in ("int8", "int4", "fp8"):
-        raise TargetError(f"target {target!r} cannot keep the KV cache in {dtype}: the ONNX "
-                          "Runtime CPU attention kernels it emits (GroupQueryAttention, "
-                          "MultiHeadAttention) take float past/present caches.",
-                          "Use --kv-cache-dtype float (the default).")
+        raise TargetError(f"target {target.name!r} cannot keep the KV cache in {dtype}: it "
+                          f"keeps it in {' or '.join(sorted(supported))}.",
+                          "Use --kv-cache-dtype " + " or ".join(sorted(supported)) + ".")
     raise BadInputError(f"unknown KV-cache dtype {dtype!r}.", "Use float or int8.")
 
 
@@ -168,8 +171,13 @@ def compile(source: Any, target: str = "ort-int8", preset: str | None = None,
     rec = resolve_recipe(preset, recipe, group_size)
     tgt = get_target(target)
     check_recipe(rec, tgt)
-    check_kv_cache_dtype(kv_cache_dtype, tgt.name)
+    check_kv_cache_dtype(kv_cache_dtype, tgt)
     model = capture(source, example_inputs, kv_cache=kv_cache)
+    if kv_cache_dtype != "float" and kv_layout(model) is None:
+        raise BadInputError(f"--kv-cache-dtype {kv_cache_dtype} needs a graph with a KV cache, "
+                            "and this one has no past_key_values inputs.",
+                            "Add --kv-cache (a Hugging Face or GGUF source), or give a KV-cache "
+                            "ONNX file.")
     feed = make_feed(calibration, tokenizer, rec, model)
     if rec.needs_calibration and feed is None:
         raise BadInputError(f"preset/recipe {rec.name!r} uses static activation ranges and "
@@ -177,8 +185,12 @@ def compile(source: Any, target: str = "ort-int8", preset: str | None = None,
                             "Pass --calib FILE.txt --tokenizer T (real text from the model's "
                             "domain, not the evaluation set), or --calib FILE.npz; or use "
                             "--preset w8a8-dynamic, which needs none.")
+    if kv_cache_dtype != "float" and feed is None:
+        raise BadInputError(f"--kv-cache-dtype {kv_cache_dtype} takes the cache's scales from "
+                            "calibration data, and none was given.",
+                            "Pass --calib FILE.txt --tokenizer T.")
     context = PipelineContext(calibration=feed, progress=progress)
-    pipeline = build_pipeline(rec, tgt, context)
+    pipeline = build_pipeline(rec, tgt, context, kv_cache_dtype=kv_cache_dtype)
     if dump_ir is not None:
         pipeline.instruments.append(DumpIR(dump_ir))
     source_desc = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__

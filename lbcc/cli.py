@@ -76,7 +76,9 @@ def compile(
                                   help="export with a KV cache (prefill + decode graph, for "
                                        "`lbcc generate`); HF directory or .gguf input"),
     kv_cache_dtype: str = typer.Option("float", "--kv-cache-dtype",
-                                       help="float | int8 (int8: not supported by ort-int8)"),
+                                       help="float | int8 (ort-int8: GroupQueryAttention "
+                                            "keeps the cache in int8, per-channel scales from "
+                                            "--calib)"),
 ) -> None:
     """Compile MODEL for a target with a preset or a recipe."""
     import lbcc

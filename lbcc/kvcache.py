@@ -93,7 +93,7 @@ class KVLayout:
 
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-              "tensor(bfloat16)": np.float32}
+              "tensor(bfloat16)": np.float32, "tensor(int8)": np.int8}
 
 
 def _triples(source: Any) -> list[tuple[str, list, Any]]:
@@ -107,8 +107,8 @@ def _triples(source: Any) -> list[tuple[str, list, Any]]:
     out = []
     for v in graph.inputs:
         shape = [d if isinstance(d, int) else None for d in v.shape] if v.shape is not None else []
-        dtype = v.dtype.numpy() if v.dtype is not None and v.dtype.is_floating_point() \
-            else np.float32
+        dtype = v.dtype.numpy() if v.dtype is not None and (
+            v.dtype.is_floating_point() or v.dtype.name == "INT8") else np.float32
         out.append((v.name, shape, dtype))
     return out
 

@@ -36,6 +36,8 @@ class Capabilities:
     #: uint8-activation layers to [-(m+1), m] (x86 u8 x s8 kernels without VNNI saturate pairs
     #: of products at 2^15: 255 * 64 * 2 = 32640 is safe, 255 * 127 * 2 is not).
     int8_weight_max_exact: int = 127
+    #: element types the target can keep a KV cache in (``--kv-cache-dtype``)
+    kv_cache_dtypes: frozenset[str] = frozenset({"float"})
 
 
 class Target(Protocol):

@@ -495,11 +495,73 @@ def test_sample_greedy_matches_transformers_for_64_tokens(smollm2, tmp_path):
         assert list(gen.generate_ids(ids, 64, stop_at_eos=False)) == ref, prompt
 
 
-def test_int8_kv_cache_is_a_clear_target_error(mlp_path, tmp_path):
-    r = runner.invoke(app, ["compile", str(mlp_path), "-o", str(tmp_path / "o.onnx"),
-                            "--preset", "w8a8-dynamic", "--kv-cache-dtype", "int8"])
+def test_kv_cache_dtype_errors_are_clear(mlp_path, tmp_path):
+    """int4 (no target keeps it), int8 on a target without it, int8 without a KV cache."""
+    out = tmp_path / "o.onnx"
+    base = ["compile", str(mlp_path), "-o", str(out), "--preset", "w8a8-dynamic"]
+    r = runner.invoke(app, base + ["--kv-cache-dtype", "int4"])
+    assert r.exit_code == 2 and "KV cache in int4" in r.stderr and "int8" in r.stderr
+    r = runner.invoke(app, base[:-1] + ["w8a8", "--kv-cache-dtype", "int8", "--target", "c"])
     assert r.exit_code == 2 and "KV cache in int8" in r.stderr
-    assert not (tmp_path / "o.onnx").exists()
+    r = runner.invoke(app, base + ["--kv-cache-dtype", "int8"])
+    assert r.exit_code == 1 and "needs a graph with a KV cache" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+@pytest.mark.slow
+def test_int8_kv_cache_decodes_close_to_the_float_cache(tiny, tmp_path):
+    """--kv-cache-dtype int8: every GroupQueryAttention keeps its cache in int8 with per-channel
+    scales calibrated on the compiled graph; decode logits stay close to the float-cache
+    compile's (same weights), and the generator runs it with int8 buffers."""
+    import onnx_ir as ir
+
+    import lbcc
+    from lbcc.calibration import RandomFeed
+    from lbcc.recipes import preset
+
+    _, kv, d = tiny
+    # windows longer than the 128-position context: the cache calibration cuts them
+    recipe, feed = preset("w4a16", 32), RandomFeed(vocab_size=VOCAB, seq_len=160, n=8)
+    paths = {}
+    for dtype in ("float", "int8"):
+        r = lbcc.compile(ir.from_proto(ir.to_proto(kv)), recipe=recipe, calibration=feed,
+                         progress=False, kv_cache_dtype=dtype)
+        paths[dtype] = tmp_path / f"{dtype}.onnx"
+        r.save(paths[dtype])
+        if dtype == "int8":
+            notes = r.run.context.notes["quantize-kv-cache"]
+            assert notes["layers"] == 2
+            gqas = [n for n in r.model.graph if n.op_type == "GroupQueryAttention"]
+            assert all(n.attributes["kv_cache_bit_width"].value == 8 for n in gqas)
+            assert list(gqas[0].inputs[12].const_value.shape) == [2, 16]  # kv heads x head dim
+            assert r.model.graph.inputs[3].dtype == ir.DataType.INT8
+    logits, prefill = {}, {}
+    ids = np.random.default_rng(5).integers(0, VOCAB, 24)
+    for dtype, path in paths.items():
+        gen = Generator(path, max_context=128)
+        assert gen.layout.dtype == (np.int8 if dtype == "int8" else np.float32)
+        layout, sess = gen.layout, gen.session
+        outs = sess.run(None, layout.feed(ids[None, :8], layout.empty_past(), 0))
+        prefill[dtype] = outs[1:]
+        got = [outs[0][0, -1]]
+        for t in range(8, len(ids)):
+            outs = sess.run(None, layout.feed(ids[None, t:t + 1], outs[1:], t))
+            got.append(outs[0][0, 0])
+        assert outs[1].dtype == gen.layout.dtype
+        logits[dtype] = np.array(got)
+    # layer 0's prefill stored its float keys / values rounded to the nearest step of their
+    # channel (later layers read attention over the int8 cache, so their inputs differ)
+    for i, slot in enumerate((12, 13)):
+        step = gqas[0].inputs[slot].const_value.numpy()[None, :, None, :]
+        q, x = prefill["int8"][i], prefill["float"][i]
+        assert np.all(np.abs(q.astype(np.float32) * step - x) <= step / 2 + 1e-6)
+    ref, got = logits["float"], logits["int8"]
+    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+    print(f"int8 cache: max |logit difference| / max |logit| = {rel:.4f}")
+    assert 0 < rel < 0.1  # this random model amplifies: weights drawn at 0.2
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    gen = Generator(paths["int8"], d)
+    assert len(list(gen.generate_ids([3, 4, 5], 8, stop_at_eos=False))) == 8
 
 
 @pytest.mark.slow

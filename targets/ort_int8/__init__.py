@@ -8,7 +8,8 @@ per-row quantized input; grouped weights (4-bit, or 8-bit with per-block dynamic
 as ``MatMulNBits`` with ``accuracy_level=4`` (activations quantized to int8 per block inside the
 kernel) and ``GatherBlockQuantized`` for the embedding; sibling MatMulNBits reading one input
 (a SwiGLU MLP's gate and up projections) are packed into one (``pack-nbits``), and a constant
-bias after a MatMulNBits goes into its bias input (``fold-nbits-bias``). A cache-free
+bias after a MatMulNBits goes into its bias input (``fold-nbits-bias``). With
+``--kv-cache-dtype int8`` the attention keeps its KV cache in int8 (``quantize-kv-cache``). A cache-free
 graph's causal attention (rotary, grouped-query heads, causal mask) becomes one
 ``GroupQueryAttention`` a layer (``fuse-attention``, :mod:`lbcc.passes.causal_attention`).
 """
@@ -38,17 +39,23 @@ class OrtInt8Target:
         quantizable_ops=frozenset({"MatMul", "Gemm", "Gather"}),
         weight_layout_for_mode={"static": "channel", "dynamic": "channel",
                                 "dynamic-token": "channel", "dynamic-block": "group"},
+        kv_cache_dtypes=frozenset({"float", "int8"}),
     )
 
-    def passes(self, recipe: Any) -> list:
+    def passes(self, recipe: Any, kv_cache_dtype: str = "float") -> list:
         from lbcc.passes.causal_attention import FuseAttention
         from lbcc.passes.cleanup import Cleanup
         from lbcc.targets.ort_int8.lowering import LowerORT
         from lbcc.targets.ort_int8.packing import FoldNBitsBias, PackNBits, PackQKV
         from lbcc.targets.ort_int8.verify import Verify
 
+        kv = []
+        if kv_cache_dtype == "int8":
+            from lbcc.targets.ort_int8.kv_cache import QuantizeKVCache
+
+            kv = [QuantizeKVCache()]
         return [FuseAttention(), LowerORT(uint8_weights=recipe.weights.saturation_safe),
-                PackQKV(), PackNBits(), FoldNBitsBias(), Cleanup(), Verify()]
+                PackQKV(), PackNBits(), FoldNBitsBias(), *kv, Cleanup(), Verify()]
 
     def emit(self, model: ir.Model, path: Path, external_data: bool | None = None,
              **_: Any) -> list[Path]:
