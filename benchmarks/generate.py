@@ -11,6 +11,8 @@ Models (all from the same HF weights, ``.cache/smollm2/hf``):
   lbcc-w4a16-e4    preset "w4a16-e4": 4-bit symmetric groups of 32 (no zero points) for every
                    weight, the tied embedding / lm_head included (onnxruntime-genai's int4
                    layout): one 4-bit table for GatherBlockQuantized and MatMulNBits
+  lbcc-w4a16-e4-kv8  the same with --kv-cache-dtype int8: GroupQueryAttention keeps the cache in
+                   int8 (per-channel scales calibrated on the compiled graph)
   (every lbcc 4-bit graph has each MLP's gate and up MatMulNBits packed into one: pack-nbits)
   genai-int4/fp32  ``python -m onnxruntime_genai.models.builder -i HF -p int4|fp32 -e cpu``
   nocache-*        the foundation's cache-free graphs (input_ids -> logits), as the reference for
@@ -50,7 +52,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def build(out: Path, hf_dir: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"lbcc-fp32": out / "fp32-kv.onnx", "lbcc-w8a8": out / "w8a8-kv.onnx",
              "lbcc-w4a16": out / "w4a16-kv.onnx", "lbcc-w4a16-e4": out / "w4a16-e4-kv.onnx",
+             "lbcc-w4a16-e4-kv8": out / "w4a16-e4-kv8.onnx",
              "nocache-fp32": SAMPLE / "model.onnx",
              "nocache-w8a8": out / "w8a8-nocache.onnx",
              "nocache-w4a16": out / "w4a16-nocache.onnx",
@@ -103,17 +105,18 @@ def build(out: Path, hf_dir: Path) -> dict[str, Path]:
         run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(ir.load(raw))
         (out / "fp32-kv.fusions.json").write_text(json.dumps(run.records[-1].notes, indent=1))
         save_model(run.model, paths["lbcc-fp32"], external_data=True)
-    jobs = [("lbcc-w4a16-e4", raw, "w4a16-e4"), ("lbcc-w4a16", raw, "w4a16"),
+    jobs = [("lbcc-w4a16-e4", raw, "w4a16-e4"), ("lbcc-w4a16-e4-kv8", raw, "w4a16-e4", "int8"),
+            ("lbcc-w4a16", raw, "w4a16"),
             ("nocache-w4a16", SAMPLE / "model.onnx", "w4a16"),
             ("nocache-w4a16-e4", SAMPLE / "model.onnx", "w4a16-e4"), ("lbcc-w8a8", raw, "w8a8"),
             ("nocache-w8a8", SAMPLE / "model.onnx", "w8a8")]
-    for name, src, recipe in jobs:
+    for name, src, recipe, *kv_dtype in jobs:
         path = paths[name]
         if path.exists():
             continue
         log(f"compiling {path.name}")
         r = lbcc.compile(str(src), preset=recipe, calibration=str(calib), tokenizer=str(hf_dir),
-                         progress=False)
+                         progress=False, kv_cache_dtype=kv_dtype[0] if kv_dtype else "float")
         r.save(path, report_path=path.with_suffix(".json"), external_data=True)
     for prec in ("int4", "fp32"):
         d = out / f"genai-{prec}"
@@ -377,7 +380,7 @@ def main() -> None:
 
     log("decode speed")
     runners: dict[str, Any] = {}
-    for name in ("lbcc-fp32", "lbcc-w8a8", "lbcc-w4a16", "lbcc-w4a16-e4"):
+    for name in ("lbcc-fp32", "lbcc-w8a8", "lbcc-w4a16", "lbcc-w4a16-e4", "lbcc-w4a16-e4-kv8"):
         runners[name] = ("lbcc", Generator(paths[name], hf_dir, threads=args.threads))
     for prec in ("int4", "fp32"):
         d = paths[f"genai-{prec}"].parent
@@ -399,7 +402,7 @@ def main() -> None:
             times[name]["tps"].append(tps)
             log(f"  round {rnd}: {name}: prefill {pre * 1e3:.1f} ms, {tps:.1f} tok/s")
     log("decode, paired blocks")
-    paired_names = ("genai-int4", "lbcc-w4a16-e4", "lbcc-fp32")
+    paired_names = ("genai-int4", "lbcc-w4a16-e4", "lbcc-fp32", "lbcc-w4a16-e4-kv8")
     paired = paired_blocks(steppers_for(runners, paired_names, prompt, 24 * 16), 24, 16)
     log(json.dumps(paired))
     log("work per decode step (1 thread, CPU time)")
@@ -493,6 +496,14 @@ def write_md(args: argparse.Namespace, res: dict[str, Any]) -> None:
         "- perplexity, cache graph vs cache-free graph of the same preset: " + ", ".join(
             f"{p} {100 * (res['ppl'][f'lbcc-{p}'] / res['ppl'][f'nocache-{p}'] - 1):+.3f} %"
             for p in ("fp32", "w8a8", "w4a16", "w4a16-e4")) + " (target within 0.1 %).",
+        f"- int8 KV cache (lbcc-w4a16-e4-kv8 vs lbcc-w4a16-e4, same weights): perplexity "
+        f"{res['ppl']['lbcc-w4a16-e4-kv8']:.4f} vs {res['ppl']['lbcc-w4a16-e4']:.4f} "
+        f"({100 * (res['ppl']['lbcc-w4a16-e4-kv8'] / res['ppl']['lbcc-w4a16-e4'] - 1):+.3f} %); "
+        f"decode {dec['lbcc-w4a16-e4-kv8']['tokens_per_s'] / dec['lbcc-w4a16-e4']['tokens_per_s']:.2f}x "
+        "by round medians, "
+        f"{res['paired_blocks']['lbcc-w4a16-e4-kv8']['speed_vs_first'] / pe4:.3f}x in paired "
+        "blocks; vs genai-int4 (its runtime) "
+        f"{res['paired_blocks']['lbcc-w4a16-e4-kv8']['speed_vs_first']:.3f}x in paired blocks.",
         f"- lbcc-fp32 greedy tokens identical to transformers for 64 tokens: "
         f"{sum(res['greedy_identical_64'].values())}/{len(res['greedy_identical_64'])} prompts.",
         "", f"Decode in paired blocks ({args.threads} threads, 24 blocks of 16 steps, the models "
