@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lbcc.errors import BadInputError, TargetError
+from lbcc.irutils import add_initializer
 from lbcc.pipeline import Pass
 
 MS = "com.microsoft"
@@ -112,11 +113,7 @@ class QuantizeKVCache(Pass):
             for slot, present in ((_K_SCALE, present_k), (_V_SCALE, present_v)):
                 s = (self.headroom * np.maximum(absmax[present.name], 1e-8)
                      / INT8_MAX).astype(np.float32)
-                value = ir.Value(name=f"{present.name}_scale", shape=ir.Shape(s.shape),
-                                 type=ir.TensorType(ir.DataType.FLOAT),
-                                 const_value=ir.tensor(s, name=f"{present.name}_scale"))
-                graph.register_initializer(value)
-                gqa.replace_input_with(slot, value)
+                gqa.replace_input_with(slot, add_initializer(graph, f"{present.name}_scale", s))
                 scales[present.name] = [float(s.min()), float(np.median(s)), float(s.max())]
             gqa.attributes["kv_cache_bit_width"] = ir.AttrInt64("kv_cache_bit_width", 8)
             for key in ("k_quant_type", "v_quant_type"):
