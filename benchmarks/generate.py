@@ -11,7 +11,9 @@ Models (all from the same HF weights, ``.cache/smollm2/hf``):
   lbcc-w4a16-e4    preset "w4a16-e4": 4-bit symmetric groups of 32 (no zero points) for every
                    weight, the tied embedding / lm_head included (onnxruntime-genai's int4
                    layout): one 4-bit table for GatherBlockQuantized and MatMulNBits
-  lbcc-w4a16-e4-kv8  the same with --kv-cache-dtype int8: GroupQueryAttention keeps the cache in
+  lbcc-w4a16-e4-gptq  preset "w4a16-e4-gptq": the same layout with GPTQ rounding (same
+                   calibration text)
+  lbcc-w4a16-e4-kv8  the same as lbcc-w4a16-e4 with --kv-cache-dtype int8: GroupQueryAttention keeps the cache in
                    int8 (per-channel scales calibrated on the compiled graph)
   (every lbcc 4-bit graph has each MLP's gate and up MatMulNBits packed into one: pack-nbits)
   genai-int4/fp32  ``python -m onnxruntime_genai.models.builder -i HF -p int4|fp32 -e cpu``
@@ -29,7 +31,7 @@ Measured, models interleaved round-robin, ``--threads`` intra-op threads:
 - perplexity: first ``--eval-tokens`` tokens of WikiText-2 test, 512-token windows, no BOS, each
   window one prefill of the cache graph;
 - greedy identity: lbcc-fp32 tokens vs transformers' ``generate`` (greedy) for 64 tokens;
-- decode in paired blocks: genai-int4 (its runtime), lbcc-w4a16-e4 and lbcc-fp32 interleaved in
+- decode in paired blocks: genai-int4 (its runtime), lbcc-w4a16-e4, lbcc-fp32, -kv8 and -gptq interleaved in
   24 blocks of 16 decode steps (order rotated each block, a 50 ms pause before each model's turn
   so that the previous model's spinning threads are parked), speed as the median of per-block
   ratios (load that changes between rounds cancels out);
@@ -91,6 +93,7 @@ def build(out: Path, hf_dir: Path) -> dict[str, Path]:
     paths = {"lbcc-fp32": out / "fp32-kv.onnx", "lbcc-w8a8": out / "w8a8-kv.onnx",
              "lbcc-w4a16": out / "w4a16-kv.onnx", "lbcc-w4a16-e4": out / "w4a16-e4-kv.onnx",
              "lbcc-w4a16-e4-kv8": out / "w4a16-e4-kv8.onnx",
+             "lbcc-w4a16-e4-gptq": out / "w4a16-e4-gptq-kv.onnx",
              "nocache-fp32": SAMPLE / "model.onnx",
              "nocache-w8a8": out / "w8a8-nocache.onnx",
              "nocache-w4a16": out / "w4a16-nocache.onnx",
@@ -106,6 +109,7 @@ def build(out: Path, hf_dir: Path) -> dict[str, Path]:
         (out / "fp32-kv.fusions.json").write_text(json.dumps(run.records[-1].notes, indent=1))
         save_model(run.model, paths["lbcc-fp32"], external_data=True)
     jobs = [("lbcc-w4a16-e4", raw, "w4a16-e4"), ("lbcc-w4a16-e4-kv8", raw, "w4a16-e4", "int8"),
+            ("lbcc-w4a16-e4-gptq", raw, "w4a16-e4-gptq"),
             ("lbcc-w4a16", raw, "w4a16"),
             ("nocache-w4a16", SAMPLE / "model.onnx", "w4a16"),
             ("nocache-w4a16-e4", SAMPLE / "model.onnx", "w4a16-e4"), ("lbcc-w8a8", raw, "w8a8"),
@@ -380,7 +384,8 @@ def main() -> None:
 
     log("decode speed")
     runners: dict[str, Any] = {}
-    for name in ("lbcc-fp32", "lbcc-w8a8", "lbcc-w4a16", "lbcc-w4a16-e4", "lbcc-w4a16-e4-kv8"):
+    for name in ("lbcc-fp32", "lbcc-w8a8", "lbcc-w4a16", "lbcc-w4a16-e4", "lbcc-w4a16-e4-kv8",
+                 "lbcc-w4a16-e4-gptq"):
         runners[name] = ("lbcc", Generator(paths[name], hf_dir, threads=args.threads))
     for prec in ("int4", "fp32"):
         d = paths[f"genai-{prec}"].parent
@@ -402,7 +407,8 @@ def main() -> None:
             times[name]["tps"].append(tps)
             log(f"  round {rnd}: {name}: prefill {pre * 1e3:.1f} ms, {tps:.1f} tok/s")
     log("decode, paired blocks")
-    paired_names = ("genai-int4", "lbcc-w4a16-e4", "lbcc-fp32", "lbcc-w4a16-e4-kv8")
+    paired_names = ("genai-int4", "lbcc-w4a16-e4", "lbcc-fp32", "lbcc-w4a16-e4-kv8",
+                    "lbcc-w4a16-e4-gptq")
     paired = paired_blocks(steppers_for(runners, paired_names, prompt, 24 * 16), 24, 16)
     log(json.dumps(paired))
     log("work per decode step (1 thread, CPU time)")
@@ -504,6 +510,13 @@ def write_md(args: argparse.Namespace, res: dict[str, Any]) -> None:
         f"{res['paired_blocks']['lbcc-w4a16-e4-kv8']['speed_vs_first'] / pe4:.3f}x in paired "
         "blocks; vs genai-int4 (its runtime) "
         f"{res['paired_blocks']['lbcc-w4a16-e4-kv8']['speed_vs_first']:.3f}x in paired blocks.",
+        f"- GPTQ rounding (lbcc-w4a16-e4-gptq vs lbcc-w4a16-e4, same layout): perplexity "
+        f"{res['ppl']['lbcc-w4a16-e4-gptq']:.4f} vs {res['ppl']['lbcc-w4a16-e4']:.4f} (genai-int4 "
+        f"{res['ppl']['genai-int4']:.4f}); decode "
+        f"{res['paired_blocks']['lbcc-w4a16-e4-gptq']['speed_vs_first'] / pe4:.3f}x lbcc-w4a16-e4 "
+        "and "
+        f"{res['paired_blocks']['lbcc-w4a16-e4-gptq']['speed_vs_first']:.3f}x genai-int4 (its "
+        "runtime) in paired blocks.",
         f"- lbcc-fp32 greedy tokens identical to transformers for 64 tokens: "
         f"{sum(res['greedy_identical_64'].values())}/{len(res['greedy_identical_64'])} prompts.",
         "", f"Decode in paired blocks ({args.threads} threads, 24 blocks of 16 steps, the models "
