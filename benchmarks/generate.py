@@ -31,8 +31,8 @@ Measured, models interleaved round-robin, ``--threads`` intra-op threads:
 - perplexity: first ``--eval-tokens`` tokens of WikiText-2 test, 512-token windows, no BOS, each
   window one prefill of the cache graph;
 - greedy identity: lbcc-fp32 tokens vs transformers' ``generate`` (greedy) for 64 tokens;
-- decode in paired blocks: genai-int4 (its runtime), lbcc-w4a16-e4, lbcc-fp32, -kv8 and -gptq interleaved in
-  24 blocks of 16 decode steps (order rotated each block, a 50 ms pause before each model's turn
+- decode in paired blocks: genai-int4 (its runtime), lbcc-w4a16-e4, lbcc-fp32, lbcc-w4a16-e4-kv8
+  and lbcc-w4a16-e4-gptq interleaved in 24 blocks of 16 decode steps (order rotated each block, a 50 ms pause before each model's turn
   so that the previous model's spinning threads are parked), speed as the median of per-block
   ratios (load that changes between rounds cancels out);
 - work per decode step: process CPU time a step with 1 intra-op thread (no spinning, no waiting
