@@ -13,8 +13,8 @@ Models (all from the same HF weights, ``.cache/smollm2/hf``):
                    layout): one 4-bit table for GatherBlockQuantized and MatMulNBits
   lbcc-w4a16-e4-gptq  preset "w4a16-e4-gptq": the same layout with GPTQ rounding (same
                    calibration text)
-  lbcc-w4a16-e4-kv8  the same as lbcc-w4a16-e4 with --kv-cache-dtype int8: GroupQueryAttention keeps the cache in
-                   int8 (per-channel scales calibrated on the compiled graph)
+  lbcc-w4a16-e4-kv8  lbcc-w4a16-e4 with --kv-cache-dtype int8: GroupQueryAttention keeps the
+                   cache in int8 (per-channel scales calibrated on the compiled graph)
   (every lbcc 4-bit graph has each MLP's gate and up MatMulNBits packed into one: pack-nbits)
   genai-int4/fp32  ``python -m onnxruntime_genai.models.builder -i HF -p int4|fp32 -e cpu``
   nocache-*        the foundation's cache-free graphs (input_ids -> logits), as the reference for
@@ -32,9 +32,10 @@ Measured, models interleaved round-robin, ``--threads`` intra-op threads:
   window one prefill of the cache graph;
 - greedy identity: lbcc-fp32 tokens vs transformers' ``generate`` (greedy) for 64 tokens;
 - decode in paired blocks: genai-int4 (its runtime), lbcc-w4a16-e4, lbcc-fp32, lbcc-w4a16-e4-kv8
-  and lbcc-w4a16-e4-gptq interleaved in 24 blocks of 16 decode steps (order rotated each block, a 50 ms pause before each model's turn
-  so that the previous model's spinning threads are parked), speed as the median of per-block
-  ratios (load that changes between rounds cancels out);
+  and lbcc-w4a16-e4-gptq interleaved in 24 blocks of 16 decode steps (order rotated each block,
+  a 50 ms pause before each model's turn so that the previous model's spinning threads are
+  parked), speed as the median of per-block ratios (load that changes between rounds cancels
+  out);
 - work per decode step: process CPU time a step with 1 intra-op thread (no spinning, no waiting
   for a descheduled worker thread), models interleaved in blocks of 16 steps: the figure the
   machine's load disturbs least;
