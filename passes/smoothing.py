@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lbcc.irutils import layer_name
+from lbcc.irutils import add_initializer, layer_name
 from lbcc.numerics import token_sqnr_db
 from lbcc.pipeline import Pass
 from lbcc.passes.calibrate import ACTIVATION_STATS
@@ -67,7 +67,7 @@ class SmoothGroup:
     prev: ir.Node  # the norm, or the linear whose weight columns absorb 1/s
     fold: ir.Value  # the initializer 1/s is folded into
     fold_axis: int
-    output: ir.Value  # the tensor all consumers read
+    output: ir.Value  # the tensor all consumers read (its calibration rows drive the search)
     consumers: list[ir.Node]
     #: consumer input channel j reads fold channel ``channel_map[j]`` (None: the identity), as
     #: attention's output channel (head h, dim d) reads v channel (kv head of h, d)
@@ -113,22 +113,41 @@ def consumer_weight(u: ir.Node) -> np.ndarray:
     return u.inputs[1].const_value.numpy()
 
 
+def _token_slice(node: ir.Node) -> bool:
+    """``node`` is a Slice of tokens only (its constant axes leave the last, channel axis whole),
+    as ``logits_to_keep`` cuts the final norm's output before the lm_head: a per-channel factor
+    passes through it unchanged."""
+    if node.op_type != "Slice" or len(node.inputs) < 4 or node.inputs[3] is None \
+            or node.inputs[0] is None or node.inputs[0].shape is None \
+            or node.outputs[0].is_graph_output():
+        return False
+    axes, rank = node.inputs[3].const_value, len(node.inputs[0].shape)
+    return axes is not None and rank > 0 and \
+        all(int(a) % rank != rank - 1 for a in axes.numpy().reshape(-1))
+
+
 def _const_matmul_consumers(out: ir.Value, untie: bool = False) -> list[ir.Node] | None:
     """The users of ``out`` if every one is ``MatMul(out, W[K, N])`` with a constant, unshared W
-    (or, ``untie``, a tied lm_head, which smoothing gives its own copy)."""
-    users = [u.node for u in out.uses()]
+    (or, ``untie``, a tied lm_head, which smoothing gives its own copy), also when read through a
+    Slice of tokens (:func:`_token_slice`)."""
+    reads: list[tuple[ir.Node, ir.Value]] = []
+    for use in out.uses():
+        if _token_slice(use.node):
+            reads += [(u.node, use.node.outputs[0]) for u in use.node.outputs[0].uses()]
+        else:
+            reads.append((use.node, out))
 
-    def ok(u: ir.Node) -> bool:
-        if u.op_type != "MatMul" or u.inputs[0] is not out or u.inputs[1] is None:
+    def ok(u: ir.Node, x: ir.Value) -> bool:
+        if u.op_type != "MatMul" or u.inputs[0] is not x or u.inputs[1] is None:
             return False
         if untie and _tied_table(u) is not None:
             return True
         w = u.inputs[1].const_value
         return w is not None and len(w.shape) == 2 and len(u.inputs[1].uses()) == 1
 
-    if not users or not all(ok(u) for u in users):
+    if not reads or not all(ok(u, x) for u, x in reads):
         return None
-    return users
+    return [u for u, _ in reads]
 
 
 def _linear_before_product(mul: ir.Node, channels: int) -> ir.Node | None:
@@ -160,16 +179,35 @@ def _unsqueeze_axes(node: ir.Node) -> list[int] | None:
     return list(node.attributes.get_ints("axes", [])) or None
 
 
+def _cache_append_input(concat: ir.Node, out: ir.Value) -> ir.Value | None:
+    """The new values of ``present.N.value = Concat(past_key_values.N.value, new)``, a value
+    cache's append in a KV-cache graph (the cache is this graph's own earlier output, so its
+    entries carry whatever scale the value projection has); None for any other Concat."""
+    from lbcc.kvcache import PAST_RE, PRESENT_RE
+
+    present = PRESENT_RE.match(out.name or "")
+    if concat.op_type != "Concat" or present is None or present.group(2) != "value" \
+            or len(concat.inputs) != 2 or any(v is None for v in concat.inputs):
+        return None
+    past, new = concat.inputs
+    match = PAST_RE.match(past.name or "")
+    if past.producer() is not None or match is None or match.groups() != present.groups():
+        return None
+    return new
+
+
 def attention_value_map(x: ir.Value) -> tuple[ir.Node, np.ndarray, str] | None:
     """For the input ``x`` of an attention output projection, the value projection and, per
     channel of ``x``, the value channel it carries (or None, with the reason as the third item
     when a path was found but cannot be used).
 
     Walks back from ``x`` through Reshape / Transpose / Unsqueeze / Expand (grouped-query
-    attention repeats each kv head) and the probabilities-times-values MatMul (a mix over the
-    sequence axis only) to a MatMul with a constant 2-D weight. The channel map comes from
-    running that path on an index tensor (symbolic dimensions taken as 1): attention never mixes
-    channels, so ``x[..., j] = sum_t P[t] v[t, map[j]]`` (every token must read the same map),
+    attention repeats each kv head), the probabilities-times-values MatMul (a mix over the
+    sequence axis only) and, in a KV-cache graph, the value cache's append (``present =
+    Concat(past, new)`` along the sequence: past entries came from the same, already scaled,
+    projection in earlier steps) to a MatMul with a constant 2-D weight. The channel map comes
+    from running that path on an index tensor (symbolic dimensions taken as 1): attention never
+    mixes channels, so ``x[..., j] = sum_t P[t] v[t, map[j]]`` (every token must read the same map),
     and scaling v's channel c by ``1/s_c`` (the value projection's weight columns) scales every
     ``x`` channel that reads it by the same factor, exactly, whatever the probabilities.
     """
@@ -177,9 +215,14 @@ def attention_value_map(x: ir.Value) -> tuple[ir.Node, np.ndarray, str] | None:
     v = x
     while True:
         p = v.producer()
-        if p is None or v.is_graph_output() or (v is not x and len(v.uses()) != 1):
+        appended = _cache_append_input(p, v) if p is not None else None
+        if p is None or (v.is_graph_output() and appended is None) or \
+                (v is not x and len(v.uses()) != 1):
             return None
-        if p.op_type == "MatMul" and len(p.inputs) == 2 and p.inputs[1] is not None:
+        if appended is not None:
+            path.append(p)  # same channels as the new values, broadcast to the output's shape
+            v = appended
+        elif p.op_type == "MatMul" and len(p.inputs) == 2 and p.inputs[1] is not None:
             w = p.inputs[1].const_value
             if w is not None:
                 if len(w.shape) != 2:
@@ -217,7 +260,7 @@ def attention_value_map(x: ir.Value) -> tuple[ir.Node, np.ndarray, str] | None:
                 return None
             elif node.op_type == "Reshape":
                 idx = idx.reshape(shape)
-            else:  # Expand, or MatMul(P, v): same channels, broadcast to the output's shape
+            else:  # Expand, MatMul(P, v) or the cache append: same channels, output's shape
                 idx = np.broadcast_to(idx, shape)
             if shape is not None and list(idx.shape) != shape:
                 return None
@@ -240,7 +283,8 @@ def find_smooth_groups(model: ir.Model, untie: bool = False
     """Norm -> {MatMul} and linear -> product -> {MatMul} groups, and (layer, reason) skipped.
 
     Found from the graph alone: a normalization whose output feeds only MatMuls with constant
-    weights (q/k/v, gate/up), and an elementwise product with one factor straight from a
+    weights (q/k/v, gate/up; a norm whose scale tensor other nodes read too, as an exporter's
+    deduplication of equal scales leaves it, gets its own copy in the graph), and an elementwise product with one factor straight from a
     constant-weight MatMul (SwiGLU's up-projection) feeding only such MatMuls (down).
     """
     groups, skipped = [], []
@@ -252,13 +296,19 @@ def find_smooth_groups(model: ir.Model, untie: bool = False
             users = _const_matmul_consumers(out, untie)
             if scale.const_value is None or len(scale.const_value.shape) != 1:
                 skipped.append((name, "the norm's scale is not a constant vector"))
-            elif len(scale.uses()) != 1:
-                skipped.append((name, "the norm's scale is shared with another node"))
             elif users is None:
                 skipped.append((name, "the norm output feeds something other than MatMuls with "
                                       "constant, unshared 2-D weights (e.g. a tied lm_head)"))
             else:
-                groups.append(SmoothGroup(node, scale, 0, out, users))
+                if len(scale.uses()) != 1:  # equal scales deduplicated (e.g. norms left at 1.0)
+                    scale = add_initializer(model.graph, f"{name}.scale",
+                                            scale.const_value.numpy().copy())
+                    node.replace_input_with(idx, scale)
+                read = {id(u.inputs[0]): u.inputs[0] for u in users}
+                # the tensor the consumers read (a token Slice of ``out``): its calibration rows
+                groups.append(SmoothGroup(node, scale, 0,
+                                          next(iter(read.values())) if len(read) == 1 else out,
+                                          users))
         elif node.op_type == "Mul":
             users = _const_matmul_consumers(node.outputs[0])
             prev = (_linear_before_product(node, users[0].inputs[1].const_value.shape[0])
@@ -289,8 +339,6 @@ def apply_scales(g: SmoothGroup, s: np.ndarray, graph: ir.Graph | None = None) -
     through the group's channel map) into every consumer's weight rows;
     a tied consumer gets its own scaled copy of the table (``graph`` needed). Returns the bytes
     of the copies made."""
-    from lbcc.irutils import add_initializer
-
     s = s.astype(np.float64)
     f = g.fold.const_value.numpy().astype(np.float64)
     f = f / s if g.fold_axis == 0 else f / s[None, :]

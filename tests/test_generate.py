@@ -386,9 +386,60 @@ def test_quantized_cache_graph_matches_cache_free_graph(tiny, tiny_nocache, tmp_
     _assert_decode_matches_cache_free(tmp_path / "kv.onnx", nocache.model, VOCAB)
 
 
-def _assert_decode_matches_cache_free(kv_path, nocache_model, vocab: int) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["w8a8-sq", "auto", "auto-avx2", "w4a16-awq", "w4a16-gptq",
+                                    "w4a16-e4-gptq", "w4a16-mixed"])
+def test_accuracy_presets_compile_the_cache_graph_as_the_cache_free_one(tiny, tiny_nocache,
+                                                                      tmp_path, preset):
+    """SmoothQuant / AWQ find the same groups in the KV-cache graph as in the cache-free one: the
+    value -> output projection through the value cache's append (present = Concat(past, v)),
+    the final norm -> tied lm_head through logits_to_keep's token Slice, and the norms whose
+    equal scales (all 1.0 in this random model) the exporter stored once; so decoding gives the
+    cache-free compile's logits."""
+    import onnx
+    import onnx_ir as ir
+
+    import lbcc
+    from lbcc.calibration import RandomFeed
+
+    group = 32 if preset in ("w4a16-awq", "w4a16-gptq", "w4a16-mixed") else None
+    feed = RandomFeed(vocab_size=VOCAB, seq_len=32, n=4)
+    nocache = lbcc.compile(ir.from_proto(onnx.load_from_string(tiny_nocache)), preset=preset,
+                           calibration=feed, group_size=group, progress=False)
+    cached = lbcc.compile(ir.from_proto(ir.to_proto(tiny[1])), preset=preset, calibration=feed,
+                          group_size=group, progress=False)
+
+    def groups(result):
+        notes = {p["name"]: p["notes"] for p in result.report.data["passes"]}
+        smoothing = notes.get("smooth-quant") or notes.get("awq") or {}
+        return sorted((g["from"], g.get("kind")) for g in smoothing.get("groups", []))
+
+    assert groups(cached) == groups(nocache)
+    if preset in ("w8a8-sq", "auto", "auto-avx2", "w4a16-awq"):
+        found = dict(groups(cached))
+        assert found.get("model.layers.1.self_attn.v_proj") == "attention"
+        assert "model.layers.0.input_layernorm" in found
+        if preset != "w4a16-awq":  # AWQ leaves the 8-bit lm_head alone
+            assert "model.norm" in found
+    # the same compile: every layer's plan (static range, bits) and weight error, bit for bit
+    plans = {r["layer"]: (r.get("plan"), r.get("weight", {}).get("rel_error"))
+             for r in nocache.report.layers if "plan" in r}
+    cached_plans = {r["layer"]: (r.get("plan"), r.get("weight", {}).get("rel_error"))
+                    for r in cached.report.layers if r["layer"] in plans}
+    assert cached_plans == plans
+    cached.save(tmp_path / "kv.onnx")
+    # MatMulNBits (accuracy_level 4) rounds each activation block to int8 at run time, and a
+    # last-bit difference between its one-row and many-row kernels can flip one rounding:
+    # measured once in 24 positions for w4a16-e4-gptq (0.7 % of the largest logit)
+    _assert_decode_matches_cache_free(tmp_path / "kv.onnx", nocache.model, VOCAB,
+                                      rare_flips=preset.startswith("w4a16"))
+
+
+def _assert_decode_matches_cache_free(kv_path, nocache_model, vocab: int,
+                                      rare_flips: bool = False) -> None:
     """Logits of a prefill of 8 tokens then one token a step through the cache graph at
-    ``kv_path`` equal, position by position, the cache-free graph's on the whole sequence."""
+    ``kv_path`` equal, position by position, the cache-free graph's on the whole sequence
+    (``rare_flips``: one position of the 24 may differ by up to 1 % of the largest logit)."""
     import onnx_ir as ir
     import onnxruntime as ort
 
@@ -407,7 +458,11 @@ def _assert_decode_matches_cache_free(kv_path, nocache_model, vocab: int) -> Non
     got = np.array(got)
     scale = float(np.abs(ref).max())
     print(f"max |cache - cache-free| / max |logit| = {np.abs(got - ref).max() / scale}")
-    assert np.abs(got - ref).max() <= 1e-4 * scale, np.abs(got - ref).max() / scale
+    per_position = np.abs(got - ref).max(axis=-1) / scale
+    if rare_flips:
+        assert (per_position > 1e-4).sum() <= 1 and per_position.max() <= 1e-2, per_position
+    else:
+        assert per_position.max() <= 1e-4, per_position.max()
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
