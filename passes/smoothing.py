@@ -207,9 +207,9 @@ def attention_value_map(x: ir.Value) -> tuple[ir.Node, np.ndarray, str] | None:
     Concat(past, new)`` along the sequence: past entries came from the same, already scaled,
     projection in earlier steps) to a MatMul with a constant 2-D weight. The channel map comes
     from running that path on an index tensor (symbolic dimensions taken as 1): attention never
-    mixes channels, so ``x[..., j] = sum_t P[t] v[t, map[j]]`` (every token must read the same map),
-    and scaling v's channel c by ``1/s_c`` (the value projection's weight columns) scales every
-    ``x`` channel that reads it by the same factor, exactly, whatever the probabilities.
+    mixes channels, so ``x[..., j] = sum_t P[t] v[t, map[j]]`` (every token must read the same
+    map), and scaling v's channel c by ``1/s_c`` (the value projection's weight columns) scales
+    every ``x`` channel that reads it by the same factor, exactly, whatever the probabilities.
     """
     path: list[ir.Node] = []
     v = x
@@ -284,8 +284,9 @@ def find_smooth_groups(model: ir.Model, untie: bool = False
 
     Found from the graph alone: a normalization whose output feeds only MatMuls with constant
     weights (q/k/v, gate/up; a norm whose scale tensor other nodes read too, as an exporter's
-    deduplication of equal scales leaves it, gets its own copy in the graph), and an elementwise product with one factor straight from a
-    constant-weight MatMul (SwiGLU's up-projection) feeding only such MatMuls (down).
+    deduplication of equal scales leaves it, gets its own copy in the graph), and an elementwise
+    product with one factor straight from a constant-weight MatMul (SwiGLU's up-projection)
+    feeding only such MatMuls (down).
     """
     groups, skipped = [], []
     for node in model.graph:
