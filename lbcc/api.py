@@ -154,6 +154,21 @@ def resolve_recipe(preset_name: str | None, recipe: str | os.PathLike | Recipe |
     return preset(preset_name or "w8a8", group_size=group_size)
 
 
+def require_calibration(rec: Recipe, feed: Any) -> None:
+    """A clear error when ``rec`` computes something from calibration data and ``feed`` is None:
+    what it computes, and the preset of the same kind that needs none."""
+    if not rec.needs_calibration or feed is not None:
+        return
+    uses = rec.calibration_uses
+    alternative = "w4a16 or w4a16-e4" if rec.weights.bits == 4 else "w8a8-dynamic"
+    raise BadInputError(f"preset/recipe {rec.name!r} needs calibration data, for "
+                        f"{', '.join(uses[:-1]) + ' and ' if len(uses) > 1 else ''}{uses[-1]}.",
+                        "Pass --calib FILE.txt --tokenizer T (real text from the model's "
+                        "domain, not the evaluation set), or --calib FILE.npz; or use "
+                        f"--preset {alternative}, which "
+                        f"{'need' if ' or ' in alternative else 'needs'} none.")
+
+
 def compile(source: Any, target: str = "ort-int8", preset: str | None = None,
             recipe: str | os.PathLike | Recipe | None = None, calibration: Any = None,
             tokenizer: Any = None, *, group_size: int | None = None,
@@ -179,12 +194,7 @@ def compile(source: Any, target: str = "ort-int8", preset: str | None = None,
                             "Add --kv-cache (a Hugging Face or GGUF source), or give a KV-cache "
                             "ONNX file.")
     feed = make_feed(calibration, tokenizer, rec, model)
-    if rec.needs_calibration and feed is None:
-        raise BadInputError(f"preset/recipe {rec.name!r} uses static activation ranges and "
-                            "needs calibration data.",
-                            "Pass --calib FILE.txt --tokenizer T (real text from the model's "
-                            "domain, not the evaluation set), or --calib FILE.npz; or use "
-                            "--preset w8a8-dynamic, which needs none.")
+    require_calibration(rec, feed)
     if kv_cache_dtype != "float" and feed is None:
         raise BadInputError(f"--kv-cache-dtype {kv_cache_dtype} takes the cache's scales from "
                             "calibration data, and none was given.",

@@ -273,7 +273,7 @@ def prepare_search(source: Any, preset: str | None, recipe: Any, target: str, ca
     target; the target; the float model, captured, and copied when ``source`` is already an
     ``ir.Model`` so that the caller's model is never changed; the calibration feed or None).
     A recipe that needs calibration data and has none is a :class:`BadInputError`."""
-    from lbcc.api import make_feed, resolve_recipe
+    from lbcc.api import make_feed, require_calibration, resolve_recipe
     from lbcc.capture import capture
     from lbcc.target import check_recipe, get_target
 
@@ -284,9 +284,7 @@ def prepare_search(source: Any, preset: str | None, recipe: Any, target: str, ca
     if isinstance(source, ir.Model):
         model = ir.from_proto(ir.to_proto(model))
     feed = make_feed(calibration, tokenizer, rec, model)
-    if rec.needs_calibration and feed is None:
-        raise BadInputError(f"preset/recipe {rec.name!r} needs calibration data.",
-                            "Pass --calib FILE.txt --tokenizer T or --calib FILE.npz.")
+    require_calibration(rec, feed)
     return rec, tgt, model, feed
 
 

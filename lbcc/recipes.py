@@ -182,9 +182,19 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.activations.mode == "static" or self.weights.method == "gptq"
-                or self.smoothing.method != "none" or self.weights.clip == "output"
-                or self.mixed_precision.enabled)
+        return bool(self.calibration_uses)
+
+    @property
+    def calibration_uses(self) -> list[str]:
+        """What this recipe computes from calibration data (empty: it needs none)."""
+        uses = [("static activation ranges", self.activations.mode == "static"),
+                ("GPTQ's Hessians", self.weights.method == "gptq"),
+                ({"smoothquant": "SmoothQuant's", "awq": "AWQ's"}.get(
+                    self.smoothing.method, self.smoothing.method) + " scales",
+                 self.smoothing.method != "none"),
+                ("the output-error clip search", self.weights.clip == "output"),
+                ("measured layer sensitivities", self.mixed_precision.enabled)]
+        return [what for what, used in uses if used]
 
     def spec_for(self, layer: str) -> tuple[WeightSpec, str, str | None]:
         """(weight spec, activation mode, skip reason) for one layer after overrides."""

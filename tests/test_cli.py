@@ -202,9 +202,19 @@ def test_calibration_text_without_tokenizer(models_dir, out_dir, calib_text):
     assert_clean_failure(r, 1, "--tokenizer", out_dir=out_dir)
 
 
-def test_static_preset_without_calibration(mlp_path, out_dir):
-    r = lbcc_cli(*_compile_args(mlp_path, out_dir, "--preset", "w8a8"))
-    assert_clean_failure(r, 1, "calibration", "w8a8-dynamic", out_dir=out_dir)
+@pytest.mark.parametrize("preset,why,instead", [
+    ("w8a8", "static activation ranges", "w8a8-dynamic"),
+    ("auto", "static activation ranges, GPTQ's Hessians and SmoothQuant's scales",
+     "w8a8-dynamic"),
+    ("w4a16-e4-gptq", "GPTQ's Hessians", "w4a16 or w4a16-e4"),
+    ("w4a16-awq", "AWQ's scales", "w4a16 or w4a16-e4"),
+    ("w4a16-mixed", "measured layer sensitivities", "w4a16 or w4a16-e4"),
+])
+def test_preset_without_calibration(mlp_path, out_dir, preset, why, instead):
+    """The error says what the preset computes from calibration data, and which preset of the
+    same kind needs none."""
+    r = lbcc_cli(*_compile_args(mlp_path, out_dir, "--preset", preset))
+    assert_clean_failure(r, 1, "calibration", why, f"--preset {instead}", out_dir=out_dir)
 
 
 def test_tokenizer_larger_than_model_vocab(models_dir, out_dir, big_tokenizer_json, tmp_path):
