@@ -1,0 +1,97 @@
+"""Exploration of the M = 1 W4A16 GEMV on a CUDA GPU (run by hand, never in CI).
+
+    python benchmarks/triton_explore_gemv.py [--shapes 8192x8192,...] [--ms 1] [--json out.json]
+
+Times, with the method of ``triton_kernels.py`` (CUDA-graph replays, weights rotated beyond L2),
+float16 ``F.linear`` and every float16-pair GEMV tile of the tuning space (``ops.GEMV_CONFIGS``),
+each launched with programmatic dependent launch where the GPU has it (as in a decode step).
+Each candidate's relative error against float math on the same weights is printed beside its
+time; the tiles are sorted by time in the JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_kernels as TK  # noqa: E402
+
+ops = TK.ops
+GROUP = 128
+BITS = 4
+
+
+def tag(c):
+    keys = ("BLOCK_N", "CHUNKS", "SPLIT_K", "num_warps", "PREFETCH", "PDL")
+    return "gemv " + " ".join(f"{k}={c[k]}" for k in keys if k in c)
+
+
+def cands(kw: int) -> list[dict]:
+    pdl = ops.pdl_supported(torch.device("cuda"))
+    out = [c for c in ops.GEMV_CONFIGS if c.get("HALF2") and ops._fits(c, kw, BITS, GROUP)]
+    return [dict(c, PDL=True) for c in out] if pdl else out
+
+
+def explore(n, k, ms, out):
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+    codes, s, _ = TK.quantize_gpu(w, BITS, GROUP, symmetric=True)
+    qw = TK.pack_gpu(codes, BITS)
+    r4 = TK.copies_for(qw.numel() * 4 + s.numel() * 2)
+    qws = [qw] + [qw.clone() for _ in range(r4 - 1)]
+    ss = [s] + [s.clone() for _ in range(r4 - 1)]
+    r16 = TK.copies_for(n * k * 2)
+    ws = [w] + [w.clone() for _ in range(r16 - 1)]
+    wref = TK.dequant_ref(codes, s, None, BITS, GROUP)
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ref = F.linear(x.float(), wref.float())
+        fp16 = TK.graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in ws])
+        rows = {"N": n, "K": k, "M": m, "fp16_us": fp16, "cands": []}
+        TK.log(f"{n}x{k} M={m}: fp16 {fp16:.1f} us")
+        for c in cands(qw.shape[1]):
+            try:
+                yo = ops._launch_wq(c, x, qw, s, None, None, BITS, GROUP)
+                err = ((yo.float() - ref).norm() / ref.norm()).item()
+                t = TK.graph_time_us([lambda q_=q_, s_=s_: ops._launch_wq(
+                    c, x, q_, s_, None, None, BITS, GROUP) for q_, s_ in zip(qws, ss)])
+            except Exception as e:  # noqa: BLE001
+                TK.log(f"  {tag(c)}: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            rows["cands"].append({"cfg": c, "us": t, "x_fp16": fp16 / t, "err": err})
+            TK.log(f"  {tag(c):80s} {t:7.2f} us  {fp16 / t:5.2f}x  err {err:.1e}")
+        rows["cands"].sort(key=lambda r: r["us"])
+        if rows["cands"]:
+            b = rows["cands"][0]
+            TK.log(f"  BEST {tag(b['cfg'])}: {b['us']:.2f} us = {b['x_fp16']:.2f}x fp16")
+        out.append(rows)
+    del qws, ss, ws
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="8192x8192,4096x4096,14336x4096,4096x14336")
+    ap.add_argument("--ms", default="1")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    t0 = time.time()
+    TK.log(torch.cuda.get_device_name(0), torch.__version__)
+    out = []
+    for sh in a.shapes.split(","):
+        n, k = map(int, sh.split("x"))
+        explore(n, k, [int(v) for v in a.ms.split(",")], out)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    TK.log(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
