@@ -198,7 +198,12 @@ def _causal_lm_cache_wrapper(model: Any, num_layers: int) -> Any:
 
     class CausalLMWithCache(torch.nn.Module):
         """(input_ids, attention_mask, position_ids, [k0, v0, k1, ...]) -> (logits, k0', v0', ...)
-        where ``k_i' = concat(k_i, new keys, axis=2)``: one graph for prefill and decode."""
+        where ``k_i' = concat(k_i, new keys, axis=2)``: one graph for prefill and decode.
+
+        Every layer keeps its whole past, sliding-window layers too: the cache is built without
+        the model's config, which would make those layers' caches keep only the last window
+        (transformers' sliding layers), so that the layers' past lengths would differ and the
+        presents no longer extend the pasts. The window stays in the attention mask."""
 
         def __init__(self, lm: Any):
             super().__init__()
@@ -208,7 +213,7 @@ def _causal_lm_cache_wrapper(model: Any, num_layers: int) -> Any:
                     past: list) -> tuple:
             lm = getattr(self, attr)
             cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1])
-                                                 for i in range(num_layers)], config=lm.config)
+                                                 for i in range(num_layers)])
             out = lm(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids, past_key_values=cache, use_cache=True)
             present = []

@@ -23,11 +23,15 @@ from lbcc.pipeline import Pass
 
 
 #: the KV-cache graph's attention fusions (the rotary first: the GQA fusion takes RotaryEmbedding)
-KV_ATTENTION_FUSIONS = ("rotary_from_position_ids", "sdpa", "gqa", "share_attention_lengths",
-                        "sdpa_via_mha")
+KV_ATTENTION_FUSIONS = ("rotary_from_position_ids", "sdpa", "guard_attention", "gqa",
+                        "restore_attention", "share_attention_lengths", "sdpa_via_mha")
 
 FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
              "MultiHeadAttention", "GroupQueryAttention", "Attention"}
+
+
+#: steps that are not fusions: nothing to explain when they do nothing
+_SILENT = ("guard_attention", "restore_attention")
 
 
 def _fusions(kv_cache: bool = False) -> list[tuple[str, Callable[..., int], dict]]:
@@ -87,13 +91,16 @@ class FuseORT(Pass):
 
         counts: dict[str, int] = {}
         why_not: dict[str, str] = {}
+        kept: dict[str, str] = {}
         for name, fuse, kwargs in _fusions(kv_cache=kv_layout(model) is not None):
             if (self.only is not None and name not in self.only) or (
                     name == "pack_qkv" and not self.pack_qkv) or (
                     name in KV_ATTENTION_FUSIONS and not self.kv_attention):
                 continue
             counts[name] = int(fuse(model, **kwargs) or 0)
-            if counts[name] == 0 and self.explain:
+            if getattr(fuse, "reasons", None):  # blocks a fusion left alone on purpose, and why
+                kept.update(fuse.reasons)
+            elif counts[name] == 0 and self.explain and name not in _SILENT:
                 why_not[name] = _why_not(fuse, model, kwargs)
         # inline fusion helper functions that no other fusion consumed, drop dead nodes
         if model.functions:
@@ -106,6 +113,8 @@ class FuseORT(Pass):
         self.note("matched", counts)
         if why_not:
             self.note("why_not", why_not)
+        if kept:
+            self.note("attention_kept_unfused", kept)
         self.note("fused_ops_in_graph", {k: v for k, v in op_histogram(model).items()
                                          if k.split("::")[-1] in FUSED_OPS})
         return ir.passes.PassResult(model, modified=any(counts.values()))

@@ -343,16 +343,235 @@ def last_logits(model: ir.Model, debug: bool = False) -> int:
     return 1
 
 
+# ----------------------------------------------------------------------------- masks
+
+#: (past, new tokens) at which a KV-cache graph's attention masks are evaluated: a prompt longer
+#: than the common sliding windows (4,096 tokens), and a short step after a past
+MASK_CHECKS = ((0, 4099), (5, 3))
+#: a masked score must be at most this (exp(-1e4) is 0 in float32)
+MASKED_MAX = -1e4
+#: the domain an attention block GQA must not take waits in, until ``sdpa_via_mha``
+HELD_DOMAIN = "lbcc.held_attention"
+_SDPA_DOMAIN = "ai.onnxruntime._fusion"
+#: the most constant elements a mask's computation may read (more: it reads weights)
+_MASK_MAX_CONSTANTS = 1 << 20
+
+
+def _ancestors(values: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value], int]:
+    """Nodes computing ``values``, the graph inputs they read and their constants' size."""
+    nodes: dict[int, ir.Node] = {}
+    inputs: dict[str, ir.Value] = {}
+    constants, seen, stack = 0, set(), list(values)
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        p = v.producer()
+        if p is None:
+            if v.const_value is None:
+                inputs[v.name] = v
+            else:
+                constants += v.const_value.size
+            continue
+        nodes[id(p)] = p
+        stack.extend(i for i in p.inputs if i is not None)
+    return list(nodes.values()), list(inputs.values()), constants
+
+
+def _probe_feeds(model: ir.Model, inputs: list[ir.Value], past: int, seq: int
+                 ) -> dict[str, np.ndarray]:
+    """Inputs of one sequence: ``seq`` new tokens after ``past`` cached ones, no padding."""
+    graph_inputs = {v.name: v for v in model.graph.inputs}
+    ids, key = graph_inputs["input_ids"], graph_inputs["past_key_values.0.key"]
+    dims = {ids.shape[0]: 1, ids.shape[1]: seq, key.shape[2]: past}
+    if "attention_mask" in graph_inputs:
+        dims[graph_inputs["attention_mask"].shape[1]] = past + seq
+    feeds = {}
+    for v in inputs:
+        if v.shape is None or any(not isinstance(d, int) and d not in dims for d in v.shape):
+            raise ValueError(f"the shape of input {v.name!r} ({v.shape}) is not known in terms "
+                             "of the batch, new-token and past dims")
+        shape = [d if isinstance(d, int) else dims[d] for d in v.shape]
+        dtype = v.dtype.numpy()
+        if v.name == "attention_mask":
+            feeds[v.name] = np.ones(shape, dtype)
+        elif v.name == "position_ids":
+            feeds[v.name] = np.broadcast_to(np.arange(past, past + seq, dtype=dtype), shape).copy()
+        else:
+            feeds[v.name] = np.zeros(shape, dtype)
+    return feeds
+
+
+def _evaluate(model: ir.Model, values: list[ir.Value], past: int, seq: int
+              ) -> list[np.ndarray]:
+    """``values`` computed by ONNX Runtime from the graph's inputs (:func:`_probe_feeds`)."""
+    import onnx
+    import onnxruntime as ort
+
+    nodes, inputs, constants = _ancestors(values)
+    if constants > _MASK_MAX_CONSTANTS:
+        raise ValueError(f"it reads {constants:,} constant elements (weights?)")
+    order = {id(n): i for i, n in enumerate(model.graph)}
+    nodes.sort(key=lambda n: order.get(id(n), 0))
+    protos, inits, seen = [], [], set()
+    for n in nodes:
+        protos.append(ir.serde.serialize_node(n))
+        for i in n.inputs:
+            if i is not None and i.producer() is None and i.const_value is not None \
+                    and i.name not in seen:
+                seen.add(i.name)
+                inits.append(ir.serde.serialize_tensor(i.const_value))
+                inits[-1].name = i.name
+    feeds = _probe_feeds(model, inputs, past, seq)
+    graph = onnx.helper.make_graph(
+        protos, "mask_probe",
+        [onnx.helper.make_tensor_value_info(v.name, onnx.helper.np_dtype_to_tensor_dtype(
+            feeds[v.name].dtype), feeds[v.name].shape) for v in inputs],
+        [onnx.helper.make_empty_tensor_value_info(v.name) for v in values], inits)
+    proto = onnx.helper.make_model(graph, opset_imports=[
+        onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+    return sess.run([v.name for v in values], feeds)
+
+
+def kv_mask_reason(model: ir.Model, mask: ir.Value) -> str:
+    """Why an attention ``mask`` of a KV-cache graph is not the plain causal mask of a full
+    cache ("" when it is): evaluated at :data:`MASK_CHECKS`, token ``i`` of ``seq`` new ones
+    after ``past`` cached ones must see exactly keys ``0 .. past + i`` (score bias 0; the rest
+    <= -1e4). A sliding window (Mistral, Gemma 2 / 3, some Qwen2 and Phi-3 configurations) fails
+    at a prompt longer than the window."""
+    for past, seq in MASK_CHECKS:
+        try:
+            (m,) = _evaluate(model, [mask], past, seq)
+        except Exception as exc:  # noqa: BLE001 - cannot prove it causal: keep the mask
+            return f"the mask cannot be evaluated from the graph's inputs: {exc}"[:300]
+        total = past + seq
+        if m.ndim < 2 or m.shape[-2:] != (seq, total):
+            return f"the mask has shape {list(m.shape)}, not [.., {seq}, {total}]"
+        seen = np.arange(total)[None, :] <= past + np.arange(seq)[:, None]
+        rows = m.reshape(-1, seq, total)
+        if np.any(rows[:, seen] != 0):
+            return (f"the mask hides keys a causal mask shows ({seq} tokens after {past}): a "
+                    "sliding window")
+        if np.any(rows[:, ~seen] > MASKED_MAX):
+            return f"the mask shows future keys ({seq} tokens after {past})"
+    return ""
+
+
+class AttentionGuard:
+    """What onnxscript's GQA fusion (0.7) gets wrong, kept right around it.
+
+    Before it (:meth:`__call__`), on each fused ``SDPA``:
+
+    * a mask that is not the plain causal mask of a full cache (:func:`kv_mask_reason`: a
+      sliding window) sends the block to a private domain, out of the rule's reach:
+      ``GroupQueryAttention`` computes its own causal mask from the sequence lengths, and the
+      rule takes a sliding-window mask for a causal one. ``reasons``: layer -> why;
+    * its softmax scale is recorded by the layer's past-key input: the rule drops it, and
+      ``GroupQueryAttention`` then scales by ``1/sqrt(head_dim)``, not, e.g., Gemma's
+      ``query_pre_attn_scalar ** -0.5``.
+
+    After it (:meth:`release`): each ``GroupQueryAttention`` whose block scaled otherwise gets
+    that ``scale``, and the held blocks go back for ``sdpa_via_mha``, whose
+    ``MultiHeadAttention`` adds the graph's mask as it is."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+        self.scales: dict[str, float] = {}
+
+    def __call__(self, model: ir.Model, debug: bool = False) -> int:
+        verdicts: dict[int, str] = {}
+        held = 0
+        for node in model.graph:
+            if node.op_type != "SDPA" or node.domain != _SDPA_DOMAIN:
+                continue
+            past = _nearest_past_key(node.inputs[1])
+            scale = node.attributes.get_float("scale", None)
+            if past is not None and scale is not None:
+                self.scales[past.name] = scale
+            mask = node.inputs[3] if len(node.inputs) > 3 else None
+            if mask is None:
+                continue
+            if id(mask) not in verdicts:
+                verdicts[id(mask)] = kv_mask_reason(model, mask)
+            if verdicts[id(mask)]:
+                node.domain = HELD_DOMAIN
+                self.reasons[_attention_name(node)] = verdicts[id(mask)]
+                held += 1
+        if debug and not held:
+            print("Rule: AttentionGuard failed: every attention mask is causal")
+        return held
+
+    def release(self, model: ir.Model, debug: bool = False) -> int:
+        """Scales onto ``GroupQueryAttention``, held blocks back; returns how many of each."""
+        changed = 0
+        for node in model.graph:
+            if node.domain == HELD_DOMAIN:
+                node.domain = _SDPA_DOMAIN
+                changed += 1
+            elif node.op_type == "GroupQueryAttention" and len(node.inputs) > 3 \
+                    and node.inputs[3] is not None and node.inputs[3].name in self.scales \
+                    and "scale" not in node.attributes:
+                scale = self.scales[node.inputs[3].name]
+                head_dim = node.inputs[3].shape[-1] if node.inputs[3].shape else None
+                if not isinstance(head_dim, int) or abs(scale * head_dim ** 0.5 - 1.0) > 1e-6:
+                    node.attributes["scale"] = ir.AttrFloat32("scale", scale)
+                    changed += 1
+        return changed
+
+
+def _nearest_past_key(value: ir.Value | None, max_depth: int = 12) -> ir.Value | None:
+    """The ``past_key_values.N.key`` graph input closest above ``value`` (breadth first): the
+    cache an attention block's keys extend."""
+    from lbcc.kvcache import PAST_RE
+
+    frontier, seen = [value], set()
+    for _ in range(max_depth):
+        nxt = []
+        for v in frontier:
+            if v is None or id(v) in seen:
+                continue
+            seen.add(id(v))
+            p = v.producer()
+            if p is None:
+                m = PAST_RE.match(v.name or "")
+                if m and m.group(2) == "key":
+                    return v
+                continue
+            nxt.extend(p.inputs)
+        frontier = nxt
+    return None
+
+
+def _attention_name(node: ir.Node) -> str:
+    """The layer of a fused attention node: that of the first consumer that has one."""
+    from lbcc.irutils import LAYER_KEY, layer_name
+
+    for out in node.outputs:
+        for use in out.uses():
+            if LAYER_KEY in use.node.metadata_props:
+                return layer_name(use.node)
+    return layer_name(node)
+
+
 def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
     """(name, fuse function, kwargs) of the fusions that need a KV-cache graph, in order."""
     from onnxscript.rewriter.ort_fusions import gqa, sdpa, sdpa_via_mha
 
     from lbcc.passes.cleanup import drop_unused_norm_stats
 
+    guard = AttentionGuard()
     return [
         ("rotary_from_position_ids", rotary_from_position_ids, {}),
         ("sdpa", sdpa.fuse_sdpa, {"apply_shape_inference": True}),
+        ("guard_attention", guard, {}),
         ("gqa", gqa.fuse_gqa, {}),
+        ("restore_attention", guard.release, {}),
         ("share_attention_lengths", share_attention_lengths, {}),
         ("pack_qkv", pack_qkv, {}),
         ("drop_unused_norm_stats", drop_unused_norm_stats, {}),

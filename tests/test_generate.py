@@ -522,6 +522,89 @@ def test_qwen2_kv_graph_packs_biased_qkv(tmp_path):
     _assert_decode_matches_cache_free(tmp_path / "w4a16.onnx", nocache.model, VOCAB)
 
 
+def _sliding_window_lm(family: str):
+    """A random Mistral (every layer attends to the last 8 positions) or Gemma 3 (a sliding layer
+    and a full one) with a window of 8 tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig
+
+    common = dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=True, initializer_range=0.2, sliding_window=8)
+    torch.manual_seed(0)
+    cfg = (MistralConfig(**common) if family == "mistral" else Gemma3TextConfig(
+        **common, head_dim=16, layer_types=["sliding_attention", "full_attention"]))
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _decode_logits(path, ids: np.ndarray, prefill: int) -> np.ndarray:
+    """Logits of a prefill of ``prefill`` tokens, then one token a step, through a KV graph."""
+    gen = Generator(path, max_context=128)
+    layout, sess = gen.layout, gen.session
+    outs = sess.run(None, layout.feed(ids[None, :prefill], layout.empty_past(), 0))
+    got = list(outs[0][0])
+    for t in range(prefill, len(ids)):
+        outs = sess.run(None, layout.feed(ids[None, t:t + 1], outs[1:], t))
+        got.append(outs[0][0, 0])
+    return np.array(got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_window_attention_decodes_as_transformers(family, tmp_path):
+    """Sliding-window layers (a window of 8, a prompt of 12, 12 more tokens one a step): every
+    layer's cache keeps the whole past (the presents extend the pasts), the fused graph keeps
+    the windowed layers' masks (``MultiHeadAttention``; ``GroupQueryAttention`` would attend to
+    the whole past) and says so, fuses the full layers to ``GroupQueryAttention`` with the
+    model's softmax scale (Gemma's ``query_pre_attn_scalar ** -0.5`` = 1/16 here, not
+    ``1/sqrt(head_dim)`` = 1/4), and its logits equal transformers' forward pass at every
+    position."""
+    pytest.importorskip("transformers")
+    import onnx
+    import onnx_ir as ir
+    import torch
+
+    import lbcc
+    from lbcc.calibration import RandomFeed
+    from lbcc.capture import capture
+    from lbcc.modelio import save_model
+    from lbcc.passes import CaptureNormalize, FuseORT
+    from lbcc.pipeline import Pipeline, PipelineContext
+
+    hf = _sliding_window_lm(family)
+    kv = ir.to_proto(capture(hf, kv_cache=True)).SerializeToString()
+    run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(
+        ir.from_proto(onnx.load_from_string(kv)))
+    notes = run.records[-1].notes
+    ops = [n.op_type for n in run.model.graph]
+    windowed = 2 if family == "mistral" else 1
+    assert ops.count("MultiHeadAttention") == windowed
+    assert ops.count("GroupQueryAttention") == 2 - windowed
+    kept = notes["attention_kept_unfused"]
+    assert len(kept) == windowed and all("sliding window" in r for r in kept.values())
+    assert "layers.0." in next(iter(kept))
+    if family == "gemma3":
+        (gqa,) = [n for n in run.model.graph if n.op_type == "GroupQueryAttention"]
+        assert gqa.attributes["scale"].value == pytest.approx(1 / 16)
+    save_model(run.model, tmp_path / "fp32.onnx")
+    make_tokenizer(tmp_path / "tokenizer.json")
+    ids = np.random.default_rng(5).integers(0, VOCAB, 24)
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids[None])).logits[0].numpy()
+    got = _decode_logits(tmp_path / "fp32.onnx", ids, prefill=12)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+    # a quantizing compile of the cache graph keeps the same masks
+    cached = lbcc.compile(ir.from_proto(onnx.load_from_string(kv)), preset="w8a8",
+                          calibration=RandomFeed(vocab_size=VOCAB, seq_len=32, n=4),
+                          progress=False)
+    assert len(cached.run.context.notes["fuse-kv-attention"]["attention_kept_unfused"]) == \
+        windowed
+    cached.save(tmp_path / "w8a8.onnx")
+    got = _decode_logits(tmp_path / "w8a8.onnx", ids, prefill=12)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+
+
 # ----------------------------------------------------------------------------- the sample
 
 @pytest.mark.slow
