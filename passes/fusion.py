@@ -91,16 +91,14 @@ class FuseORT(Pass):
 
         counts: dict[str, int] = {}
         why_not: dict[str, str] = {}
-        kept: dict[str, str] = {}
-        for name, fuse, kwargs in _fusions(kv_cache=kv_layout(model) is not None):
+        fusions = _fusions(kv_cache=kv_layout(model) is not None)
+        for name, fuse, kwargs in fusions:
             if (self.only is not None and name not in self.only) or (
                     name == "pack_qkv" and not self.pack_qkv) or (
                     name in KV_ATTENTION_FUSIONS and not self.kv_attention):
                 continue
             counts[name] = int(fuse(model, **kwargs) or 0)
-            if getattr(fuse, "reasons", None):  # blocks a fusion left alone on purpose, and why
-                kept.update(fuse.reasons)
-            elif counts[name] == 0 and self.explain and name not in _SILENT:
+            if counts[name] == 0 and self.explain and name not in _SILENT:
                 why_not[name] = _why_not(fuse, model, kwargs)
         # inline fusion helper functions that no other fusion consumed, drop dead nodes
         if model.functions:
@@ -113,8 +111,11 @@ class FuseORT(Pass):
         self.note("matched", counts)
         if why_not:
             self.note("why_not", why_not)
-        if kept:
-            self.note("attention_kept_unfused", kept)
+        guard = next((f for _, f, _ in fusions if hasattr(f, "reasons")), None)
+        if guard is not None and guard.reasons:  # blocks left alone on purpose, and why
+            self.note("attention_kept_unfused", guard.reasons)
+        if guard is not None and guard.windows:
+            self.note("sliding_windows", guard.windows)
         self.note("fused_ops_in_graph", {k: v for k, v in op_histogram(model).items()
                                          if k.split("::")[-1] in FUSED_OPS})
         return ir.passes.PassResult(model, modified=any(counts.values()))

@@ -346,7 +346,8 @@ def last_logits(model: ir.Model, debug: bool = False) -> int:
 # ----------------------------------------------------------------------------- masks
 
 #: (past, new tokens) at which a KV-cache graph's attention masks are evaluated: a prompt longer
-#: than the common sliding windows (4,096 tokens), and a short step after a past
+#: than the common sliding windows (4,096 tokens), a short step after a past, and (see
+#: :func:`_mask_checks`) a step at the end of the model's context
 MASK_CHECKS = ((0, 4099), (5, 3))
 #: a masked score must be at most this (exp(-1e4) is 0 in float32)
 MASKED_MAX = -1e4
@@ -357,8 +358,18 @@ _SDPA_DOMAIN = "ai.onnxruntime._fusion"
 _MASK_MAX_CONSTANTS = 1 << 20
 
 
+def _mask_checks(model: ir.Model) -> list[tuple[int, int]]:
+    """:data:`MASK_CHECKS`, and 2 tokens ending at the recorded context length (a window longer
+    than 4,096 tokens shows only there)."""
+    from lbcc.kvcache import max_positions
+
+    context = max_positions(model.metadata_props) or 0
+    return list(MASK_CHECKS) + ([(context - 2, 2)] if context > MASK_CHECKS[0][1] else [])
+
+
 def _ancestors(values: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value], int]:
-    """Nodes computing ``values``, the graph inputs they read and their constants' size."""
+    """Nodes computing ``values``, the graph inputs they read as data and their constants'
+    size. A ``Shape`` of a graph input is a leaf (its value comes from the probe's dims)."""
     nodes: dict[int, ir.Node] = {}
     inputs: dict[str, ir.Value] = {}
     constants, seen, stack = 0, set(), list(values)
@@ -375,25 +386,35 @@ def _ancestors(values: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value], i
                 constants += v.const_value.size
             continue
         nodes[id(p)] = p
+        if p.op_type == "Shape" and p.inputs[0] is not None and p.inputs[0].producer() is None:
+            continue
         stack.extend(i for i in p.inputs if i is not None)
     return list(nodes.values()), list(inputs.values()), constants
 
 
-def _probe_feeds(model: ir.Model, inputs: list[ir.Value], past: int, seq: int
-                 ) -> dict[str, np.ndarray]:
-    """Inputs of one sequence: ``seq`` new tokens after ``past`` cached ones, no padding."""
+def _probe_dims(model: ir.Model, past: int, seq: int) -> dict:
+    """Symbolic dim -> size, for one sequence of ``seq`` new tokens after ``past`` cached ones."""
     graph_inputs = {v.name: v for v in model.graph.inputs}
     ids, key = graph_inputs["input_ids"], graph_inputs["past_key_values.0.key"]
     dims = {ids.shape[0]: 1, ids.shape[1]: seq, key.shape[2]: past}
     if "attention_mask" in graph_inputs:
         dims[graph_inputs["attention_mask"].shape[1]] = past + seq
+    return dims
+
+
+def _concrete(v: ir.Value, dims: dict) -> list[int]:
+    if v.shape is None or any(not isinstance(d, int) and d not in dims for d in v.shape):
+        raise ValueError(f"the shape of input {v.name!r} ({v.shape}) is not known in terms of "
+                         "the batch, new-token and past dims")
+    return [d if isinstance(d, int) else dims[d] for d in v.shape]
+
+
+def _probe_feeds(inputs: list[ir.Value], dims: dict, past: int, seq: int
+                 ) -> dict[str, np.ndarray]:
+    """One sequence without padding: a mask of ones, positions ``past .. past + seq - 1``."""
     feeds = {}
     for v in inputs:
-        if v.shape is None or any(not isinstance(d, int) and d not in dims for d in v.shape):
-            raise ValueError(f"the shape of input {v.name!r} ({v.shape}) is not known in terms "
-                             "of the batch, new-token and past dims")
-        shape = [d if isinstance(d, int) else dims[d] for d in v.shape]
-        dtype = v.dtype.numpy()
+        shape, dtype = _concrete(v, dims), v.dtype.numpy()
         if v.name == "attention_mask":
             feeds[v.name] = np.ones(shape, dtype)
         elif v.name == "position_ids":
@@ -405,17 +426,25 @@ def _probe_feeds(model: ir.Model, inputs: list[ir.Value], past: int, seq: int
 
 def _evaluate(model: ir.Model, values: list[ir.Value], past: int, seq: int
               ) -> list[np.ndarray]:
-    """``values`` computed by ONNX Runtime from the graph's inputs (:func:`_probe_feeds`)."""
+    """``values`` computed by ONNX Runtime from the graph's inputs for ``seq`` new tokens after
+    ``past`` cached ones (:func:`_probe_feeds`)."""
     import onnx
     import onnxruntime as ort
 
     nodes, inputs, constants = _ancestors(values)
     if constants > _MASK_MAX_CONSTANTS:
         raise ValueError(f"it reads {constants:,} constant elements (weights?)")
+    dims = _probe_dims(model, past, seq)
     order = {id(n): i for i, n in enumerate(model.graph)}
     nodes.sort(key=lambda n: order.get(id(n), 0))
     protos, inits, seen = [], [], set()
     for n in nodes:
+        if n.op_type == "Shape" and n.inputs[0].producer() is None:
+            full = np.array(_concrete(n.inputs[0], dims), np.int64)
+            sl = full[n.attributes.get_int("start", 0):n.attributes.get_int("end", None)]
+            protos.append(onnx.helper.make_node("Constant", [], [n.outputs[0].name],
+                                                value=onnx.numpy_helper.from_array(sl)))
+            continue
         protos.append(ir.serde.serialize_node(n))
         for i in n.inputs:
             if i is not None and i.producer() is None and i.const_value is not None \
@@ -423,7 +452,10 @@ def _evaluate(model: ir.Model, values: list[ir.Value], past: int, seq: int
                 seen.add(i.name)
                 inits.append(ir.serde.serialize_tensor(i.const_value))
                 inits[-1].name = i.name
-    feeds = _probe_feeds(model, inputs, past, seq)
+    inputs = [v for v in inputs if any(v in n.inputs for n in nodes
+                                       if not (n.op_type == "Shape"
+                                               and n.inputs[0].producer() is None))]
+    feeds = _probe_feeds(inputs, dims, past, seq)
     graph = onnx.helper.make_graph(
         protos, "mask_probe",
         [onnx.helper.make_tensor_value_info(v.name, onnx.helper.np_dtype_to_tensor_dtype(
@@ -439,89 +471,112 @@ def _evaluate(model: ir.Model, values: list[ir.Value], past: int, seq: int
     return sess.run([v.name for v in values], feeds)
 
 
-def kv_mask_reason(model: ir.Model, mask: ir.Value) -> str:
-    """Why an attention ``mask`` of a KV-cache graph is not the plain causal mask of a full
-    cache ("" when it is): evaluated at :data:`MASK_CHECKS`, token ``i`` of ``seq`` new ones
-    after ``past`` cached ones must see exactly keys ``0 .. past + i`` (score bias 0; the rest
-    <= -1e4). A sliding window (Mistral, Gemma 2 / 3, some Qwen2 and Phi-3 configurations) fails
-    at a prompt longer than the window."""
-    for past, seq in MASK_CHECKS:
+def kv_mask_window(model: ir.Model, mask: ir.Value) -> tuple[int | None, str]:
+    """What an attention ``mask`` of a KV-cache graph lets token ``i`` of ``seq`` new ones after
+    ``past`` cached ones see, evaluated at :func:`_mask_checks` (score bias 0 where seen, <=
+    -1e4 elsewhere): ``(0, "")`` for the plain causal mask of a full cache (keys
+    ``0 .. past + i``), ``(W, "")`` for a sliding window of W tokens (keys ``j`` with
+    ``past + i - j < W``: Mistral, Gemma 2 / 3, some Qwen2 and Phi-3 configurations),
+    ``(None, why)`` for anything else."""
+    window, seen_at = 0, []
+    for past, seq in _mask_checks(model):
         try:
             (m,) = _evaluate(model, [mask], past, seq)
-        except Exception as exc:  # noqa: BLE001 - cannot prove it causal: keep the mask
-            return f"the mask cannot be evaluated from the graph's inputs: {exc}"[:300]
+        except Exception as exc:  # noqa: BLE001 - cannot read it: keep the mask
+            return None, f"the mask cannot be evaluated from the graph's inputs: {exc}"[:300]
         total = past + seq
         if m.ndim < 2 or m.shape[-2:] != (seq, total):
-            return f"the mask has shape {list(m.shape)}, not [.., {seq}, {total}]"
-        seen = np.arange(total)[None, :] <= past + np.arange(seq)[:, None]
+            return None, f"the mask has shape {list(m.shape)}, not [.., {seq}, {total}]"
         rows = m.reshape(-1, seq, total)
-        if np.any(rows[:, seen] != 0):
-            return (f"the mask hides keys a causal mask shows ({seq} tokens after {past}): a "
-                    "sliding window")
-        if np.any(rows[:, ~seen] > MASKED_MAX):
-            return f"the mask shows future keys ({seq} tokens after {past})"
-    return ""
+        seen = rows[0] > MASKED_MAX
+        back = past + np.arange(seq)[:, None] - np.arange(total)[None, :]  # i's distance to j
+        if np.any(seen & (back < 0)):
+            return None, f"the mask shows future keys ({seq} tokens after {past})"
+        if np.any(rows != rows[:1]) or np.any(rows[0][seen] != 0):
+            return None, f"the mask is not a 0 / -inf mask alike for every row ({seq} after {past})"
+        narrow = seen.sum(axis=1) < past + np.arange(seq) + 1  # rows that see less than causal
+        if narrow.any():
+            w = int(seen.sum(axis=1)[narrow].max())
+            window = w if not window else min(window, w)
+        seen_at.append((past, seq, back, seen))
+    for past, seq, back, seen in seen_at:  # every check is that one band
+        if np.any(seen != ((back >= 0) & ((back < window) if window else True))):
+            return None, (f"the mask is neither causal nor a sliding window ({seq} tokens after "
+                          f"{past})")
+    return window, ""
 
 
 class AttentionGuard:
     """What onnxscript's GQA fusion (0.7) gets wrong, kept right around it.
 
-    Before it (:meth:`__call__`), on each fused ``SDPA``:
+    Before it (:meth:`__call__`), on each fused ``SDPA``, by the layer's past-key input:
 
-    * a mask that is not the plain causal mask of a full cache (:func:`kv_mask_reason`: a
-      sliding window) sends the block to a private domain, out of the rule's reach:
-      ``GroupQueryAttention`` computes its own causal mask from the sequence lengths, and the
-      rule takes a sliding-window mask for a causal one. ``reasons``: layer -> why;
-    * its softmax scale is recorded by the layer's past-key input: the rule drops it, and
-      ``GroupQueryAttention`` then scales by ``1/sqrt(head_dim)``, not, e.g., Gemma's
-      ``query_pre_attn_scalar ** -0.5``.
+    * its mask (:func:`kv_mask_window`): ``GroupQueryAttention`` computes its own causal mask
+      from the sequence lengths, and the rule takes a sliding-window mask for a causal one. A
+      sliding window of W tokens is recorded (``windows``: layer -> W); any other non-causal
+      mask sends the block to a private domain, out of the rule's reach (``reasons``: layer ->
+      why);
+    * its softmax scale: the rule drops it, and ``GroupQueryAttention`` then scales by
+      ``1/sqrt(head_dim)``, not, e.g., Gemma's ``query_pre_attn_scalar ** -0.5``.
 
-    After it (:meth:`release`): each ``GroupQueryAttention`` whose block scaled otherwise gets
-    that ``scale``, and the held blocks go back for ``sdpa_via_mha``, whose
-    ``MultiHeadAttention`` adds the graph's mask as it is."""
+    After it (:meth:`release`): each ``GroupQueryAttention`` gets its block's window
+    (``local_window_size`` = W: ORT's kernel then sees keys with ``i - j < W``, as transformers'
+    sliding masks) and scale where it is not the default, and the held blocks go back for
+    ``sdpa_via_mha``, whose ``MultiHeadAttention`` adds the graph's mask as it is."""
 
     def __init__(self) -> None:
         self.reasons: dict[str, str] = {}
-        self.scales: dict[str, float] = {}
+        self.windows: dict[str, int] = {}
+        self._by_past: dict[str, tuple[float | None, int, str]] = {}
 
     def __call__(self, model: ir.Model, debug: bool = False) -> int:
-        verdicts: dict[int, str] = {}
+        verdicts: dict[int, tuple[int | None, str]] = {}
         held = 0
         for node in model.graph:
             if node.op_type != "SDPA" or node.domain != _SDPA_DOMAIN:
                 continue
-            past = _nearest_past_key(node.inputs[1])
-            scale = node.attributes.get_float("scale", None)
-            if past is not None and scale is not None:
-                self.scales[past.name] = scale
             mask = node.inputs[3] if len(node.inputs) > 3 else None
-            if mask is None:
-                continue
-            if id(mask) not in verdicts:
-                verdicts[id(mask)] = kv_mask_reason(model, mask)
-            if verdicts[id(mask)]:
+            window, why = 0, ""
+            if mask is not None:
+                if id(mask) not in verdicts:
+                    verdicts[id(mask)] = kv_mask_window(model, mask)
+                window, why = verdicts[id(mask)]
+            past = _nearest_past_key(node.inputs[1])
+            if window and past is None:
+                window, why = None, "a sliding window, on a block whose cache input is not found"
+            if window is None:
                 node.domain = HELD_DOMAIN
-                self.reasons[_attention_name(node)] = verdicts[id(mask)]
+                self.reasons[_attention_name(node)] = why
                 held += 1
+            elif past is not None:
+                self._by_past[past.name] = (node.attributes.get_float("scale", None), window,
+                                            _attention_name(node))
         if debug and not held:
-            print("Rule: AttentionGuard failed: every attention mask is causal")
+            print("Rule: AttentionGuard failed: every attention mask is causal or a window")
         return held
 
     def release(self, model: ir.Model, debug: bool = False) -> int:
-        """Scales onto ``GroupQueryAttention``, held blocks back; returns how many of each."""
+        """Windows and scales onto ``GroupQueryAttention``, held blocks back; how many changed."""
         changed = 0
         for node in model.graph:
             if node.domain == HELD_DOMAIN:
                 node.domain = _SDPA_DOMAIN
                 changed += 1
-            elif node.op_type == "GroupQueryAttention" and len(node.inputs) > 3 \
-                    and node.inputs[3] is not None and node.inputs[3].name in self.scales \
-                    and "scale" not in node.attributes:
-                scale = self.scales[node.inputs[3].name]
-                head_dim = node.inputs[3].shape[-1] if node.inputs[3].shape else None
-                if not isinstance(head_dim, int) or abs(scale * head_dim ** 0.5 - 1.0) > 1e-6:
-                    node.attributes["scale"] = ir.AttrFloat32("scale", scale)
-                    changed += 1
+                continue
+            past = node.inputs[3] if node.op_type == "GroupQueryAttention" \
+                and len(node.inputs) > 3 else None
+            if past is None or past.name not in self._by_past:
+                continue
+            scale, window, name = self._by_past[past.name]
+            head_dim = past.shape[-1] if past.shape else None
+            if scale is not None and "scale" not in node.attributes and (
+                    not isinstance(head_dim, int) or abs(scale * head_dim ** 0.5 - 1) > 1e-6):
+                node.attributes["scale"] = ir.AttrFloat32("scale", scale)
+                changed += 1
+            if window:
+                node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", window)
+                self.windows[name] = window
+                changed += 1
         return changed
 
 

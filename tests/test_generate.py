@@ -553,10 +553,10 @@ def _decode_logits(path, ids: np.ndarray, prefill: int) -> np.ndarray:
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_sliding_window_attention_decodes_as_transformers(family, tmp_path):
     """Sliding-window layers (a window of 8, a prompt of 12, 12 more tokens one a step): every
-    layer's cache keeps the whole past (the presents extend the pasts), the fused graph keeps
-    the windowed layers' masks (``MultiHeadAttention``; ``GroupQueryAttention`` would attend to
-    the whole past) and says so, fuses the full layers to ``GroupQueryAttention`` with the
-    model's softmax scale (Gemma's ``query_pre_attn_scalar ** -0.5`` = 1/16 here, not
+    layer's cache keeps the whole past (the presents extend the pasts), the fused graph gives
+    the windowed layers' ``GroupQueryAttention`` ``local_window_size`` 8 (without it the kernel
+    attends to the whole past) and says so, the full layers none, every layer the model's
+    softmax scale (Gemma's ``query_pre_attn_scalar ** -0.5`` = 1/16 here, not
     ``1/sqrt(head_dim)`` = 1/4), and its logits equal transformers' forward pass at every
     position."""
     pytest.importorskip("transformers")
@@ -576,16 +576,15 @@ def test_sliding_window_attention_decodes_as_transformers(family, tmp_path):
     run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(
         ir.from_proto(onnx.load_from_string(kv)))
     notes = run.records[-1].notes
-    ops = [n.op_type for n in run.model.graph]
-    windowed = 2 if family == "mistral" else 1
-    assert ops.count("MultiHeadAttention") == windowed
-    assert ops.count("GroupQueryAttention") == 2 - windowed
-    kept = notes["attention_kept_unfused"]
-    assert len(kept) == windowed and all("sliding window" in r for r in kept.values())
-    assert "layers.0." in next(iter(kept))
+    gqas = [n for n in run.model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqas) == 2 and "attention_kept_unfused" not in notes
+    windows = [n.attributes.get_int("local_window_size", -1) for n in gqas]
+    assert windows == ([8, 8] if family == "mistral" else [8, -1])
+    assert notes["sliding_windows"] == ({"model.layers.0.self_attn": 8, "model.layers.1.self_attn": 8}
+                                        if family == "mistral" else
+                                        {"model.layers.0.self_attn": 8})
     if family == "gemma3":
-        (gqa,) = [n for n in run.model.graph if n.op_type == "GroupQueryAttention"]
-        assert gqa.attributes["scale"].value == pytest.approx(1 / 16)
+        assert all(n.attributes["scale"].value == pytest.approx(1 / 16) for n in gqas)
     save_model(run.model, tmp_path / "fp32.onnx")
     make_tokenizer(tmp_path / "tokenizer.json")
     ids = np.random.default_rng(5).integers(0, VOCAB, 24)
@@ -598,8 +597,8 @@ def test_sliding_window_attention_decodes_as_transformers(family, tmp_path):
     cached = lbcc.compile(ir.from_proto(onnx.load_from_string(kv)), preset="w8a8",
                           calibration=RandomFeed(vocab_size=VOCAB, seq_len=32, n=4),
                           progress=False)
-    assert len(cached.run.context.notes["fuse-kv-attention"]["attention_kept_unfused"]) == \
-        windowed
+    assert cached.run.context.notes["fuse-kv-attention"]["sliding_windows"] == \
+        notes["sliding_windows"]
     cached.save(tmp_path / "w8a8.onnx")
     got = _decode_logits(tmp_path / "w8a8.onnx", ids, prefill=12)
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
