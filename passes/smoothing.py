@@ -19,9 +19,12 @@ tokens): with the down-projections smoothed too, every layer passes the static-i
 the calibration rows, yet perplexity is 1.16x float against 1.05x for plain W8A8; the massive
 activations of the down-projection inputs do not smooth in a way that generalizes. AWQ
 (weight-only) uses those groups. alpha is searched per
-group on [0, 1] (step 0.05) by the measured error of the quantized group on calibration rows:
-per-tensor uint8 activations (min/max of the smoothed rows) and per-channel symmetric int8
-weights, the mean over consumers i and tokens t of
+group on [0, 1] (step 0.05) by the measured error of the quantized group on calibration rows
+that the maxima in ``s`` were not taken from (:func:`search_alpha`: when the calibration kept
+most of its tokens as rows, ``s`` and the activation range are fitted on half of them and the
+error measured on the other half, so that a channel maximum the calibration underestimated
+costs what it will cost on new text): per-tensor uint8 activations (min/max of the smoothed
+rows) and per-channel symmetric int8 weights, the mean over consumers i and tokens t of
 ``||(X W_i - Q(X / s) Q(s W_i))_t||^2 / ||(X W_i)_t||^2``; a group is left alone
 when no alpha beats not smoothing, and when even smoothed every consumer stays below the
 recipe's ``min_sqnr_db`` (``-10 log10`` of its relative error): those layers fall back to int8 per
@@ -39,7 +42,6 @@ after it. Run before weight rounding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -363,8 +365,11 @@ def apply_scales(g: SmoothGroup, s: np.ndarray, graph: ir.Graph | None = None) -
     return added
 
 
-def _fake_quant_rows(x: np.ndarray) -> np.ndarray:
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+def _fake_quant_rows(x: np.ndarray, fit: np.ndarray | None = None) -> np.ndarray:
+    """Per-tensor uint8 of ``x`` on the min/max range of ``fit`` (default ``x`` itself): values
+    beyond a range taken from other rows clip, as they do on text the calibration never saw."""
+    fit = x if fit is None else fit
+    lo, hi = min(float(fit.min()), 0.0), max(float(fit.max()), 0.0)
     step = (hi - lo) / 255.0 or 1.0
     zp = np.rint(-lo / step)
     return (np.clip(np.rint(x / step) + zp, 0, 255) - zp) * step
@@ -378,22 +383,101 @@ def _fake_quant_columns(w: np.ndarray) -> np.ndarray:
 
 
 def consumer_errors(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray,
-                    refs: list[np.ndarray] | None = None) -> list[float]:
+                    refs: list[np.ndarray] | None = None,
+                    fit: np.ndarray | None = None) -> list[float]:
     """Per consumer, the token-averaged relative error of the group quantized W8A8 after
     smoothing: ``mean_t ||(X W_i - Q(X / s) Q(s W_i))_t||^2 / ||(X W_i)_t||^2``, every token
-    counted once (a few massive tokens would otherwise set the whole search)."""
-    xq = _fake_quant_rows(x / s)
+    counted once (a few massive tokens would otherwise set the whole search). ``fit``: the rows
+    whose smoothed range quantizes ``X`` (default ``X``'s own)."""
+    xq = _fake_quant_rows(x / s, None if fit is None else fit / s)
     refs = refs if refs is not None else [x @ w for w in weights]
     return [10.0 ** (-token_sqnr_db(ref, xq @ _fake_quant_columns(w * s[:, None])) / 10.0)
             for w, ref in zip(weights, refs)]
 
 
 def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray,
-                refs: list[np.ndarray] | None = None) -> float:
+                refs: list[np.ndarray] | None = None, fit: np.ndarray | None = None) -> float:
     """Relative output error of the group quantized W8A8 after smoothing with ``s`` (the mean of
-    its consumers')."""
-    parts = consumer_errors(x, weights, s, refs)
+    its consumers'), the activation range from ``fit`` (default ``x``)."""
+    parts = consumer_errors(x, weights, s, refs, fit)
     return float(np.mean(parts)) if parts else 0.0
+
+
+#: fewest calibration rows a group needs for the held-out alpha search (fewer: in-sample)
+MIN_HELD_OUT_ROWS = 32
+
+
+def split_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration rows as (fit, held out): the first and second halves, which come from
+    different calibration samples (the observer keeps rows sample by sample). With fewer than
+    :data:`MIN_HELD_OUT_ROWS` rows both are all of them."""
+    if len(x) < MIN_HELD_OUT_ROWS:
+        return x, x
+    half = len(x) // 2
+    return x[:half], x[half:]
+
+
+@dataclasses.dataclass
+class AlphaSearch:
+    """The outcome of :func:`search_alpha`."""
+
+    alpha: float | None  # None: no alpha beat leaving the group unsmoothed
+    s: np.ndarray | None  # the factors on the fold channels (from every calibration token)
+    error_before: float  # group error unsmoothed (held-out rows)
+    error_after: float  # group error at ``alpha`` (held-out rows)
+    consumer_errors: list[float]  # per consumer at ``alpha`` (held-out rows)
+    held_out_rows: int  # 0: not split (every kept row scored; see search_alpha)
+
+
+#: the maxima ``s`` is fitted on count as out of sample for the scored rows when the calibration
+#: saw at least this many times as many tokens as it kept rows
+OUT_OF_SAMPLE_TOKENS = 4
+
+
+def search_alpha(x: np.ndarray, weights: list[np.ndarray], channel_absmax: np.ndarray,
+                 alphas: list[float], to_fold=lambda v: v, expand=lambda v: v,
+                 tokens: int | None = None, held_out: bool | None = None) -> AlphaSearch:
+    """SmoothQuant's per-group alpha, chosen by the measured W8A8 error on rows that the
+    maxima ``s`` divides by were not taken from.
+
+    ``x``: calibration rows of the group input; ``weights``: its consumers' ``W_i[K, N_i]``;
+    ``channel_absmax``: max |x_j| over the ``tokens`` calibration tokens. ``s`` divides each
+    channel by its maximum as calibration saw it; scored on the rows those maxima came from,
+    the search favours alphas near 1 that equalize exactly those rows, and a channel whose
+    maximum the calibration underestimated then scales new text far beyond the range (measured
+    on tiny Llama / Qwen2 / Qwen3 models calibrated on 128 tokens, all of them kept: the
+    in-sample search tripled the logit error of plain W8A8 on other text). So:
+
+    * when the calibration saw many more tokens than it kept (``tokens >=``
+      :data:`OUT_OF_SAMPLE_TOKENS` x rows: on SmolLM2 8,192 tokens, 512 rows), ``s`` comes from
+      every token's maxima and the error (:func:`group_error`) from every kept row, whose
+      values set few of those maxima;
+    * otherwise the kept rows are split (:func:`split_rows`): ``s`` and the activation range
+      fitted on one half, the error measured on the other.
+
+    ``held_out`` forces the split (True) or not (False). The returned ``s`` is computed at the
+    chosen alpha from every token's maxima."""
+    if held_out is None:
+        held_out = tokens is None or tokens < OUT_OF_SAMPLE_TOKENS * len(x)
+    fit, held = split_rows(x) if held_out else (None, x)
+    refs = [held @ w for w in weights]
+    wmax = np.maximum(to_fold(np.max([np.abs(w).max(axis=1) for w in weights], axis=0)), 1e-5)
+
+    def factors(xmax: np.ndarray, a: float) -> np.ndarray:
+        xmax = np.maximum(to_fold(xmax), 1e-5)
+        return np.clip(xmax**a / wmax ** (1.0 - a), 1e-5, 1e5).astype(np.float32)
+
+    fit_max = channel_absmax if fit is None else np.abs(fit).max(axis=0)
+    base = group_error(held, weights, np.ones(x.shape[1], np.float32), refs, fit)
+    best, best_a = base, None
+    for a in alphas:
+        err = group_error(held, weights, expand(factors(fit_max, a)), refs, fit)
+        if err < best:
+            best, best_a = err, a
+    parts = ([] if best_a is None else
+             consumer_errors(held, weights, expand(factors(fit_max, best_a)), refs, fit))
+    return AlphaSearch(best_a, None if best_a is None else factors(channel_absmax, best_a),
+                       base, best, parts, len(held) if fit is not None and held is not fit else 0)
 
 
 #: the recipe's activations.fallback / token_fallback, as a skip reason says them
@@ -450,25 +534,16 @@ class SmoothQuant(Pass):
                 skipped.append((layer_name(g.prev), "no calibration rows for the group input"))
                 continue
             weights = [consumer_weight(u).astype(np.float32) for u in g.consumers]
-            x = x[: self.rows].astype(np.float32)
-            refs = [x @ w for w in weights]
-            xmax = np.maximum(g.to_fold(obs.channel_absmax), 1e-5)
-            wmax = np.maximum(g.to_fold(np.max([np.abs(w).max(axis=1) for w in weights],
-                                               axis=0)), 1e-5)
-            base = group_error(x, weights, np.ones(x.shape[1], np.float32), refs)
-            best = (base, None, None)
-            for a in alphas:
-                s = np.clip(xmax**a / wmax ** (1.0 - a), 1e-5, 1e5).astype(np.float32)
-                err = group_error(x, weights, g.expand(s), refs)
-                if err < best[0]:
-                    best = (err, a, s)
-            err, a, s = best
+            found = search_alpha(x[: self.rows].astype(np.float32), weights,
+                                 obs.channel_absmax, alphas, g.to_fold, g.expand,
+                                 tokens=obs.channel_count)
+            a, s = found.alpha, found.s
             row = {"from": layer_name(g.prev), "kind": g.kind, "consumers": [layer_name(u) for u in g.consumers],
-                   "error_before": round(base, 6), "error_after": round(err, 6),
-                   "alpha": a}
+                   "error_before": round(found.error_before, 6),
+                   "error_after": round(found.error_after, 6), "alpha": a,
+                   "held_out_rows": found.held_out_rows}
             if s is not None and self.min_sqnr_db is not None:
-                best_db = -10.0 * np.log10(max(min(consumer_errors(x, weights, g.expand(s),
-                                                                   refs)), 1e-30))
+                best_db = -10.0 * np.log10(max(min(found.consumer_errors), 1e-30))
                 if best_db < self.min_sqnr_db:
                     s = None
                     row["reason"] = (f"every consumer stays below {self.min_sqnr_db} dB even "
