@@ -19,9 +19,11 @@ does not take is inlined back unchanged). What cannot be read off the pattern is
 evaluating it: the mask and the cos/sin tensors must depend on shapes only (every path from a
 graph input passes through a ``Shape`` of a tensor whose shape is known in terms of the batch and
 sequence dims); evaluated on batch 2 x a few sequence lengths
-(one beyond 4,096, where sliding windows start), the mask must be exactly causal (0 on and below
-the diagonal, <= -1e4 above), and cos / sin the same for every batch row with equal halves. A
-block that fails a check stays as it was, and the pass notes why.
+(one beyond 4,096, where common sliding windows end), the mask must be exactly causal (0 on and
+below the diagonal, <= -1e4 above) or a sliding window of W tokens (0 for the W keys up to the
+diagonal: the kernel's ``local_window_size`` = W; :func:`band_window`), and cos / sin the same
+for every batch row with equal halves. A block that fails a check stays as it was, and the pass
+notes why.
 
 The fusion runs in the ``ort-int8`` target, after quantization and before lowering: the passes
 that measure and smooth layers (v -> o smoothing walks the attention graph) see the graph as
@@ -139,30 +141,62 @@ def _evaluate(model: ir.Model, values: list[ir.Value], batch: int, seq: int,
     return sess.run([v.name for v in values], {})
 
 
+def band_window(masks: list[tuple[int, int, np.ndarray]]) -> tuple[int | None, str]:
+    """The keys attention masks let each query see, from ``(past, seq, mask)`` evaluations
+    (mask ``[.., seq, past + seq]``: token ``i`` of ``seq`` new ones after ``past`` cached ones;
+    a score bias of 0 where a key is seen, <= -1e4 elsewhere; every batch row alike):
+    ``(0, "")`` for the plain causal mask (keys ``0 .. past + i``), ``(W, "")`` for a sliding
+    window of W tokens (keys ``j`` with ``past + i - j < W``, as transformers' sliding masks and
+    ``GroupQueryAttention``'s ``local_window_size`` = W), ``(None, why)`` for anything else."""
+    window, seen_at = 0, []
+    for past, seq, m in masks:
+        total = past + seq
+        if m.ndim < 2 or m.shape[-2:] != (seq, total):
+            return None, f"the mask has shape {list(m.shape)}, not [.., {seq}, {total}]"
+        rows = m.reshape(-1, seq, total)
+        seen = rows[0] > MASKED_MAX
+        back = past + np.arange(seq)[:, None] - np.arange(total)[None, :]  # i's distance to j
+        if np.any(seen & (back < 0)):
+            return None, f"the mask shows future keys ({seq} tokens after {past})"
+        if np.any(rows != rows[:1]) or np.any(rows[0][seen] != 0):
+            return None, f"the mask is not a 0 / -inf mask alike for every row ({seq} after {past})"
+        narrow = seen.sum(axis=1) < past + np.arange(seq) + 1  # rows that see less than causal
+        if narrow.any():
+            w = int(seen.sum(axis=1)[narrow].max())
+            window = w if not window else min(window, w)
+        seen_at.append((past, seq, back, seen))
+    for past, seq, back, seen in seen_at:  # every evaluation is that one band
+        if np.any(seen != ((back >= 0) & ((back < window) if window else True))):
+            return None, (f"the mask is neither causal nor a sliding window ({seq} tokens after "
+                          f"{past})")
+    return window, ""
+
+
 def causal_rotary_reason(model: ir.Model, mask: ir.Value, cos: ir.Value, sin: ir.Value,
-                         head_dim: int, dims: tuple[object, object]) -> str:
-    """Why ``mask`` / ``cos`` / ``sin`` are not a plain causal mask and rotate-half angles of
-    positions ``0 .. seq - 1`` ("" when they are); see the module docstring."""
+                         head_dim: int, dims: tuple[object, object]) -> tuple[str, int]:
+    """Why ``mask`` / ``cos`` / ``sin`` are not a causal mask (or a sliding window of W tokens:
+    :func:`band_window`) and rotate-half angles of positions ``0 .. seq - 1`` ("" when they
+    are), and W (0: plain causal); see the module docstring."""
+    masks = []
     for seq in CHECK_SEQ_LENS:
         batch = 1 if seq > 512 else 2
         try:
             m, c, s = _evaluate(model, [mask, cos, sin], batch, seq, dims)
         except Exception as exc:  # noqa: BLE001 - any failure means "cannot prove it": no fusion
-            return f"the mask / rotary angles cannot be evaluated from shapes: {exc}"[:300]
+            return f"the mask / rotary angles cannot be evaluated from shapes: {exc}"[:300], 0
         if m.ndim != 4 or m.shape[-2:] != (seq, seq):
-            return f"the mask has shape {m.shape}, not [batch, 1, {seq}, {seq}]"
-        lower = np.tril(np.ones((seq, seq), bool))
-        if np.any(m[..., lower] != 0) or np.any(m[..., ~lower] > MASKED_MAX):
-            return f"the mask is not causal at sequence length {seq} (a sliding window?)"
+            return f"the mask has shape {m.shape}, not [batch, 1, {seq}, {seq}]", 0
+        masks.append((0, seq, m))
         for name, t in (("cos", c), ("sin", s)):
             if t.shape[-2:] != (seq, head_dim):
-                return f"{name} has shape {t.shape}, not [.., {seq}, {head_dim}]"
+                return f"{name} has shape {t.shape}, not [.., {seq}, {head_dim}]", 0
             rows = t.reshape(-1, seq, head_dim)
             if np.any(rows != rows[:1]):
-                return f"{name} differs between batch rows"
+                return f"{name} differs between batch rows", 0
             if np.any(rows[0, :, : head_dim // 2] != rows[0, :, head_dim // 2:]):
-                return f"{name}'s two halves differ (not rotate-half rotary)"
-    return ""
+                return f"{name}'s two halves differ (not rotate-half rotary)", 0
+    window, why = band_window(masks)
+    return why, window or 0
 
 
 class CausalGroupQueryAttention(pattern.RewriteRuleClassBase):
@@ -170,7 +204,7 @@ class CausalGroupQueryAttention(pattern.RewriteRuleClassBase):
 
     def __init__(self) -> None:
         super().__init__("CausalGroupQueryAttention", remove_nodes=False)
-        self._checked: dict[tuple[int, int, int], str] = {}
+        self._checked: dict[tuple[int, int, int], tuple[str, int]] = {}
         self._caches: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
         #: (symbolic batch, seq) -> (seq as int64 [1], total_sequence_length, seqlens_k)
         self._lengths: dict[tuple[str, str], tuple[ir.Value, ir.Value, ir.Value]] = {}
@@ -234,8 +268,9 @@ class CausalGroupQueryAttention(pattern.RewriteRuleClassBase):
         if key not in self._checked:
             self._checked[key] = causal_rotary_reason(context.model, mask, cos, sin,
                                                       head_dim, dims)
-        if self._checked[key]:
-            return self._fail(result, self._checked[key], mask)
+        why, self._window = self._checked[key]
+        if why:
+            return self._fail(result, why, mask)
         self._heads, self._kv_heads, self._head_dim = heads, kv_heads, head_dim
         self._layer = layer_name(out.producer())
         return result
@@ -265,6 +300,8 @@ class CausalGroupQueryAttention(pattern.RewriteRuleClassBase):
         scale = att.producer().attributes.get_float("scale", None)
         if scale is not None:
             attrs["scale"] = scale
+        if self._window:
+            attrs["local_window_size"] = self._window
         out, _, _ = op.GroupQueryAttention(q_bsd, k_bsd, v_bsd, None, None, seqlens_k, total,
                                            cos_cache, sin_cache, _domain="com.microsoft",
                                            _outputs=3, **attrs)

@@ -349,8 +349,6 @@ def last_logits(model: ir.Model, debug: bool = False) -> int:
 #: than the common sliding windows (4,096 tokens), a short step after a past, and (see
 #: :func:`_mask_checks`) a step at the end of the model's context
 MASK_CHECKS = ((0, 4099), (5, 3))
-#: a masked score must be at most this (exp(-1e4) is 0 in float32)
-MASKED_MAX = -1e4
 #: the domain an attention block GQA must not take waits in, until ``sdpa_via_mha``
 HELD_DOMAIN = "lbcc.held_attention"
 _SDPA_DOMAIN = "ai.onnxruntime._fusion"
@@ -472,38 +470,20 @@ def _evaluate(model: ir.Model, values: list[ir.Value], past: int, seq: int
 
 
 def kv_mask_window(model: ir.Model, mask: ir.Value) -> tuple[int | None, str]:
-    """What an attention ``mask`` of a KV-cache graph lets token ``i`` of ``seq`` new ones after
-    ``past`` cached ones see, evaluated at :func:`_mask_checks` (score bias 0 where seen, <=
-    -1e4 elsewhere): ``(0, "")`` for the plain causal mask of a full cache (keys
-    ``0 .. past + i``), ``(W, "")`` for a sliding window of W tokens (keys ``j`` with
-    ``past + i - j < W``: Mistral, Gemma 2 / 3, some Qwen2 and Phi-3 configurations),
-    ``(None, why)`` for anything else."""
-    window, seen_at = 0, []
+    """What an attention ``mask`` of a KV-cache graph lets each new token see, evaluated at
+    :func:`_mask_checks` (:func:`lbcc.passes.causal_attention.band_window`): ``(0, "")`` for the
+    plain causal mask of a full cache, ``(W, "")`` for a sliding window of W tokens (Mistral,
+    Gemma 2 / 3, some Qwen2 and Phi-3 configurations), ``(None, why)`` for anything else."""
+    from lbcc.passes.causal_attention import band_window
+
+    masks = []
     for past, seq in _mask_checks(model):
         try:
             (m,) = _evaluate(model, [mask], past, seq)
         except Exception as exc:  # noqa: BLE001 - cannot read it: keep the mask
             return None, f"the mask cannot be evaluated from the graph's inputs: {exc}"[:300]
-        total = past + seq
-        if m.ndim < 2 or m.shape[-2:] != (seq, total):
-            return None, f"the mask has shape {list(m.shape)}, not [.., {seq}, {total}]"
-        rows = m.reshape(-1, seq, total)
-        seen = rows[0] > MASKED_MAX
-        back = past + np.arange(seq)[:, None] - np.arange(total)[None, :]  # i's distance to j
-        if np.any(seen & (back < 0)):
-            return None, f"the mask shows future keys ({seq} tokens after {past})"
-        if np.any(rows != rows[:1]) or np.any(rows[0][seen] != 0):
-            return None, f"the mask is not a 0 / -inf mask alike for every row ({seq} after {past})"
-        narrow = seen.sum(axis=1) < past + np.arange(seq) + 1  # rows that see less than causal
-        if narrow.any():
-            w = int(seen.sum(axis=1)[narrow].max())
-            window = w if not window else min(window, w)
-        seen_at.append((past, seq, back, seen))
-    for past, seq, back, seen in seen_at:  # every check is that one band
-        if np.any(seen != ((back >= 0) & ((back < window) if window else True))):
-            return None, (f"the mask is neither causal nor a sliding window ({seq} tokens after "
-                          f"{past})")
-    return window, ""
+        masks.append((past, seq, m))
+    return band_window(masks)
 
 
 class AttentionGuard:

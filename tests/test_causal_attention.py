@@ -62,22 +62,43 @@ def test_causal_gqa_fusion_is_exact_at_any_batch_and_length(family):
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), shape
 
 
-def test_sliding_window_mask_is_not_fused_and_the_graph_is_unchanged():
-    """Mistral's sliding window (4 here) makes the mask differ from a causal one at length 7:
-    the evaluation check refuses the block, which is expanded back to standard ops."""
-    from lbcc.irutils import op_histogram
+def test_sliding_window_mask_fuses_with_the_kernels_window():
+    """Mistral's sliding window (4 here): the evaluated mask is a band of 4 keys, so the block
+    becomes GroupQueryAttention with ``local_window_size`` 4, and the logits stay those of the
+    exported graph at lengths inside and beyond the window."""
     from lbcc.passes.causal_attention import fuse_causal_attention
 
     model = _hf_capture("mistral", sliding_window=4)
-    kept = _copy(model)
-    fused, left, why = fuse_causal_attention(kept)
-    assert (fused, left) == (0, 2)
-    assert any("not causal" in w for w in why), why
-    assert not any(k.startswith("ai.onnxruntime") or "GroupQueryAttention" in k
-                   for k in op_histogram(kept))
-    ids = np.random.default_rng(1).integers(0, VOCAB, (2, 12)).astype(np.int64)
-    ref, got = _logits(model, ids), _logits(kept, ids)
-    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    fused_model = _copy(model)
+    fused, left, why = fuse_causal_attention(fused_model)
+    assert (fused, left, why) == (2, 0, [])
+    gqa = [n for n in fused_model.graph if n.op_type == "GroupQueryAttention"]
+    assert [n.attributes.get_int("local_window_size", -1) for n in gqa] == [4, 4]
+    rng = np.random.default_rng(1)
+    for shape in [(1, 3), (2, 12)]:
+        ids = rng.integers(0, VOCAB, shape).astype(np.int64)
+        ref, got = _logits(model, ids), _logits(fused_model, ids)
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), shape
+
+
+def test_band_window_reads_causal_windowed_and_other_masks():
+    """``band_window`` on masks built here: causal (0), a window of 3 keys (3, also after a
+    past), future keys shown or a hole in the band (None, with the reason)."""
+    from lbcc.passes.causal_attention import band_window
+
+    def mask(past, seq, ok):
+        back = past + np.arange(seq)[:, None] - np.arange(past + seq)[None, :]
+        return np.where(ok(back), 0.0, -3.4e38).astype(np.float32)[None, None]
+
+    causal = lambda b: b >= 0  # noqa: E731
+    window3 = lambda b: (b >= 0) & (b < 3)  # noqa: E731
+    checks = [(0, 9), (5, 2)]
+    assert band_window([(p, s, mask(p, s, causal)) for p, s in checks]) == (0, "")
+    assert band_window([(p, s, mask(p, s, window3)) for p, s in checks]) == (3, "")
+    w, why = band_window([(p, s, mask(p, s, lambda b: b >= -1)) for p, s in checks])
+    assert w is None and "future" in why
+    w, why = band_window([(p, s, mask(p, s, lambda b: (b >= 0) & (b != 2))) for p, s in checks])
+    assert w is None and "neither causal nor a sliding window" in why
 
 
 def test_a_head_size_the_kernel_cannot_take_is_left_alone():
@@ -100,8 +121,8 @@ def test_mask_and_angles_must_come_from_shapes_only():
     cast = ir.node("Cast", [ids], attributes={"to": ir.DataType.FLOAT})
     graph = ir.Graph([ids], cast.outputs, nodes=[cast], opset_imports={"": 21})
     model = ir.Model(graph, ir_version=10)
-    reason = causal_rotary_reason(model, cast.outputs[0], cast.outputs[0], cast.outputs[0], 8,
-                                  ("batch", "seq"))
+    reason, _ = causal_rotary_reason(model, cast.outputs[0], cast.outputs[0], cast.outputs[0],
+                                     8, ("batch", "seq"))
     assert "read as data" in reason
 
 
