@@ -98,28 +98,24 @@ def _ancestors(values: list[ir.Value], dims: tuple[object, object]
     return list(nodes.values()), leaves, ""
 
 
-def _evaluate(model: ir.Model, values: list[ir.Value], batch: int, seq: int,
-              dims: tuple[object, object]) -> list[np.ndarray]:
-    """Compute ``values`` in ONNX Runtime for an input of ``batch`` x ``seq`` tokens: their
-    ancestor nodes, with each ``Shape`` leaf replaced by the constant it would produce."""
+def run_subgraph(model: ir.Model, nodes: list[ir.Node], values: list[ir.Value],
+                 shape_leaves: dict[int, np.ndarray],
+                 feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """``values`` computed by ONNX Runtime from ``nodes`` (their ancestors, any order) alone:
+    a ``Shape`` node in ``shape_leaves`` (by id) becomes the constant given there, constants
+    come along as initializers, graph inputs are read from ``feeds``."""
     import onnx
     import onnxruntime as ort
 
-    nodes, leaves, why = _ancestors(values, dims)
-    if why:
-        raise ValueError(why)
+    feeds = feeds or {}
     order = {id(n): i for i, n in enumerate(model.graph)}
-    nodes.sort(key=lambda n: order.get(id(n), 0))
-    leaf_ids = {id(n) for n in leaves}
     protos, inits, seen = [], [], set()
-    for n in nodes:
-        if id(n) in leaf_ids:
-            full = np.array(_resolved_shape(n.inputs[0], dims, batch, seq), np.int64)
-            start = n.attributes.get_int("start", 0)
-            end = n.attributes.get_int("end", None)
-            protos.append(onnx.helper.make_node(
-                "Constant", [], [n.outputs[0].name],
-                value=onnx.numpy_helper.from_array(full[start:end])))
+    for n in sorted(nodes, key=lambda n: order.get(id(n), 0)):
+        if id(n) in shape_leaves:
+            sl = shape_leaves[id(n)][n.attributes.get_int("start", 0):
+                                     n.attributes.get_int("end", None)]
+            protos.append(onnx.helper.make_node("Constant", [], [n.outputs[0].name],
+                                                value=onnx.numpy_helper.from_array(sl)))
             continue
         protos.append(ir.serde.serialize_node(n))
         for i in n.inputs:
@@ -129,8 +125,10 @@ def _evaluate(model: ir.Model, values: list[ir.Value], batch: int, seq: int,
                 inits.append(ir.serde.serialize_tensor(i.const_value))
                 inits[-1].name = i.name
     graph = onnx.helper.make_graph(
-        protos, "probe", [], [onnx.helper.make_empty_tensor_value_info(v.name) for v in values],
-        inits)
+        protos, "probe",
+        [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(a.dtype),
+                                            a.shape) for name, a in feeds.items()],
+        [onnx.helper.make_empty_tensor_value_info(v.name) for v in values], inits)
     proto = onnx.helper.make_model(graph, opset_imports=[
         onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()])
     options = ort.SessionOptions()
@@ -138,7 +136,19 @@ def _evaluate(model: ir.Model, values: list[ir.Value], batch: int, seq: int,
     options.log_severity_level = 3
     sess = ort.InferenceSession(proto.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
-    return sess.run([v.name for v in values], {})
+    return sess.run([v.name for v in values], feeds)
+
+
+def _evaluate(model: ir.Model, values: list[ir.Value], batch: int, seq: int,
+              dims: tuple[object, object]) -> list[np.ndarray]:
+    """Compute ``values`` in ONNX Runtime for an input of ``batch`` x ``seq`` tokens: their
+    ancestor nodes, with each ``Shape`` leaf replaced by the constant it would produce."""
+    nodes, leaves, why = _ancestors(values, dims)
+    if why:
+        raise ValueError(why)
+    shapes = {id(n): np.array(_resolved_shape(n.inputs[0], dims, batch, seq), np.int64)
+              for n in leaves}
+    return run_subgraph(model, nodes, values, shapes)
 
 
 def band_window(masks: list[tuple[int, int, np.ndarray]]) -> tuple[int | None, str]:

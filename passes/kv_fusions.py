@@ -426,47 +426,15 @@ def _evaluate(model: ir.Model, values: list[ir.Value], past: int, seq: int
               ) -> list[np.ndarray]:
     """``values`` computed by ONNX Runtime from the graph's inputs for ``seq`` new tokens after
     ``past`` cached ones (:func:`_probe_feeds`)."""
-    import onnx
-    import onnxruntime as ort
+    from lbcc.passes.causal_attention import run_subgraph
 
     nodes, inputs, constants = _ancestors(values)
     if constants > _MASK_MAX_CONSTANTS:
         raise ValueError(f"it reads {constants:,} constant elements (weights?)")
     dims = _probe_dims(model, past, seq)
-    order = {id(n): i for i, n in enumerate(model.graph)}
-    nodes.sort(key=lambda n: order.get(id(n), 0))
-    protos, inits, seen = [], [], set()
-    for n in nodes:
-        if n.op_type == "Shape" and n.inputs[0].producer() is None:
-            full = np.array(_concrete(n.inputs[0], dims), np.int64)
-            sl = full[n.attributes.get_int("start", 0):n.attributes.get_int("end", None)]
-            protos.append(onnx.helper.make_node("Constant", [], [n.outputs[0].name],
-                                                value=onnx.numpy_helper.from_array(sl)))
-            continue
-        protos.append(ir.serde.serialize_node(n))
-        for i in n.inputs:
-            if i is not None and i.producer() is None and i.const_value is not None \
-                    and i.name not in seen:
-                seen.add(i.name)
-                inits.append(ir.serde.serialize_tensor(i.const_value))
-                inits[-1].name = i.name
-    inputs = [v for v in inputs if any(v in n.inputs for n in nodes
-                                       if not (n.op_type == "Shape"
-                                               and n.inputs[0].producer() is None))]
-    feeds = _probe_feeds(inputs, dims, past, seq)
-    graph = onnx.helper.make_graph(
-        protos, "mask_probe",
-        [onnx.helper.make_tensor_value_info(v.name, onnx.helper.np_dtype_to_tensor_dtype(
-            feeds[v.name].dtype), feeds[v.name].shape) for v in inputs],
-        [onnx.helper.make_empty_tensor_value_info(v.name) for v in values], inits)
-    proto = onnx.helper.make_model(graph, opset_imports=[
-        onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
-    return sess.run([v.name for v in values], feeds)
+    leaves = [n for n in nodes if n.op_type == "Shape" and n.inputs[0].producer() is None]
+    shapes = {id(n): np.array(_concrete(n.inputs[0], dims), np.int64) for n in leaves}
+    return run_subgraph(model, nodes, values, shapes, _probe_feeds(inputs, dims, past, seq))
 
 
 def kv_mask_window(model: ir.Model, mask: ir.Value) -> tuple[int | None, str]:
