@@ -65,16 +65,8 @@ def tag(c):
 
 
 def explore(n, k, ms, out):
-    torch.manual_seed(0)
-    w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
-    codes, s, _ = TK.quantize_gpu(w, BITS, GROUP, symmetric=True)
-    qw = TK.pack_gpu(codes, BITS)
-    r4 = TK.copies_for(qw.numel() * 4 + s.numel() * 2)
-    qws = [qw] + [qw.clone() for _ in range(r4 - 1)]
-    ss = [s] + [s.clone() for _ in range(r4 - 1)]
-    r16 = TK.copies_for(n * k * 2)
-    ws = [w] + [w.clone() for _ in range(r16 - 1)]
-    wref = TK.dequant_ref(codes, s, None, BITS, GROUP)
+    wt = TK.rotated_w4_weights(n, k, BITS, GROUP)
+    qw, s, qws, ss, ws, wref = (wt[key] for key in ("qw", "s", "qws", "ss", "ws", "wref"))
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = F.linear(x, wref)

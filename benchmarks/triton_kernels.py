@@ -148,6 +148,23 @@ def dequant_ref(codes, s, z, bits, group):
             ).reshape(n, k)
 
 
+def rotated_w4_weights(n: int, k: int, bits: int = 4, group: int = GROUP) -> dict:
+    """Random float16 ``[n, k]`` weights (seed 0), RTN-quantized symmetric and packed, each in
+    enough copies to rotate beyond L2: ``w``, ``codes``, ``s``, ``qw``, the copies ``ws`` (fp16),
+    ``qws`` / ``ss`` (packed / scales), and ``wref`` (the dequantized float16 weights)."""
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02
+    codes, s, _ = quantize_gpu(w, bits, group, symmetric=True)
+    qw = pack_gpu(codes, bits)
+    r4 = copies_for(qw.numel() * 4 + s.numel() * 2)
+    r16 = copies_for(n * k * 2)
+    return {"w": w, "codes": codes, "s": s, "qw": qw,
+            "qws": [qw] + [qw.clone() for _ in range(r4 - 1)],
+            "ss": [s] + [s.clone() for _ in range(r4 - 1)],
+            "ws": [w] + [w.clone() for _ in range(r16 - 1)],
+            "wref": dequant_ref(codes, s, None, bits, group)}
+
+
 # ---------------------------------------------------------------------------------------------
 # peers
 
