@@ -12,11 +12,8 @@ variable is part of Triton's cache key). Prints one line per candidate and a JSO
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -106,23 +103,5 @@ def explore(n, k, ms, out):
         out.append(rows)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="8192x8192,4096x4096,14336x4096,4096x14336")
-    ap.add_argument("--ms", default="128,2048")
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    t0 = time.time()
-    TK.log(torch.cuda.get_device_name(0), torch.__version__, TK.triton.__version__
-           if hasattr(TK, "triton") else "")
-    out = []
-    for sh in a.shapes.split(","):
-        n, k = map(int, sh.split("x"))
-        explore(n, k, [int(v) for v in a.ms.split(",")], out)
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1))
-    TK.log(f"done in {time.time() - t0:.0f} s")
-
-
 if __name__ == "__main__":
-    main()
+    TK.explore_main(explore, "128,2048", __doc__)

@@ -165,6 +165,27 @@ def rotated_w4_weights(n: int, k: int, bits: int = 4, group: int = GROUP) -> dic
             "wref": dequant_ref(codes, s, None, bits, group)}
 
 
+def explore_main(explore, default_ms: str, description: str) -> None:
+    """The command line of the exploration scripts: ``--shapes NxK,...``, ``--ms M,...``,
+    ``--json FILE``; calls ``explore(n, k, ms, out)`` per shape and writes ``out`` as JSON."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--shapes", default="8192x8192,4096x4096,14336x4096,4096x14336")
+    ap.add_argument("--ms", default=default_ms)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    t0 = time.time()
+    import triton
+
+    log(torch.cuda.get_device_name(0), torch.__version__, triton.__version__)
+    out: list = []
+    for sh in a.shapes.split(","):
+        n, k = map(int, sh.split("x"))
+        explore(n, k, [int(v) for v in a.ms.split(",")], out)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    log(f"done in {time.time() - t0:.0f} s")
+
+
 # ---------------------------------------------------------------------------------------------
 # peers
 
