@@ -307,9 +307,10 @@ class CausalGroupQueryAttention(pattern.RewriteRuleClassBase):
         cos_cache, sin_cache = self._caches[key]
         attrs = {"num_heads": self._heads, "kv_num_heads": self._kv_heads, "do_rotary": 1,
                  "rotary_interleaved": 0}
-        scale = att.producer().attributes.get_float("scale", None)
-        if scale is not None:
-            attrs["scale"] = scale
+        for name in ("scale", "softcap"):
+            value = att.producer().attributes.get_float(name, None)
+            if value is not None:
+                attrs[name] = value
         if self._window:
             attrs["local_window_size"] = self._window
         out, _, _ = op.GroupQueryAttention(q_bsd, k_bsd, v_bsd, None, None, seqlens_k, total,
@@ -328,13 +329,14 @@ def _with_rotary_shapes(model: ir.Model) -> None:
                 out.shape, out.type = x.shape, x.type
 
 
-def _expand_sdpa(model: ir.Model) -> int:
-    """Each SDPA left (a block the rule did not take) back to standard ops:
-    ``Where(IsNaN(p), 0, p) @ v`` with ``p = Softmax(q @ kᵀ · scale + mask)``, the exported
-    form's arithmetic. Returns how many."""
+def expand_sdpa(model: ir.Model, select=lambda node: True) -> int:
+    """Each fusion ``SDPA`` left (a block no rule took) for which ``select(node)`` holds, back to
+    standard ops: ``Where(IsNaN(p), 0, p) @ v`` with ``p = Softmax(z + mask)``, ``z = q @ kᵀ ·
+    scale``, or ``z = c · tanh(q @ kᵀ · scale / c)`` with a ``softcap`` c: the exported form's
+    arithmetic. Returns how many."""
     graph, count = model.graph, 0
     for node in list(graph):
-        if node.domain != FUSION_DOMAIN or node.op_type != "SDPA":
+        if node.domain != FUSION_DOMAIN or node.op_type != "SDPA" or not select(node):
             continue
         q, k, v = node.inputs[:3]
         mask = node.inputs[3] if len(node.inputs) > 3 else None
@@ -344,15 +346,24 @@ def _expand_sdpa(model: ir.Model) -> int:
             scale = 1.0 / float(np.sqrt(head_dim))
         perm = [0, 1, 3, 2] if node.attributes.get_string("key_format", "BHSd") == "BHSd" \
             else [0, 2, 3, 1]
-        const = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(
-            scale, np.float32))})
-        zero = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(0, np.float32))})
+
+        def const(x: float) -> ir.Node:
+            return ir.node("Constant", [], attributes={"value": ir.tensor(np.array(
+                x, np.float32))})
+
+        scale_c, zero = const(scale), const(0.0)
         kt = ir.node("Transpose", [k], attributes={"perm": perm})
         scores = ir.node("MatMul", [q, kt.outputs[0]])
-        scaled = ir.node("Mul", [scores.outputs[0], const.outputs[0]])
-        new = [const, zero, kt, scores, scaled]
+        scaled = ir.node("Mul", [scores.outputs[0], scale_c.outputs[0]])
+        new = [scale_c, zero, kt, scores, scaled]
+        cap = node.attributes.get_float("softcap", None)
+        if cap:
+            cap_c = const(cap)
+            inside = ir.node("Div", [scaled.outputs[0], cap_c.outputs[0]])
+            tanh = ir.node("Tanh", [inside.outputs[0]])
+            new += [cap_c, inside, tanh, ir.node("Mul", [tanh.outputs[0], cap_c.outputs[0]])]
         if mask is not None:
-            new.append(ir.node("Add", [scaled.outputs[0], mask]))
+            new.append(ir.node("Add", [new[-1].outputs[0], mask]))
         probs = ir.node("Softmax", [new[-1].outputs[0]], attributes={"axis": -1})
         nan = ir.node("IsNaN", [probs.outputs[0]])
         safe = ir.node("Where", [nan.outputs[0], zero.outputs[0], probs.outputs[0]])
@@ -373,8 +384,11 @@ def fuse_causal_attention(model: ir.Model, debug: bool = False) -> tuple[int, in
     ``debug`` prints onnxscript's matching tracer report (where a pattern stopped matching)."""
     from onnxscript.rewriter.ort_fusions import rotary_embedding, sdpa
 
+    from lbcc.passes.softcap_attention import fuse_softcapped_sdpa
+
     rotary_embedding.rotary_embedding_rules.apply_to_model(model, verbose=0)
     _with_rotary_shapes(model)
+    fuse_softcapped_sdpa(model)
     sdpa.sdpa_rules.apply_to_model(model, verbose=0)
     rule = CausalGroupQueryAttention()  # kept: its ``reasons`` are read below
     rules = pattern.RewriteRuleSet([pattern.RewriteRule(
@@ -384,7 +398,7 @@ def fuse_causal_attention(model: ir.Model, debug: bool = False) -> tuple[int, in
     count = rules.apply_to_model(model, tracer=tracer, verbose=0)
     if tracer is not None:
         tracer.report()
-    left = _expand_sdpa(model)
+    left = expand_sdpa(model)
     if model.functions:
         ir.passes.common.InlinePass()(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)

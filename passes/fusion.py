@@ -23,15 +23,17 @@ from lbcc.pipeline import Pass
 
 
 #: the KV-cache graph's attention fusions (the rotary first: the GQA fusion takes RotaryEmbedding)
-KV_ATTENTION_FUSIONS = ("rotary_from_position_ids", "sdpa", "guard_attention", "gqa",
-                        "restore_attention", "share_attention_lengths", "sdpa_via_mha")
+KV_ATTENTION_FUSIONS = ("rotary_from_position_ids", "softcap_sdpa", "sdpa", "guard_attention",
+                        "gqa", "restore_attention", "share_attention_lengths", "sdpa_via_mha")
 
 FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
              "MultiHeadAttention", "GroupQueryAttention", "Attention"}
 
 
-#: steps that are not fusions: nothing to explain when they do nothing
-_SILENT = ("guard_attention", "restore_attention")
+#: steps with nothing to explain when they do nothing: not fusions, or (the soft-capped
+#: attention of Gemma 2) a form most models do not have, whose blocks the SDPA fusion's
+#: explanation covers when neither matches
+_SILENT = ("guard_attention", "restore_attention", "softcap_sdpa")
 
 
 def _fusions(kv_cache: bool = False) -> list[tuple[str, Callable[..., int], dict]]:

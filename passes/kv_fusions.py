@@ -303,11 +303,13 @@ def last_logits(model: ir.Model, debug: bool = False) -> int:
     optional, overridable input): not fed, ``-0 = 0`` keeps every position (perplexity, calibration
     and onnxruntime-genai, which does not know the input, see the graph as before); a generator
     feeds 1 at the prefill, so the lm_head (576 x 49152 on SmolLM2, a fifth of the weights) runs on
-    the prompt's last position only. Returns 1 when inserted."""
+    the prompt's last position only. Position-wise ops between the product and the logits with
+    scalar constants (Gemma 2's final cap, ``c · tanh(z / c)``) are walked through. Returns 1 when
+    inserted."""
     graph = model.graph
     why = ""
     out = next((v for v in graph.outputs if v.name == "logits"), None)
-    mm = out.producer() if out is not None else None
+    mm, between = _lm_head_product(out)
     if any(v.name == LOGITS_TO_KEEP for v in graph.inputs):
         why = f"the graph already has a {LOGITS_TO_KEEP} input"
     elif mm is None or mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
@@ -334,13 +336,36 @@ def last_logits(model: ir.Model, debug: bool = False) -> int:
                  name="logits_to_keep_slice")
     sl.outputs[0].type = h.type
     sl.outputs[0].shape = ir.Shape([h.shape[0], "logits_seq", h.shape[2]])
-    if out.shape is not None and len(out.shape) == 3:
-        out.shape = ir.Shape([out.shape[0], "logits_seq", out.shape[2]])
+    for v in [mm.outputs[0], *between]:
+        if v.shape is not None and len(v.shape) == 3:
+            v.shape = ir.Shape([v.shape[0], "logits_seq", v.shape[2]])
     for n in (neg, start, sl):
         copy_identity(mm, n)
     graph.insert_before(mm, [neg, start, sl])
     mm.replace_input_with(0, sl.outputs[0])
     return 1
+
+
+#: ops that act on each logit alone, given scalar constants for their other inputs
+_POSITIONWISE = frozenset({"Div", "Mul", "Add", "Sub", "Tanh", "Cast", "Identity"})
+
+
+def _lm_head_product(logits: ir.Value | None) -> tuple[ir.Node | None, list[ir.Value]]:
+    """The node that computes the logits, seen through position-wise ops with scalar constants
+    (their outputs are the second item, logits included), or (None, [])."""
+    between: list[ir.Value] = []
+    v = logits
+    for _ in range(8):
+        node = v.producer() if v is not None else None
+        if node is None or node.op_type not in _POSITIONWISE or node.domain not in ("", "ai.onnx"):
+            return node, between
+        data = [i for i in node.inputs if i is not None and (
+            i.const_value is None or i.const_value.size != 1)]
+        if len(data) != 1:
+            return node, between
+        between.append(v)
+        v = data[0]
+    return None, []
 
 
 # ----------------------------------------------------------------------------- masks
@@ -465,17 +490,21 @@ class AttentionGuard:
       mask sends the block to a private domain, out of the rule's reach (``reasons``: layer ->
       why);
     * its softmax scale: the rule drops it, and ``GroupQueryAttention`` then scales by
-      ``1/sqrt(head_dim)``, not, e.g., Gemma's ``query_pre_attn_scalar ** -0.5``.
+      ``1/sqrt(head_dim)``, not, e.g., Gemma's ``query_pre_attn_scalar ** -0.5``;
+    * its score cap (``softcap``, Gemma 2: :mod:`lbcc.passes.softcap_attention`), which the rule
+      drops too.
 
     After it (:meth:`release`): each ``GroupQueryAttention`` gets its block's window
     (``local_window_size`` = W: ORT's kernel then sees keys with ``i - j < W``, as transformers'
-    sliding masks) and scale where it is not the default, and the held blocks go back for
-    ``sdpa_via_mha``, whose ``MultiHeadAttention`` adds the graph's mask as it is."""
+    sliding masks), scale where it is not the default and cap, and the held blocks go back for
+    ``sdpa_via_mha``, whose ``MultiHeadAttention`` adds the graph's mask as it is. A capped block
+    that is not ``GroupQueryAttention`` then goes back to exported ops instead
+    (``MultiHeadAttention`` has no cap), and ``reasons`` says so."""
 
     def __init__(self) -> None:
         self.reasons: dict[str, str] = {}
         self.windows: dict[str, int] = {}
-        self._by_past: dict[str, tuple[float | None, int, str]] = {}
+        self._by_past: dict[str, tuple[dict[str, float], int, str]] = {}
 
     def __call__(self, model: ir.Model, debug: bool = False) -> int:
         verdicts: dict[int, tuple[int | None, str]] = {}
@@ -497,14 +526,19 @@ class AttentionGuard:
                 self.reasons[_attention_name(node)] = why
                 held += 1
             elif past is not None:
-                self._by_past[past.name] = (node.attributes.get_float("scale", None), window,
-                                            _attention_name(node))
+                floats = {k: node.attributes.get_float(k, None) for k in ("scale", "softcap")}
+                self._by_past[past.name] = ({k: v for k, v in floats.items() if v is not None},
+                                            window, _attention_name(node))
         if debug and not held:
             print("Rule: AttentionGuard failed: every attention mask is causal or a window")
         return held
 
     def release(self, model: ir.Model, debug: bool = False) -> int:
-        """Windows and scales onto ``GroupQueryAttention``, held blocks back; how many changed."""
+        """Windows, scales and caps onto ``GroupQueryAttention``, held blocks back, capped blocks
+        left over expanded; how many changed."""
+        from lbcc.passes.causal_attention import expand_sdpa
+        from lbcc.passes.softcap_attention import softcap_of
+
         changed = 0
         for node in model.graph:
             if node.domain == HELD_DOMAIN:
@@ -515,17 +549,27 @@ class AttentionGuard:
                 and len(node.inputs) > 3 else None
             if past is None or past.name not in self._by_past:
                 continue
-            scale, window, name = self._by_past[past.name]
+            floats, window, name = self._by_past[past.name]
             head_dim = past.shape[-1] if past.shape else None
+            scale = floats.get("scale")
             if scale is not None and "scale" not in node.attributes and (
                     not isinstance(head_dim, int) or abs(scale * head_dim ** 0.5 - 1) > 1e-6):
                 node.attributes["scale"] = ir.AttrFloat32("scale", scale)
+                changed += 1
+            if floats.get("softcap") and "softcap" not in node.attributes:
+                node.attributes["softcap"] = ir.AttrFloat32("softcap", floats["softcap"])
                 changed += 1
             if window:
                 node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", window)
                 self.windows[name] = window
                 changed += 1
-        return changed
+        for node in model.graph:
+            if node.op_type == "SDPA" and node.domain == _SDPA_DOMAIN and softcap_of(node):
+                name = _attention_name(node)
+                self.reasons[name] = "; ".join(x for x in (self.reasons.get(name), (
+                    "soft-capped scores (tanh): MultiHeadAttention has no cap, so the block "
+                    "runs as exported ops")) if x)
+        return changed + expand_sdpa(model, select=softcap_of)
 
 
 def _nearest_past_key(value: ir.Value | None, max_depth: int = 12) -> ir.Value | None:
@@ -567,10 +611,12 @@ def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
     from onnxscript.rewriter.ort_fusions import gqa, sdpa, sdpa_via_mha
 
     from lbcc.passes.cleanup import drop_unused_norm_stats
+    from lbcc.passes.softcap_attention import fuse_softcapped_sdpa
 
     guard = AttentionGuard()
     return [
         ("rotary_from_position_ids", rotary_from_position_ids, {}),
+        ("softcap_sdpa", fuse_softcapped_sdpa, {}),
         ("sdpa", sdpa.fuse_sdpa, {"apply_shape_inference": True}),
         ("guard_attention", guard, {}),
         ("gqa", gqa.fuse_gqa, {}),

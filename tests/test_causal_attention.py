@@ -16,7 +16,7 @@ def _hf_capture(family: str, hidden: int = 96, **extra):
     from lbcc.capture import capture
 
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                  "mistral": transformers.MistralConfig}[family]
+                  "mistral": transformers.MistralConfig, "gemma2": transformers.Gemma2Config}[family]
     config = config_cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=80,
                         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
                         max_position_embeddings=128, **extra)
@@ -81,6 +81,52 @@ def test_sliding_window_mask_fuses_with_the_kernels_window():
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), shape
 
 
+def _gemma2(head_dim: int = 16, cap: float = 2.0):
+    """A random Gemma 2 whose attention scores are capped at ``cap`` (``c · tanh(z / c)``;
+    2 here, so that the cap changes the logits), a sliding layer (window 4) and a full one."""
+    return _hf_capture("gemma2", head_dim=head_dim, sliding_window=4, initializer_range=0.2,
+                       attn_logit_softcapping=cap, final_logit_softcapping=30.0)
+
+
+def test_soft_capped_attention_fuses_with_the_kernels_cap():
+    """Gemma 2's capped scores (``Mul(Tanh(Div(z, c)), c)`` before the mask): both blocks become
+    GroupQueryAttention with ``softcap`` = c, the model's scale (``query_pre_attn_scalar ** -0.5``)
+    and the sliding layer's window, and the logits stay those of the exported graph; without the
+    cap they would not (checked, so the comparison can fail)."""
+    from lbcc.passes.causal_attention import fuse_causal_attention
+
+    model = _gemma2()
+    fused_model = _copy(model)
+    assert fuse_causal_attention(fused_model) == (2, 0, [])
+    gqa = [n for n in fused_model.graph if n.op_type == "GroupQueryAttention"]
+    assert [n.attributes["softcap"].value for n in gqa] == [2.0, 2.0]
+    assert [n.attributes.get_int("local_window_size", -1) for n in gqa] == [4, -1]
+    assert all(n.attributes["scale"].value == pytest.approx(1 / 16) for n in gqa)
+    rng = np.random.default_rng(2)
+    for shape in [(1, 3), (2, 12)]:
+        ids = rng.integers(0, VOCAB, shape).astype(np.int64)
+        ref, got = _logits(model, ids), _logits(fused_model, ids)
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), shape
+    for n in gqa:
+        del n.attributes["softcap"]
+    assert np.abs(_logits(fused_model, ids) - ref).max() > 1e-2 * np.abs(ref).max()
+
+
+def test_soft_capped_attention_left_unfused_keeps_its_cap():
+    """A capped block the kernel cannot take (head size 8) goes back to exported ops with its
+    cap: same logits as the exported graph."""
+    from lbcc.passes.causal_attention import fuse_causal_attention
+
+    model = _gemma2(head_dim=8)
+    left_model = _copy(model)
+    fused, left, why = fuse_causal_attention(left_model)
+    assert (fused, left) == (0, 2) and any("multiple of 16" in w for w in why), why
+    assert sum(n.op_type == "Tanh" for n in left_model.graph) == 3  # two blocks, the final cap
+    ids = np.random.default_rng(3).integers(0, VOCAB, (2, 7)).astype(np.int64)
+    ref, got = _logits(model, ids), _logits(left_model, ids)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_band_window_reads_causal_windowed_and_other_masks():
     """``band_window`` on masks built here: causal (0), a window of 3 keys (3, also after a
     past), future keys shown or a hole in the band (None, with the reason)."""
@@ -138,3 +184,39 @@ def test_ort_int8_compile_fuses_attention_and_reports_it():
     ids = np.random.default_rng(2).integers(0, VOCAB, (1, 20)).astype(np.int64)
     ref, got = _logits(model, ids), _logits(r.model, ids)
     assert float((ref.argmax(-1) == got.argmax(-1)).mean()) >= 0.8
+
+
+def test_a_capped_block_left_as_sdpa_is_expanded_with_its_cap():
+    """The KV-cache attention guard: a capped fusion ``SDPA`` that did not become
+    GroupQueryAttention (``MultiHeadAttention`` would drop the cap) is expanded back to standard
+    ops, ``softmax(c · tanh(q kᵀ s / c) + mask) v``, and the guard says why."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from lbcc.passes.kv_fusions import AttentionGuard
+
+    def value(name, shape):
+        return ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+
+    q, k, v, mask = (value(n, s) for n, s in (("q", [1, 2, 5, 8]), ("k", [1, 2, 5, 8]),
+                                             ("v", [1, 2, 5, 8]), ("mask", [1, 1, 5, 5])))
+    sdpa = ir.node("SDPA", [q, k, v, mask], domain="ai.onnxruntime._fusion",
+                   attributes={"scale": 0.5, "softcap": 3.0, "key_format": "BHSd"})
+    sdpa.outputs[0].name = "out"
+    graph = ir.Graph([q, k, v, mask], sdpa.outputs, nodes=[sdpa], opset_imports={"": 21})
+    model = ir.Model(graph, ir_version=10)
+    guard = AttentionGuard()
+    assert guard.release(model) == 1
+    assert [n.op_type for n in model.graph].count("Tanh") == 1
+    assert any("soft-capped" in why for why in guard.reasons.values())
+    rng = np.random.default_rng(4)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) * 3
+             for n, s in (("q", (1, 2, 5, 8)), ("k", (1, 2, 5, 8)), ("v", (1, 2, 5, 8)))}
+    feeds["mask"] = np.triu(np.full((5, 5), -1e9, np.float32), 1)[None, None]
+    got = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    z = feeds["q"] @ feeds["k"].transpose(0, 1, 3, 2) * 0.5
+    z = 3.0 * np.tanh(z / 3.0) + feeds["mask"]
+    p = np.exp(z - z.max(-1, keepdims=True))
+    ref = (p / p.sum(-1, keepdims=True)) @ feeds["v"]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

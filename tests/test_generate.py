@@ -532,17 +532,22 @@ def test_qwen2_kv_graph_packs_biased_qkv(tmp_path):
 
 
 def _sliding_window_lm(family: str):
-    """A random Mistral (every layer attends to the last 8 positions) or Gemma 3 (a sliding layer
-    and a full one) with a window of 8 tokens."""
+    """A random Mistral (every layer attends to the last 8 positions), Gemma 2 (a sliding layer
+    and a full one, scores capped at 2 by ``c · tanh(z / c)``, the logits at 30) or Gemma 3 (a
+    sliding layer and a full one) with a window of 8 tokens."""
     import torch
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig
+    from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig,
+                              MistralConfig)
 
     common = dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
                   tie_word_embeddings=True, initializer_range=0.2, sliding_window=8)
     torch.manual_seed(0)
-    cfg = (MistralConfig(**common) if family == "mistral" else Gemma3TextConfig(
-        **common, head_dim=16, layer_types=["sliding_attention", "full_attention"]))
+    layers = ["sliding_attention", "full_attention"]
+    cfg = (MistralConfig(**common) if family == "mistral" else
+           Gemma2Config(**common, head_dim=16, layer_types=layers, attn_logit_softcapping=2.0,
+                        final_logit_softcapping=30.0) if family == "gemma2" else
+           Gemma3TextConfig(**common, head_dim=16, layer_types=layers))
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -559,15 +564,16 @@ def _decode_logits(path, ids: np.ndarray, prefill: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
 def test_sliding_window_attention_decodes_as_transformers(family, tmp_path):
     """Sliding-window layers (a window of 8, a prompt of 12, 12 more tokens one a step): every
     layer's cache keeps the whole past (the presents extend the pasts), the fused graph gives
     the windowed layers' ``GroupQueryAttention`` ``local_window_size`` 8 (without it the kernel
     attends to the whole past) and says so, the full layers none, every layer the model's
     softmax scale (Gemma's ``query_pre_attn_scalar ** -0.5`` = 1/16 here, not
-    ``1/sqrt(head_dim)`` = 1/4), and its logits equal transformers' forward pass at every
-    position."""
+    ``1/sqrt(head_dim)`` = 1/4) and Gemma 2's layers their score cap (``softcap``), and its
+    logits equal transformers' forward pass at every position (Gemma 2's final logit cap
+    included: ``logits_to_keep`` slices the lm_head's input through it)."""
     pytest.importorskip("transformers")
     import onnx
     import onnx_ir as ir
@@ -592,8 +598,11 @@ def test_sliding_window_attention_decodes_as_transformers(family, tmp_path):
     assert notes["sliding_windows"] == ({"model.layers.0.self_attn": 8, "model.layers.1.self_attn": 8}
                                         if family == "mistral" else
                                         {"model.layers.0.self_attn": 8})
-    if family == "gemma3":
+    if family != "mistral":
         assert all(n.attributes["scale"].value == pytest.approx(1 / 16) for n in gqas)
+    assert [n.attributes.get_float("softcap", 0.0) for n in gqas] == (
+        [2.0, 2.0] if family == "gemma2" else [0.0, 0.0])
+    assert notes["matched"]["last_logits"] == 1
     save_model(run.model, tmp_path / "fp32.onnx")
     make_tokenizer(tmp_path / "tokenizer.json")
     ids = np.random.default_rng(5).integers(0, VOCAB, 24)
