@@ -6,11 +6,17 @@
 - constant folding (onnxscript's optimizer; large tensors such as a tied embedding's transpose are
   left alone, so a tied weight stays one initializer);
 - shape inference;
+- symbolic dims that are sums spelled in different orders get one spelling (the terms sorted):
+  the exporter names each dim after its own expression, so in one graph a layer's keys can be
+  ``past_seq + seq`` long and its values ``seq + past_seq`` (eager attention with a KV cache),
+  and fusion rules that compare shapes by name (onnxscript's SDPA) then skip the layer;
 - layer names resolved from the exporter's metadata into ``lbcc.layer`` on every node;
 - float initializers checked for NaN / inf (a clear error naming the tensor and its layer).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -20,6 +26,40 @@ from lbcc.irutils import LAYER_KEY, add_initializer, copy_identity, layer_name
 from lbcc.pipeline import Pass
 
 TARGET_OPSET = 21
+
+
+#: a term of a symbolic sum that may be reordered: a name or an integer
+_SUM_TERM = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
+
+
+def _canonical_sum(dim: object) -> object:
+    """``SymbolicDim("seq + past_seq")`` -> ``SymbolicDim("past_seq + seq")``: the terms of a pure
+    sum of names and integers sorted; any other dim unchanged."""
+    if not isinstance(dim, ir.SymbolicDim) or not dim.value or "+" not in dim.value:
+        return dim
+    terms = [t.strip() for t in dim.value.split("+")]
+    if not all(_SUM_TERM.fullmatch(t) for t in terms):
+        return dim
+    canon = " + ".join(sorted(terms))
+    return dim if canon == dim.value else ir.SymbolicDim(canon)
+
+
+def canonical_sum_dims(model: ir.Model) -> int:
+    """Give every symbolic dim that is a sum one spelling (:func:`_canonical_sum`), in the graph's
+    inputs, outputs and every node's outputs (subgraphs included). Returns how many values
+    changed."""
+    values = list(model.graph.inputs) + list(model.graph.outputs)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        values.extend(node.outputs)
+    changed = 0
+    for value in dict.fromkeys(values):
+        if value.shape is None:
+            continue
+        dims = [_canonical_sum(d) for d in value.shape.dims]
+        if any(a is not b for a, b in zip(dims, value.shape.dims)):
+            value.shape = ir.Shape(dims)
+            changed += 1
+    return changed
 
 
 class CaptureNormalize(Pass):
@@ -46,9 +86,11 @@ class CaptureNormalize(Pass):
             optimizer.optimize(model, num_iterations=2)
         ir.passes.common.ShapeInferencePass()(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)
+        respelled = canonical_sum_dims(model)
         for node in model.graph:
             node.metadata_props[LAYER_KEY] = layer_name(node)
         self.note("gemm_to_matmul", gemms)
+        self.note("sum_dims_respelled", respelled)
         self.note("opset", {"from": opset, "to": model.opset_imports.get("")})
         return ir.passes.PassResult(model, modified=True)
 

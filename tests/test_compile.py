@@ -342,6 +342,27 @@ def test_gemm_trans_a_and_bias_are_exact_after_normalize(trans_a):
     np.testing.assert_allclose(M.run_ort(r.model, {"a": a})[0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_sums_in_symbolic_dims_get_one_spelling():
+    """``seq + past_seq`` and ``past_seq + seq`` (one KV layer's values and keys, exported with
+    eager attention) become one name; other dims and expressions are left alone."""
+    import onnx_ir as ir
+
+    from lbcc.passes.normalize import canonical_sum_dims
+
+    def value(name, dims):
+        return ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(ir.DataType.FLOAT))
+
+    x = value("x", ["batch", "seq + past_seq", 16])
+    relu = ir.node("Relu", [x])
+    relu.outputs[0].shape = ir.Shape(["batch", "past_seq + seq", 16])
+    neg = ir.node("Neg", [relu.outputs[0]])
+    neg.outputs[0].shape = ir.Shape(["batch", "2*seq + 1", "seq"])
+    graph = ir.Graph([x], [neg.outputs[0]], nodes=[relu, neg], opset_imports={"": 21})
+    assert canonical_sum_dims(ir.Model(graph, ir_version=10)) == 1
+    assert x.shape[1] == relu.outputs[0].shape[1] == ir.SymbolicDim("past_seq + seq")
+    assert [str(d) for d in neg.outputs[0].shape] == ["batch", "2*seq + 1", "seq"]
+
+
 @pytest.mark.parametrize("preset_name", ["w8a8-dynamic", DYN_TENSOR, "w4a16"])
 def test_gemm_compiles(preset_name):
     result = compiled("gemm", preset_name)
