@@ -329,6 +329,29 @@ def _with_rotary_shapes(model: ir.Model) -> None:
                 out.shape, out.type = x.shape, x.type
 
 
+def bypass_identity_reshapes(model: ir.Model, debug: bool = False) -> int:
+    """Skip a ``Reshape`` of a fusion ``SDPA``'s output whose output shape is its input's (Phi-3
+    reshapes the attention to the shape it has, ``[batch, heads, seq, head_dim]``, before the
+    transpose back; the GQA rules expect the transpose right after the attention). Both shapes
+    must be fully known, dim for dim the same. Returns how many were skipped."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        src = x.producer() if x is not None else None
+        if src is None or src.op_type != "SDPA" or src.domain != FUSION_DOMAIN or \
+                x.shape is None or y.shape is None or list(x.shape) != list(y.shape) or \
+                y.is_graph_output():
+            continue
+        y.replace_all_uses_with(x)
+        model.graph.remove(node, safe=True)
+        count += 1
+    if debug and not count:
+        print("Rule: BypassIdentityReshapes failed: no Reshape of an attention to its own shape")
+    return count
+
+
 def expand_sdpa(model: ir.Model, select=lambda node: True) -> int:
     """Each fusion ``SDPA`` left (a block no rule took) for which ``select(node)`` holds, back to
     standard ops: ``Where(IsNaN(p), 0, p) @ v`` with ``p = Softmax(z + mask)``, ``z = q @ kᵀ ·
@@ -390,6 +413,7 @@ def fuse_causal_attention(model: ir.Model, debug: bool = False) -> tuple[int, in
     _with_rotary_shapes(model)
     fuse_softcapped_sdpa(model)
     sdpa.sdpa_rules.apply_to_model(model, verbose=0)
+    bypass_identity_reshapes(model)
     rule = CausalGroupQueryAttention()  # kept: its ``reasons`` are read below
     rules = pattern.RewriteRuleSet([pattern.RewriteRule(
         rule.pattern, rule.rewrite, rule.check, name=rule.name, remove_nodes=rule.remove_nodes,

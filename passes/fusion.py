@@ -23,17 +23,18 @@ from lbcc.pipeline import Pass
 
 
 #: the KV-cache graph's attention fusions (the rotary first: the GQA fusion takes RotaryEmbedding)
-KV_ATTENTION_FUSIONS = ("rotary_from_position_ids", "softcap_sdpa", "sdpa", "guard_attention",
-                        "gqa", "restore_attention", "share_attention_lengths", "sdpa_via_mha")
+KV_ATTENTION_FUSIONS = ("rotary_from_position_ids", "softcap_sdpa", "sdpa", "identity_reshapes",
+                        "guard_attention", "gqa", "restore_attention", "share_attention_lengths",
+                        "sdpa_via_mha")
 
 FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
              "MultiHeadAttention", "GroupQueryAttention", "Attention"}
 
 
-#: steps with nothing to explain when they do nothing: not fusions, or (the soft-capped
-#: attention of Gemma 2) a form most models do not have, whose blocks the SDPA fusion's
-#: explanation covers when neither matches
-_SILENT = ("guard_attention", "restore_attention", "softcap_sdpa")
+#: steps with nothing to explain when they do nothing: not fusions, or forms most models do not
+#: have (Gemma 2's soft-capped attention, Phi-3's reshape of the attention to its own shape),
+#: whose blocks the SDPA / GQA fusions' explanations cover when those do not match
+_SILENT = ("guard_attention", "restore_attention", "softcap_sdpa", "identity_reshapes")
 
 
 def _fusions(kv_cache: bool = False) -> list[tuple[str, Callable[..., int], dict]]:
@@ -100,7 +101,8 @@ class FuseORT(Pass):
                     name in KV_ATTENTION_FUSIONS and not self.kv_attention):
                 continue
             counts[name] = int(fuse(model, **kwargs) or 0)
-            if counts[name] == 0 and self.explain and name not in _SILENT:
+            if counts[name] == 0 and self.explain and name not in _SILENT and not (
+                    name == "sdpa" and counts.get("softcap_sdpa")):  # Gemma 2: capped blocks
                 why_not[name] = _why_not(fuse, model, kwargs)
         # inline fusion helper functions that no other fusion consumed, drop dead nodes
         if model.functions:

@@ -610,6 +610,7 @@ def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
     """(name, fuse function, kwargs) of the fusions that need a KV-cache graph, in order."""
     from onnxscript.rewriter.ort_fusions import gqa, sdpa, sdpa_via_mha
 
+    from lbcc.passes.causal_attention import bypass_identity_reshapes
     from lbcc.passes.cleanup import drop_unused_norm_stats
     from lbcc.passes.softcap_attention import fuse_softcapped_sdpa
 
@@ -618,6 +619,7 @@ def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
         ("rotary_from_position_ids", rotary_from_position_ids, {}),
         ("softcap_sdpa", fuse_softcapped_sdpa, {}),
         ("sdpa", sdpa.fuse_sdpa, {"apply_shape_inference": True}),
+        ("identity_reshapes", bypass_identity_reshapes, {}),
         ("guard_attention", guard, {}),
         ("gqa", gqa.fuse_gqa, {}),
         ("restore_attention", guard.release, {}),

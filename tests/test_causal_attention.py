@@ -16,7 +16,10 @@ def _hf_capture(family: str, hidden: int = 96, **extra):
     from lbcc.capture import capture
 
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                  "mistral": transformers.MistralConfig, "gemma2": transformers.Gemma2Config}[family]
+                  "mistral": transformers.MistralConfig, "gemma2": transformers.Gemma2Config,
+                  "phi3": transformers.Phi3Config}[family]
+    if family == "phi3":
+        extra.setdefault("pad_token_id", 0)
     config = config_cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=80,
                         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
                         max_position_embeddings=128, **extra)
@@ -40,8 +43,10 @@ def _copy(model):
     return ir.from_proto(ir.to_proto(model))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
 def test_causal_gqa_fusion_is_exact_at_any_batch_and_length(family):
+    """Phi-3 also reshapes the attention to its own shape before the transpose back
+    (:func:`bypass_identity_reshapes`)."""
     from lbcc.irutils import layer_name, op_histogram
     from lbcc.passes.causal_attention import fuse_causal_attention
 

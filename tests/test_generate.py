@@ -623,35 +623,48 @@ def test_sliding_window_attention_decodes_as_transformers(family, tmp_path):
 
 
 @pytest.mark.slow
-def test_eager_attention_export_fuses_every_layer(tmp_path):
-    """A Llama exported with eager attention names its first layer's value length
-    ``seq + past_seq`` and its key length ``past_seq + seq``; onnxscript's SDPA rule compares
-    them by name and skipped that layer (1 of 2 fused) until capture-normalize gave the sums one
-    spelling. Both layers fuse, and the decode logits equal transformers'."""
+@pytest.mark.parametrize("family", ["llama-eager", "phi3"])
+def test_every_layer_fuses_and_decodes_as_transformers(family, tmp_path):
+    """Two export forms that left a layer's attention unfused (slow, correct):
+
+    * ``llama-eager``: a Llama exported with eager attention names its first layer's value
+      length ``seq + past_seq`` and its key length ``past_seq + seq``; onnxscript's SDPA rule
+      compares them by name and skipped that layer, until capture-normalize gave the sums one
+      spelling;
+    * ``phi3``: Phi-3 reshapes the attention to the shape it has before the transpose back, and
+      the GQA rule expects the transpose right after it (it became ``MultiHeadAttention``,
+      without the rotary inside), until the reshape is bypassed.
+
+    Every layer becomes ``GroupQueryAttention``, and the decode logits equal transformers'."""
     pytest.importorskip("transformers")
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
 
     from lbcc.capture import capture
     from lbcc.modelio import save_model
     from lbcc.passes import CaptureNormalize, FuseORT
     from lbcc.pipeline import Pipeline, PipelineContext
 
+    common = dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = (LlamaConfig(**common, attn_implementation="eager") if family == "llama-eager" else
+           Phi3Config(**common, pad_token_id=0))
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
-        attn_implementation="eager")).eval()
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
     run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(
         capture(hf, kv_cache=True))
-    assert run.records[0].notes["sum_dims_respelled"] > 0
+    if family == "llama-eager":
+        assert run.records[0].notes["sum_dims_respelled"] > 0
+    else:
+        assert run.records[-1].notes["matched"]["identity_reshapes"] == 2
     assert run.records[-1].notes["matched"]["gqa"] == 2
     assert sum(n.op_type == "GroupQueryAttention" for n in run.model.graph) == 2
-    save_model(run.model, tmp_path / "eager.onnx")
+    assert not any(n.op_type == "MultiHeadAttention" for n in run.model.graph)
+    save_model(run.model, tmp_path / "kv.onnx")
     ids = np.random.default_rng(6).integers(0, VOCAB, 16)
     with torch.no_grad():
         ref = hf(torch.from_numpy(ids[None])).logits[0].numpy()
-    got = _decode_logits(tmp_path / "eager.onnx", ids, prefill=8)
+    got = _decode_logits(tmp_path / "kv.onnx", ids, prefill=8)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
