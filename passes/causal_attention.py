@@ -1,7 +1,9 @@
 """``fuse-attention``: a cache-free causal attention -> ``com.microsoft::GroupQueryAttention``.
 
 The scoring graph of a causal LM (no KV cache: ``input_ids[batch, seq]`` only) computes, per
-layer, ``q/k/v = Transpose(Reshape(x W_q/k/v))``, rotary on q and k (``x·cos + rotate_half(x)·sin``
+layer, ``q/k/v = Transpose(Reshape(x W_q/k/v))`` (q and k possibly RMS-normed per head, before
+the transpose as in Qwen3 or after it as in Gemma 3: GroupQueryAttention then reads the normed
+``[batch, seq, hidden]`` form), rotary on q and k (``x·cos + rotate_half(x)·sin``
 with ``cos/sin[.., s, :]`` the angles of position ``s``), k and v repeated over each group of query
 heads (grouped-query attention), then ``softmax(q kᵀ · scale + mask) v`` with a causal mask, as
 some 40 elementwise and layout nodes. ONNX Runtime's ``GroupQueryAttention`` computes the same
@@ -14,8 +16,9 @@ k/v or the mask, when fed
   own angles, rows ``0 .. seq - 1``, since rotate-half rotary pairs channel ``i`` with
   ``i + head_dim / 2`` under one angle (``cos[.., :d/2] == cos[.., d/2:]``).
 
-The match goes through onnxscript's rotary and SDPA fusions (as functions, so a block this rule
-does not take is inlined back unchanged). What cannot be read off the pattern is checked by
+The match goes through onnxscript's rotary and SDPA fusions and lbcc's soft-capped SDPA (Gemma 2:
+``c · tanh(z / c)`` on the scores, the kernel's ``softcap``), as functions, so a block this rule
+does not take is inlined back unchanged. What cannot be read off the pattern is checked by
 evaluating it: the mask and the cos/sin tensors must depend on shapes only (every path from a
 graph input passes through a ``Shape`` of a tensor whose shape is known in terms of the batch and
 sequence dims); evaluated on batch 2 x a few sequence lengths
@@ -230,11 +233,20 @@ class CausalGroupQueryAttention(pattern.RewriteRuleClassBase):
         self.reasons.append(reason)
         return result.fail(reason, where)
 
+    @staticmethod
+    def _heads(op, x_bsd, name: str):
+        """``x`` split into heads and transposed, with the per-head RMS norm some families put
+        before the transpose (Qwen3) or after it (Gemma 3) matched where present."""
+        x_bshd = op.Reshape(x_bsd, pattern.ANY_VALUE, _outputs=[f"{name}_bshd"])
+        x_pre = pattern.OrValue([op.SimplifiedLayerNormalization(
+            x_bshd, pattern.ANY_VALUE, axis=-1, _outputs=[f"{name}_norm_pre"]), x_bshd])
+        x = op.Transpose(x_pre, perm=[0, 2, 1, 3])
+        return pattern.OrValue([op.SimplifiedLayerNormalization(
+            x, pattern.ANY_VALUE, axis=-1, _outputs=[f"{name}_norm_post"]), x])
+
     def pattern(self, op, q_bsd, k_bsd, v_bsd, cos, sin, mask):
-        q = op.Transpose(op.Reshape(q_bsd, pattern.ANY_VALUE, _outputs=["q_bshd"]),
-                         perm=[0, 2, 1, 3])
-        k = op.Transpose(op.Reshape(k_bsd, pattern.ANY_VALUE, _outputs=["k_bshd"]),
-                         perm=[0, 2, 1, 3])
+        q = self._heads(op, q_bsd, "q")
+        k = self._heads(op, k_bsd, "k")
         v = op.Transpose(op.Reshape(v_bsd, pattern.ANY_VALUE), perm=[0, 2, 1, 3])
         q_rot = op.RotaryEmbedding(q, cos, sin, _domain=FUSION_DOMAIN, _outputs=["q_rot"])
         k_rot = op.RotaryEmbedding(k, cos, sin, _domain=FUSION_DOMAIN, _outputs=["k_rot"])
@@ -251,8 +263,12 @@ class CausalGroupQueryAttention(pattern.RewriteRuleClassBase):
                           _outputs=["out"])
 
     def check(self, context, q_bsd, k_bsd, v_bsd, cos, sin, mask, q_bshd, k_bshd, q_rot,
-              k_rot, out, **_) -> pattern.MatchResult:
+              k_rot, out, q_norm_pre=None, q_norm_post=None, k_norm_pre=None,
+              k_norm_post=None, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
+        if (q_norm_pre is not None and q_norm_post is not None) or (
+                k_norm_pre is not None and k_norm_post is not None):
+            return self._fail(result, "query or key normalized twice", q_bshd)
         for name, val in (("query", q_bsd), ("key", k_bsd), ("value", v_bsd)):
             if not _ir_utils.has_rank(val, 3):
                 return self._fail(result, f"the {name} projection is not [batch, seq, hidden]",
@@ -285,7 +301,23 @@ class CausalGroupQueryAttention(pattern.RewriteRuleClassBase):
         self._layer = layer_name(out.producer())
         return result
 
-    def rewrite(self, op, q_bsd, k_bsd, v_bsd, cos, sin, att, **_):
+    @staticmethod
+    def _input(op, x_bsd, x_bshd, norm_pre, norm_post):
+        """What GroupQueryAttention reads for q or k: ``[batch, seq, heads * head_dim]``, the
+        per-head norm applied (a norm after the transpose is the same norm over the last axis,
+        so it is applied before it, on the ``[batch, seq, heads, head_dim]`` form)."""
+        norm = norm_pre if norm_pre is not None else norm_post
+        if norm is None:
+            return x_bsd
+        node = norm.producer()
+        normed = op.SimplifiedLayerNormalization(
+            x_bshd, node.inputs[1], axis=-1,
+            epsilon=node.attributes.get_float("epsilon", 1e-5),
+            stash_type=node.attributes.get_int("stash_type", 1))
+        return op.Reshape(normed, op.Constant(value_ints=[0, 0, -1]))
+
+    def rewrite(self, op, q_bsd, k_bsd, v_bsd, cos, sin, att, q_bshd, k_bshd, q_norm_pre=None,
+                q_norm_post=None, k_norm_pre=None, k_norm_post=None, **_):
         # every block of one batch x seq input shares these: computed once, by the first block
         dims = (str(q_bsd.shape[0]), str(q_bsd.shape[1]))
         if dims not in self._lengths:
@@ -313,7 +345,9 @@ class CausalGroupQueryAttention(pattern.RewriteRuleClassBase):
                 attrs[name] = value
         if self._window:
             attrs["local_window_size"] = self._window
-        out, _, _ = op.GroupQueryAttention(q_bsd, k_bsd, v_bsd, None, None, seqlens_k, total,
+        q_in = self._input(op, q_bsd, q_bshd, q_norm_pre, q_norm_post)
+        k_in = self._input(op, k_bsd, k_bshd, k_norm_pre, k_norm_post)
+        out, _, _ = op.GroupQueryAttention(q_in, k_in, v_bsd, None, None, seqlens_k, total,
                                            cos_cache, sin_cache, _domain="com.microsoft",
                                            _outputs=3, **attrs)
         out.producer().metadata_props[LAYER_KEY] = self._layer

@@ -17,7 +17,8 @@ def _hf_capture(family: str, hidden: int = 96, **extra):
 
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
                   "mistral": transformers.MistralConfig, "gemma2": transformers.Gemma2Config,
-                  "phi3": transformers.Phi3Config}[family]
+                  "phi3": transformers.Phi3Config, "qwen3": transformers.Qwen3Config,
+                  "gemma3": transformers.Gemma3TextConfig}[family]
     if family == "phi3":
         extra.setdefault("pad_token_id", 0)
     config = config_cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=80,
@@ -81,6 +82,33 @@ def test_sliding_window_mask_fuses_with_the_kernels_window():
     assert [n.attributes.get_int("local_window_size", -1) for n in gqa] == [4, 4]
     rng = np.random.default_rng(1)
     for shape in [(1, 3), (2, 12)]:
+        ids = rng.integers(0, VOCAB, shape).astype(np.int64)
+        ref, got = _logits(model, ids), _logits(fused_model, ids)
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), shape
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_query_and_key_norms_fuse_exactly(family):
+    """Per-head RMS norms on q and k, before the transpose (Qwen3) or after it (Gemma 3, here
+    with a sliding layer of 4 and a full one): GroupQueryAttention reads the normed q and k
+    (the norm applied on ``[batch, seq, heads, head_dim]``, reshaped to ``[batch, seq, hidden]``)
+    and the logits stay those of the exported graph."""
+    from onnxscript.rewriter.ort_fusions import rms_normalization
+
+    from lbcc.passes.causal_attention import fuse_causal_attention
+
+    extra = {"head_dim": 16} | ({"sliding_window": 4, "layer_types": [
+        "sliding_attention", "full_attention"]} if family == "gemma3" else {})
+    model = _hf_capture(family, **extra)
+    rms_normalization.fuse_rms_normalization(model)  # what fuse-ort does before this pass
+    fused_model = _copy(model)
+    assert fuse_causal_attention(fused_model) == (2, 0, [])
+    gqa = [n for n in fused_model.graph if n.op_type == "GroupQueryAttention"]
+    assert all(n.inputs[0].producer().op_type == "Reshape" for n in gqa)
+    if family == "gemma3":
+        assert [n.attributes.get_int("local_window_size", -1) for n in gqa] == [4, -1]
+    rng = np.random.default_rng(3)
+    for shape in [(1, 1), (2, 9), (3, 40)]:
         ids = rng.integers(0, VOCAB, shape).astype(np.int64)
         ref, got = _logits(model, ids), _logits(fused_model, ids)
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), shape
