@@ -4,7 +4,7 @@ their transformers configs: nothing in lbcc is tuned to the sample's layer names
 Hidden sizes are deliberately not multiples of 128 (GPTQ / AWQ must handle any K), the models
 have grouped-query attention, Qwen2 has q/k/v biases, Qwen3 RMS-normalizes each head's queries
 and keys between the projections and the attention, Gemma scales embeddings, uses (1 + w)
-RMSNorm and a GELU-gated MLP. The SmoothQuant presets must also stay near plain W8A8 on text
+RMSNorm and a GELU-gated MLP. Every compile fuses both attention blocks. The SmoothQuant presets must also stay near plain W8A8 on text
 they were not calibrated on (an alpha search scored on its own calibration rows once tripled
 the logit error here).
 """
@@ -96,6 +96,8 @@ def test_preset_runs_and_stays_close(family_model, preset_name):
     r, got = _compiled(model, preset_name)
     summary = r.report.data["summary"]
     assert summary["quantized"] >= 2 * 7  # q k v o gate up down in both layers
+    # both attention blocks become GroupQueryAttention (Qwen3's per-head q / k norms included)
+    assert r.run.context.notes["fuse-attention"] == {"fused": 2, "left_unfused": 0}
     ref = _logits(model, _IDS)
     assert got.shape == ref.shape and np.isfinite(got).all()
     # the top-1 token agrees for most positions (random weights give flat, fragile logits)
