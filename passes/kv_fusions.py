@@ -44,6 +44,10 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _fusion_utils, _ir_utils, pattern
 
+from lbcc.passes.causal_attention import (FUSION_DOMAIN, band_window, bypass_identity_reshapes,
+                                           expand_sdpa, run_subgraph)
+from lbcc.passes.softcap_attention import fuse_softcapped_sdpa, softcap_of
+
 
 class RotaryFromPositionIds(pattern.RewriteRuleClassBase):
     """Mul(Cast(Unsqueeze(position_ids)), inv_freq) -> cos/sin -> RotaryEmbedding, with caches."""
@@ -376,7 +380,6 @@ def _lm_head_product(logits: ir.Value | None) -> tuple[ir.Node | None, list[ir.V
 MASK_CHECKS = ((0, 4099), (5, 3))
 #: the domain an attention block GQA must not take waits in, until ``sdpa_via_mha``
 HELD_DOMAIN = "lbcc.held_attention"
-_SDPA_DOMAIN = "ai.onnxruntime._fusion"
 #: the most constant elements a mask's computation may read (more: it reads weights)
 _MASK_MAX_CONSTANTS = 1 << 20
 
@@ -451,8 +454,6 @@ def _evaluate(model: ir.Model, values: list[ir.Value], past: int, seq: int
               ) -> list[np.ndarray]:
     """``values`` computed by ONNX Runtime from the graph's inputs for ``seq`` new tokens after
     ``past`` cached ones (:func:`_probe_feeds`)."""
-    from lbcc.passes.causal_attention import run_subgraph
-
     nodes, inputs, constants = _ancestors(values)
     if constants > _MASK_MAX_CONSTANTS:
         raise ValueError(f"it reads {constants:,} constant elements (weights?)")
@@ -467,8 +468,6 @@ def kv_mask_window(model: ir.Model, mask: ir.Value) -> tuple[int | None, str]:
     :func:`_mask_checks` (:func:`lbcc.passes.causal_attention.band_window`): ``(0, "")`` for the
     plain causal mask of a full cache, ``(W, "")`` for a sliding window of W tokens (Mistral,
     Gemma 2 / 3, some Qwen2 and Phi-3 configurations), ``(None, why)`` for anything else."""
-    from lbcc.passes.causal_attention import band_window
-
     masks = []
     for past, seq in _mask_checks(model):
         try:
@@ -510,7 +509,7 @@ class AttentionGuard:
         verdicts: dict[int, tuple[int | None, str]] = {}
         held = 0
         for node in model.graph:
-            if node.op_type != "SDPA" or node.domain != _SDPA_DOMAIN:
+            if node.op_type != "SDPA" or node.domain != FUSION_DOMAIN:
                 continue
             mask = node.inputs[3] if len(node.inputs) > 3 else None
             window, why = 0, ""
@@ -536,13 +535,10 @@ class AttentionGuard:
     def release(self, model: ir.Model, debug: bool = False) -> int:
         """Windows, scales and caps onto ``GroupQueryAttention``, held blocks back, capped blocks
         left over expanded; how many changed."""
-        from lbcc.passes.causal_attention import expand_sdpa
-        from lbcc.passes.softcap_attention import softcap_of
-
         changed = 0
         for node in model.graph:
             if node.domain == HELD_DOMAIN:
-                node.domain = _SDPA_DOMAIN
+                node.domain = FUSION_DOMAIN
                 changed += 1
                 continue
             past = node.inputs[3] if node.op_type == "GroupQueryAttention" \
@@ -564,7 +560,7 @@ class AttentionGuard:
                 self.windows[name] = window
                 changed += 1
         for node in model.graph:
-            if node.op_type == "SDPA" and node.domain == _SDPA_DOMAIN and softcap_of(node):
+            if node.op_type == "SDPA" and node.domain == FUSION_DOMAIN and softcap_of(node):
                 name = _attention_name(node)
                 self.reasons[name] = "; ".join(x for x in (self.reasons.get(name), (
                     "soft-capped scores (tanh): MultiHeadAttention has no cap, so the block "
@@ -610,9 +606,7 @@ def kv_cache_fusions() -> list[tuple[str, Callable[..., int], dict]]:
     """(name, fuse function, kwargs) of the fusions that need a KV-cache graph, in order."""
     from onnxscript.rewriter.ort_fusions import gqa, sdpa, sdpa_via_mha
 
-    from lbcc.passes.causal_attention import bypass_identity_reshapes
     from lbcc.passes.cleanup import drop_unused_norm_stats
-    from lbcc.passes.softcap_attention import fuse_softcapped_sdpa
 
     guard = AttentionGuard()
     return [

@@ -25,7 +25,7 @@ import math
 import onnx_ir as ir
 from onnxscript.rewriter import _fusion_utils, _ir_utils, pattern
 
-SDPA_DOMAIN = "ai.onnxruntime._fusion"
+from lbcc.passes.causal_attention import FUSION_DOMAIN
 
 
 class SoftcappedSDPA(pattern.RewriteRuleClassBase):
@@ -84,7 +84,7 @@ class SoftcappedSDPA(pattern.RewriteRuleClassBase):
         if self._scale is not None:
             attrs["scale"] = self._scale
         inputs = [query, key, value] + ([mask] if mask is not None else [])
-        return op.SDPA(*inputs, _domain=SDPA_DOMAIN, **attrs)
+        return op.SDPA(*inputs, _domain=FUSION_DOMAIN, **attrs)
 
 
 def fuse_softcapped_sdpa(model: ir.Model, debug: bool = False) -> int:
