@@ -7,7 +7,8 @@ natural-order tiled kernel with and without float16-pair dequantization, the deq
 behind dequant+cublas) on 4- and 8-bit, symmetric and asymmetric, several
 group sizes, K a multiple of the chunk or not; relative Frobenius error against float32 math on
 the same dequantized weights (< 2e-3 passes); for the GEMVs also the residual and gated-MLP
-(silu(gate) * up) epilogues, two steps of prefetch and programmatic dependent launch. Prints one
+(silu(gate) * up) epilogues, two steps of prefetch, programmatic dependent launch and
+chunk-major tiles. Prints one
 line per case and a summary; exits 1 on a failure. Runs in a few seconds (the compilation dominates).
 """
 
@@ -48,7 +49,12 @@ def main() -> int:
             # two steps of prefetch; programmatic dependent launch (sm_90+)
             ops._gemv(8, 1, 1, 2, pf=2), ops._gemv(8, 8, 1, 4, pf=2, h2=True),
             dict(ops._gemv(8, 1, 1, 4), PDL=True), dict(ops._gemv(16, 4, 2, 4), PDL=True),
-            dict(ops._gemv(32, 8, 1, 16, pf=2, h2=True), PDL=True)]
+            dict(ops._gemv(32, 8, 1, 16, pf=2, h2=True), PDL=True),
+            # chunk-major tiles: float16 pairs (4-word accumulation) and float32
+            ops._gemv(16, 8, 1, 2, pf=2, h2=True, km=True), ops._gemv(8, 16, 1, 4, h2=True, km=True),
+            ops._gemv(32, 4, 4, 4, h2=True, km=True), ops._gemv(8, 4, 1, 2, km=True),
+            ops._gemv(16, 2, 2, 4, pf=2, km=True),
+            dict(ops._gemv(8, 4, 1, 2, h2=True, km=True), PDL=True)]
     for bits, group, sym, n, k in cases:
         w = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
         codes, s, z = quantize_gpu(w, bits, group, sym)

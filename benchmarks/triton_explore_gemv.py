@@ -11,6 +11,7 @@ time; the tiles are sorted by time in the JSON summary.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,13 +27,29 @@ BITS = 4
 
 
 def tag(c):
-    keys = ("BLOCK_N", "CHUNKS", "SPLIT_K", "num_warps", "PREFETCH", "PDL")
+    keys = ("BLOCK_N", "CHUNKS", "SPLIT_K", "num_warps", "PREFETCH", "PDL", "ACC", "KMAJOR")
     return "gemv " + " ".join(f"{k}={c[k]}" for k in keys if k in c)
+
+
+# GEMV_VARIANTS="rm,..." (environment): each tile also timed row-major (rm: the float16-pair
+# tile before chunk-major tiles) or chunk-major without float16 accumulation over 4 words
+# (km-acc1); GEMV_EXTRA="bn:ch:sk:nw:pf,..." adds chunk-major float16-pair tiles.
+VARIANTS = {"rm": {"KMAJOR": False, "ACC": 1}, "km-acc1": {"ACC": 1}}
+
+
+def extra_tiles() -> list[dict]:
+    out = []
+    for item in filter(None, os.environ.get("GEMV_EXTRA", "").split(",")):
+        bn, ch, sk, nw, pf = map(int, item.split(":"))
+        out.append(ops._gemv(bn, ch, sk, nw, pf=pf, h2=True, km=True))
+    return out
 
 
 def cands(kw: int) -> list[dict]:
     pdl = ops.pdl_supported(torch.device("cuda"))
     out = [c for c in ops.GEMV_CONFIGS if c.get("HALF2") and ops._fits(c, kw, BITS, GROUP)]
+    names = [v for v in os.environ.get("GEMV_VARIANTS", "").split(",") if v]
+    out = out + [dict(c, **VARIANTS[v]) for c in out for v in names] + extra_tiles()
     return [dict(c, PDL=True) for c in out] if pdl else out
 
 

@@ -100,7 +100,7 @@ def test_dequant_kernel_tiles():
 
 
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
-@pytest.mark.parametrize("kind", ["gemv", "gemv-split", "mm", "mm-split", "mm-swap",
+@pytest.mark.parametrize("kind", ["gemv", "gemv-split", "gemv-km", "mm", "mm-split", "mm-swap",
                                   "mm-cat", "mm-cat-swap", "nat", "nat-split", "nat-swap",
                                   "nat-h2", "nat-h2-swap"])
 def test_wq_linear(bits, symmetric, kind):
@@ -115,7 +115,7 @@ def test_wq_linear(bits, symmetric, kind):
     bias = rng.standard_normal(n).astype(np.float16)
     split = 2 if kind.endswith("split") else 1
     if kind.startswith("gemv"):
-        cfg = ops._gemv(16, 2 // split, split, 4, pf=split == 1)
+        cfg = ops._gemv(16, 2 // split, split, 4, pf=split == 1, km=kind.endswith("km"))
     elif kind.startswith("nat"):
         cfg = ops._nat(16, 16, split, 4, 2, gm=2, swap=kind.endswith("swap"), h2="h2" in kind)
     else:
@@ -135,6 +135,7 @@ def test_wq_gemv_groups(group):
     codes, s, z, (qw, st, zt) = packed(rng, n, k, 4, group, False)
     x = rng.standard_normal((2, k)).astype(np.float16)
     for cfg in (ops._gemv(8, 2, 1, 4, pf=False), ops._gemv(4, 1, 2, 4),
+                ops._gemv(8, 2, 1, 4, pf=2, km=True),
                 ops._mm(16, 16, 1, 4, 2), ops._mm(16, 16, 1, 4, 2, cat=True),
                 ops._nat(16, 16, 1, 4, 2)):
         y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, group, config=cfg)
@@ -144,12 +145,16 @@ def test_wq_gemv_groups(group):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_wq_gemv_half2(symmetric):
     """The float16-pair GEMV (interpreter twin of its PTX): float16 products, 4-term float16
-    partial sums, so a looser but still stated tolerance; groups of whole chunks; M = 2."""
+    partial sums (8-term in the chunk-major tiles' 4-word accumulation), within the stated
+    tolerance; groups of whole chunks; M = 2; row-major and chunk-major tiles."""
     rng = np.random.default_rng(21 + symmetric)
     n, k = 24, 384
     codes, s, z, (qw, st, zt) = packed(rng, n, k, 4, 128, symmetric)
     x = rng.standard_normal((2, k)).astype(np.float16)
-    for cfg in (ops._gemv(8, 1, 1, 4, h2=True), ops._gemv(4, 1, 2, 4, pf=False, h2=True)):
+    for cfg in (ops._gemv(8, 1, 1, 4, h2=True), ops._gemv(4, 1, 2, 4, pf=False, h2=True),
+                ops._gemv(8, 1, 1, 4, h2=True, km=True),
+                ops._gemv(16, 1, 1, 2, pf=2, h2=True, km=True),
+                ops._gemv(4, 1, 3, 4, h2=True, km=True)):
         y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, 128, config=cfg)
         assert rel_err(y.numpy(), _ref_linear(x, codes, s, z, 4, 128)) < FLOAT_TOL
 
@@ -171,6 +176,7 @@ def test_wq_gemv_epilogues(symmetric):
     ref_glu = g / (1 + np.exp(-g)) * u
     cfgs = (ops._gemv(8, 1, 1, 4), ops._gemv(4, 1, 3, 4), ops._gemv(8, 1, 1, 2, pf=2),
             ops._gemv(8, 1, 1, 4, h2=True), ops._gemv(4, 1, 1, 4, pf=2, h2=True),
+            ops._gemv(8, 1, 1, 4, pf=2, h2=True, km=True), ops._gemv(8, 1, 3, 4, km=True),
             ops._nat(16, 16, 1, 4, 2), ops._dqmm(8, 128, 4))
     for cfg in cfgs:
         y = ops.wq_linear(torch.from_numpy(x), qw, st, zt, 4, group, config=cfg,

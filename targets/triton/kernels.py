@@ -85,63 +85,113 @@ def _pack_h2(lo, hi, ASM: tl.constexpr):
                 | (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF))
 
 
+def _h2_dot_asm(pack: int) -> str:
+    """PTX of :func:`_dot_h2_acc` for ``pack`` words (operands numbered as Triton packs them:
+    the ``pack`` outputs, then each input's ``pack`` elements in turn)."""
+    words, zz0, zz1, s16, acc = pack, 6 * pack, 7 * pack, 8 * pack, 9 * pack
+    body = []
+    for e in range(pack):
+        xp = [(2 + q) * pack + e for q in range(4)]
+        w = f"${words + e}"
+        for q, (src, mask, c, zz, dst) in enumerate((
+                (w, "0x000F000F", "c0", zz0, "a"), (w, "0x00F000F0", "c1", zz1, "a"),
+                ("w8", "0x000F000F", "c0", zz0, "b"), ("w8", "0x00F000F0", "c1", zz1, "b"))):
+            dst = "a" if pack == 1 else dst  # (one word: one chain, as many products a half)
+            if q == 2:
+                body.append(f"shr.u32 w8, {w}, 8;")
+            body.append(f"lop3.b32 h, {src}, {mask}, 0x64006400, 0xEA;")
+            body.append(f"fma.rn.f16x2 h, h, {c}, ${zz};")
+            first = q == 0 if pack == 1 else e == 0 and q % 2 == 0
+            body.append(f"mul.rn.f16x2 {dst}, h, ${xp[q]};" if first
+                        else f"fma.rn.f16x2 {dst}, h, ${xp[q]}, {dst};")
+    body += [] if pack == 1 else ["add.rn.f16x2 a, a, b;"]
+    body += ["mov.b32 {lo, hi}, a;", "cvt.f32.f16 flo, lo;",
+             "cvt.f32.f16 fhi, hi;", "add.f32 flo, flo, fhi;", f"fma.rn.f32 $0, flo, ${s16}, ${acc};"]
+    body += [f"mov.b32 ${e}, ${acc + e};" for e in range(1, pack)]
+    return ("{ .reg .b32 h, a, b, w8, c0, c1; .reg .f16 lo, hi; .reg .f32 flo, fhi; "
+            "mov.b32 c0, 0x2C002C00; mov.b32 c1, 0x1C001C00; " + " ".join(body) + " }")
+
+
+def _h2_dot_constraints(pack: int) -> str:
+    return ",".join(["=f"] * pack + ["r"] * (7 * pack) + ["f"] * (2 * pack))
+
+
+_H2_DOT1 = tl.constexpr(_h2_dot_asm(1))
+_H2_DOT4 = tl.constexpr(_h2_dot_asm(4))
+_H2_CONS1 = tl.constexpr(_h2_dot_constraints(1))
+_H2_CONS4 = tl.constexpr(_h2_dot_constraints(4))
+
+
 @triton.jit
-def _dot8_h2(words, xp0, xp1, xp2, xp3, zz0, zz1, ASM: tl.constexpr):
-    """``sum_j (u_j - z) / 16 * x_j`` over the 8 codes of each 4-bit word, in float16 pairs
-    (Marlin-style): ``(w & 0x000F000F) | 0x64006400`` is the pair 1024 + u for bit fields 0 and
-    4, ``(w & 0x00F000F0) | 0x64006400`` is 1024 + 16 u for fields 1 and 5 (then 2, 6 and 3, 7
-    from ``w >> 8``); one FMA each makes them ``(u - z) / 16`` exactly (``zz0`` = pair of
-    64 + z/16, ``zz1`` = pair of 4 + z/16); ``xp_j`` = pair (x_j, x_{j+4}). Four float16
-    products accumulate per half (|sum| <= 4 max|x|: no overflow below |x| = 16384); the two
-    halves are added in float32."""
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _dot_h2_acc(acc, words, xp0, xp1, xp2, xp3, zz0, zz1, s16, PACK: tl.constexpr,
+                ASM: tl.constexpr):
+    """``acc + s16 * sum_j (u_j - z) / 16 * x_j`` over the 8 codes of each 4-bit word, in
+    float16 pairs (Marlin-style): ``(w & 0x000F000F) | 0x64006400`` is the pair 1024 + u for
+    bit fields 0 and 4, ``(w & 0x00F000F0) | 0x64006400`` is 1024 + 16 u for fields 1 and 5
+    (then 2, 6 and 3, 7 from ``w >> 8``); one FMA each makes them ``(u - z) / 16`` exactly
+    (``zz0`` = pair of -(64 + z/16), ``zz1`` = pair of -(4 + z/16)); ``xp_j`` = pair
+    (x_j, x_{j+4}). The products of a word accumulate in one float16 pair (4 products a half);
+    with PACK > 1, those of PACK consecutive words of a thread (one row's chunk: one scale
+    group) in two (fields 0 / 4 and 1 / 5 in one, 2 / 6 and 3 / 7 in the other: 2 PACK products
+    a half each; |sum| <= PACK max|x|, no overflow below |x| = 16384 / PACK), which are added;
+    the sum is converted to float32 once and scaled into the first word's ``acc``; the other
+    PACK - 1 keep theirs (``sum(acc)`` is the product). PACK > 1 needs each thread to hold PACK
+    consecutive words (word loads of at least PACK x 4 bytes: the 16-byte loads of whole-chunk
+    rows give that)."""
     if ASM:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 h, a, w8, c0, c1, c2;
-            .reg .f16 lo, hi;
-            .reg .f32 flo, fhi;
-            mov.b32 c0, 0x2C002C00;
-            mov.b32 c1, 0x1C001C00;
-            lop3.b32 h, $1, 0x000F000F, 0x64006400, 0xEA;
-            fma.rn.f16x2 h, h, c0, $6;
-            mul.rn.f16x2 a, h, $2;
-            lop3.b32 h, $1, 0x00F000F0, 0x64006400, 0xEA;
-            fma.rn.f16x2 h, h, c1, $7;
-            fma.rn.f16x2 a, h, $3, a;
-            shr.u32 w8, $1, 8;
-            lop3.b32 h, w8, 0x000F000F, 0x64006400, 0xEA;
-            fma.rn.f16x2 h, h, c0, $6;
-            fma.rn.f16x2 a, h, $4, a;
-            lop3.b32 h, w8, 0x00F000F0, 0x64006400, 0xEA;
-            fma.rn.f16x2 h, h, c1, $7;
-            fma.rn.f16x2 a, h, $5, a;
-            mov.b32 {lo, hi}, a;
-            cvt.f32.f16 flo, lo;
-            cvt.f32.f16 fhi, hi;
-            add.f32 $0, flo, fhi;
-            }""",
-            "=f,r,r,r,r,r,r,r", [words, xp0, xp1, xp2, xp3, zz0, zz1],
-            dtype=tl.float32, is_pure=True, pack=1)
-    else:  # the same float16 arithmetic for the interpreter (the CI tests)
-        lo = tl.zeros(words.shape, dtype=tl.float16)
-        hi = tl.zeros(words.shape, dtype=tl.float16)
-        for q in tl.static_range(4):
-            if q == 0:
-                xp = xp0
-            elif q == 1:
-                xp = xp1
-            elif q == 2:
-                xp = xp2
-            else:
-                xp = xp3
-            xl = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            xh = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            zoff = (zz0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) + 64.0
-            dl = ((words >> (4 * q)) & 15).to(tl.float32) * 0.0625 + zoff    # (u - z) / 16
-            dh = ((words >> (16 + 4 * q)) & 15).to(tl.float32) * 0.0625 + zoff
-            lo = (dl * xl + lo.to(tl.float32)).to(tl.float16)
-            hi = (dh * xh + hi.to(tl.float32)).to(tl.float16)
-        return lo.to(tl.float32) + hi.to(tl.float32)
+        if PACK == 4:
+            return tl.inline_asm_elementwise(_H2_DOT4, _H2_CONS4,
+                                             [words, xp0, xp1, xp2, xp3, zz0, zz1, s16, acc],
+                                             dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_H2_DOT1, _H2_CONS1,
+                                             [words, xp0, xp1, xp2, xp3, zz0, zz1, s16, acc],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+    else:  # the same float16 arithmetic in the same order, for the interpreter (the CI tests)
+        R: tl.constexpr = words.shape[0]
+        C: tl.constexpr = words.shape[1]
+        W: tl.constexpr = words.shape[2]
+        zoff = (zz0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) + 64.0
+        wq = tl.reshape(words, [R, C, W // PACK, PACK])
+        zq = tl.reshape(tl.broadcast_to(zoff, [R, C, W]), [R, C, W // PACK, PACK])
+        xq = [tl.reshape(tl.broadcast_to(xp, [R, C, W]), [R, C, W // PACK, PACK])
+              for xp in (xp0, xp1, xp2, xp3)]
+        e_ix = tl.arange(0, PACK)[None, None, None, :]
+        al = tl.zeros([R, C, W // PACK], dtype=tl.float16)
+        ah = tl.zeros([R, C, W // PACK], dtype=tl.float16)
+        bl = tl.zeros([R, C, W // PACK], dtype=tl.float16)
+        bh = tl.zeros([R, C, W // PACK], dtype=tl.float16)
+        for e in tl.static_range(PACK):  # word e of each group (an OR of it and zeros: exact)
+            w = tl.reduce(tl.where(e_ix == e, wq, 0), 3, _bit_or)
+            zo = tl.sum(tl.where(e_ix == e, zq, 0.0), axis=3)
+            for q in tl.static_range(4):
+                xp = tl.reduce(tl.where(e_ix == e, xq[q], 0), 3, _bit_or)
+                xl = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                xh = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                dl = ((w >> (4 * q)) & 15).to(tl.float32) * 0.0625 + zo
+                dh = ((w >> (16 + 4 * q)) & 15).to(tl.float32) * 0.0625 + zo
+                if q < 2 or PACK == 1:
+                    al = (dl * xl + al.to(tl.float32)).to(tl.float16)
+                    ah = (dh * xh + ah.to(tl.float32)).to(tl.float16)
+                else:
+                    bl = (dl * xl + bl.to(tl.float32)).to(tl.float16)
+                    bh = (dh * xh + bh.to(tl.float32)).to(tl.float16)
+        if PACK == 1:
+            lo = al.to(tl.float32)
+            hi = ah.to(tl.float32)
+        else:
+            lo = (al.to(tl.float32) + bl.to(tl.float32)).to(tl.float16).to(tl.float32)
+            hi = (ah.to(tl.float32) + bh.to(tl.float32)).to(tl.float16).to(tl.float32)
+        sg = tl.max(tl.reshape(tl.broadcast_to(s16, [R, C, W]), [R, C, W // PACK, PACK]), axis=3)
+        grp = tl.reshape(tl.broadcast_to(((lo + hi) * sg)[:, :, :, None],
+                                         [R, C, W // PACK, PACK]), [R, C, W])
+        first = (tl.arange(0, W) % PACK == 0)[None, None, :]
+        return acc + tl.where(first, grp, 0.0)
 
 
 @triton.jit
@@ -164,6 +214,26 @@ def _split_k_range(steps, pid_k, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
+def _bcast_rows(v, KMAJOR: tl.constexpr):
+    """A [CHUNKS, 16] tensor (activations) as the GEMV tile's [1, CHUNKS, 16], or
+    [CHUNKS, 1, 16] for the chunk-major tile."""
+    if KMAJOR:
+        return v[:, None, :]
+    else:
+        return v[None, :, :]
+
+
+@triton.jit
+def _row_group(base, rn, g, G, KMAJOR: tl.constexpr):
+    """The per-group value (scale or zero point) of each tile row and chunk, ``[ROWS, CHUNKS,
+    1]`` (or ``[CHUNKS, ROWS, 1]`` chunk-major), as float32."""
+    if KMAJOR:
+        return tl.load(base + rn[None, :] * G + g[:, None]).to(tl.float32)[:, :, None]
+    else:
+        return tl.load(base + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
+
+
+@triton.jit
 def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
                     M, N, K, KW, G, stride_xm, stride_rm, stride_ym, magic0,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -171,7 +241,8 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
                     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
                     HALF2: tl.constexpr = False, ASM: tl.constexpr = False,
                     PDL: tl.constexpr = False, HAS_RES: tl.constexpr = False,
-                    GLU: tl.constexpr = False):
+                    GLU: tl.constexpr = False, ACC: tl.constexpr = 1,
+                    KMAJOR: tl.constexpr = False):
     # One program: BLOCK_N rows x (its share of) K, CHUNKS chunks of 16 words a step; the word
     # tile is [BLOCK_N, CHUNKS, 16] (rows of 64 * CHUNKS contiguous bytes, 16-byte loads).
     # Plane j of a chunk meets the 16 consecutive activations c*C + 16 j + (0..15): a thread's
@@ -206,9 +277,14 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
     offs_i = tl.arange(0, 16)
     steps = KW // (16 * CHUNKS)
     st0, st1 = _split_k_range(steps, pid_k, SPLIT_K)
-    acc = tl.zeros([ROWS, CHUNKS, 16], dtype=tl.float32)
+    if KMAJOR:  # tile [CHUNKS, ROWS, 16]: threads spread over chunks first, so each holds
+        # more rows of the same chunks (and reads each activation pair for all of them)
+        w_off = offs_c[:, None, None] * 16 + rn[None, :, None] * KW + offs_i[None, None, :]
+    else:
+        w_off = rn[:, None, None] * KW + (offs_c[:, None] * 16 + offs_i[None, :])[None, :, :]
+    acc = tl.zeros(w_off.shape, dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
-    w_tile = qw_ptr + rn[:, None, None] * KW + (offs_c[:, None] * 16 + offs_i[None, :])[None, :, :]
+    w_tile = qw_ptr + w_off
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH:  # (the last steps re-read their own words instead of reading past the part)
@@ -234,7 +310,7 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
         words_hi = words >> 16
         c = st * CHUNKS + offs_c                               # chunk indices [CHUNKS]
         kb = c[:, None] * C + offs_i[None, :]                  # k of plane 0 [CHUNKS, 16]
-        if HALF2:  # 4-bit, a group of whole chunks: float16 pairs (:func:`_dot8_h2`)
+        if HALF2:  # 4-bit, a group of whole chunks: float16 pairs (:func:`_dot_h2_acc`)
             xs0 = _load_x(x_row, kb, K, EVEN_K)
             xs1 = _load_x(x_row, kb + 16, K, EVEN_K)
             xs2 = _load_x(x_row, kb + 32, K, EVEN_K)
@@ -243,41 +319,40 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
             xs5 = _load_x(x_row, kb + 80, K, EVEN_K)
             xs6 = _load_x(x_row, kb + 96, K, EVEN_K)
             xs7 = _load_x(x_row, kb + 112, K, EVEN_K)
-            xp0 = _pack_h2(xs0, xs4, ASM)[None, :, :]
-            xp1 = _pack_h2(xs1, xs5, ASM)[None, :, :]
-            xp2 = _pack_h2(xs2, xs6, ASM)[None, :, :]
-            xp3 = _pack_h2(xs3, xs7, ASM)[None, :, :]
+            xp0 = _bcast_rows(_pack_h2(xs0, xs4, ASM), KMAJOR)
+            xp1 = _bcast_rows(_pack_h2(xs1, xs5, ASM), KMAJOR)
+            xp2 = _bcast_rows(_pack_h2(xs2, xs6, ASM), KMAJOR)
+            xp3 = _bcast_rows(_pack_h2(xs3, xs7, ASM), KMAJOR)
             g = (c * C) // GROUP
-            s16 = tl.load(s_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None] * 16.0
+            s16 = _row_group(s_ptr, rn, g, G, KMAJOR) * 16.0
             if HAS_ZERO:
-                z = tl.load(z_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
+                z = _row_group(z_ptr, rn, g, G, KMAJOR)
             else:
-                z = tl.full([ROWS, CHUNKS, 1], 8.0, tl.float32)
+                z = tl.full(s16.shape, 8.0, tl.float32)
             z16 = z * 0.0625
             zz0 = (-(z16 + 64.0)).to(tl.float16)
             zz1 = (-(z16 + 4.0)).to(tl.float16)
-            r = _dot8_h2(words, xp0, xp1, xp2, xp3, _pack_h2(zz0, zz0, ASM),
-                         _pack_h2(zz1, zz1, ASM), ASM)
-            acc += r * s16
+            acc = _dot_h2_acc(acc, words, xp0, xp1, xp2, xp3, _pack_h2(zz0, zz0, ASM),
+                              _pack_h2(zz1, zz1, ASM), s16, ACC, ASM)
         for j in tl.static_range(E if not HALF2 else 0):
             if j % PG == 0:
                 g = (c * C + j * 16) // GROUP
-                s = tl.load(s_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
+                s = _row_group(s_ptr, rn, g, G, KMAJOR)
                 if HAS_ZERO:
-                    z = tl.load(z_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)[:, :, None]
+                    z = _row_group(z_ptr, rn, g, G, KMAJOR)
                 else:
                     z = (1 << (BITS - 1)) * 1.0
-                part = tl.zeros([ROWS, CHUNKS, 16], dtype=tl.float32)
+                part = tl.zeros(w_off.shape, dtype=tl.float32)
             kk = kb + j * 16
             if EVEN_K:
                 xj = tl.load(x_row + kk).to(tl.float32)
             else:
                 xj = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
             f = _plane_f32(words, words_hi, j, BITS, magic0)
-            part += (f - (z + _plane_base(j, BITS))) * xj[None, :, :]
+            part += (f - (z + _plane_base(j, BITS))) * _bcast_rows(xj, KMAJOR)
             if j % PG == PG - 1:
                 acc += part * s
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    out = tl.sum(tl.sum(acc, axis=2), axis=0 if KMAJOR else 1)
     if HAS_BIAS:
         if pid_k == 0:
             out += tl.load(bias_ptr + rn).to(tl.float32)
