@@ -623,9 +623,11 @@ def test_sliding_window_attention_decodes_as_transformers(family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama-eager", "phi3"])
+@pytest.mark.parametrize("family", ["llama-eager", "phi3", "qwen3", "gemma"])
 def test_every_layer_fuses_and_decodes_as_transformers(family, tmp_path):
-    """Two export forms that left a layer's attention unfused (slow, correct):
+    """Two export forms that left a layer's attention unfused (slow, correct), and two families
+    whose attention differs from Llama's (Qwen3: RMS norms on each head's queries and keys;
+    Gemma: scaled embeddings, ``query_pre_attn_scalar ** -0.5`` as the softmax scale):
 
     * ``llama-eager``: a Llama exported with eager attention names its first layer's value
       length ``seq + past_seq`` and its key length ``past_seq + seq``; onnxscript's SDPA rule
@@ -638,7 +640,8 @@ def test_every_layer_fuses_and_decodes_as_transformers(family, tmp_path):
     Every layer becomes ``GroupQueryAttention``, and the decode logits equal transformers'."""
     pytest.importorskip("transformers")
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
+    from transformers import (AutoModelForCausalLM, GemmaConfig, LlamaConfig, Phi3Config,
+                              Qwen3Config)
 
     from lbcc.capture import capture
     from lbcc.modelio import save_model
@@ -647,15 +650,17 @@ def test_every_layer_fuses_and_decodes_as_transformers(family, tmp_path):
 
     common = dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
-    cfg = (LlamaConfig(**common, attn_implementation="eager") if family == "llama-eager" else
-           Phi3Config(**common, pad_token_id=0))
+    cfg = {"llama-eager": lambda: LlamaConfig(**common, attn_implementation="eager"),
+           "phi3": lambda: Phi3Config(**common, pad_token_id=0),
+           "qwen3": lambda: Qwen3Config(**common, head_dim=16),
+           "gemma": lambda: GemmaConfig(**common, head_dim=16)}[family]()
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(cfg).eval()
     run = Pipeline([CaptureNormalize(), FuseORT()], PipelineContext()).run(
         capture(hf, kv_cache=True))
     if family == "llama-eager":
         assert run.records[0].notes["sum_dims_respelled"] > 0
-    else:
+    elif family == "phi3":
         assert run.records[-1].notes["matched"]["identity_reshapes"] == 2
     assert run.records[-1].notes["matched"]["gqa"] == 2
     assert sum(n.op_type == "GroupQueryAttention" for n in run.model.graph) == 2
