@@ -244,7 +244,9 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
                     GLU: tl.constexpr = False, ACC: tl.constexpr = 1,
                     KMAJOR: tl.constexpr = False):
     # One program: BLOCK_N rows x (its share of) K, CHUNKS chunks of 16 words a step; the word
-    # tile is [BLOCK_N, CHUNKS, 16] (rows of 64 * CHUNKS contiguous bytes, 16-byte loads).
+    # tile is [BLOCK_N, CHUNKS, 16] (rows of 64 * CHUNKS contiguous bytes, 16-byte loads), or
+    # [CHUNKS, BLOCK_N, 16] with KMAJOR (Triton then spreads threads over the chunks, and a
+    # thread holds several rows of one chunk; ACC = 4 needs its 4 consecutive words).
     # Plane j of a chunk meets the 16 consecutive activations c*C + 16 j + (0..15): a thread's
     # 4 words meet 4 consecutive x (one 8-byte load), shared by all the rows it holds.
     # A code costs one AND-OR (to the float 2**(23-p) + u, :func:`_plane_f32`), one FADD (minus
