@@ -32,18 +32,24 @@ SMOOTHED_MAX_RATIO = 1.5
 
 
 def _config(family: str):
-    from transformers import GemmaConfig, LlamaConfig, Qwen2Config, Qwen3Config
+    """The transformers config of a tiny random model of ``family`` (hidden 96, 2 layers, 6
+    query heads over 2 key / value heads, tied embeddings)."""
+    import transformers as T
 
     common = dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=True)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":
-        return Qwen2Config(**common)
-    if family == "qwen3":
-        return Qwen3Config(**common, head_dim=16)
-    return GemmaConfig(**common, head_dim=16)
+    return {"llama": lambda: T.LlamaConfig(**common),
+            "qwen2": lambda: T.Qwen2Config(**common),
+            "qwen3": lambda: T.Qwen3Config(**common, head_dim=16),
+            "gemma": lambda: T.GemmaConfig(**common, head_dim=16),
+            "phi3": lambda: T.Phi3Config(**common, pad_token_id=0),
+            "mistral": lambda: T.MistralConfig(**common, sliding_window=8),
+            "olmo2": lambda: T.Olmo2Config(**common),
+            "granite": lambda: T.GraniteConfig(**common),
+            "gemma2": lambda: T.Gemma2Config(**common, head_dim=16, sliding_window=8),
+            "gemma3": lambda: T.Gemma3TextConfig(**common, head_dim=16, sliding_window=8)
+            }[family]()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma"])
@@ -122,21 +128,6 @@ def test_preset_runs_and_stays_close(family_model, preset_name):
 MORE_FAMILIES = ["phi3", "mistral", "olmo2", "granite", "gemma2", "gemma3"]
 
 
-def _more_config(family: str):
-    import transformers as T
-
-    common = dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=True)
-    return {"phi3": lambda: T.Phi3Config(**common, pad_token_id=0),
-            "mistral": lambda: T.MistralConfig(**common, sliding_window=8),
-            "olmo2": lambda: T.Olmo2Config(**common),
-            "granite": lambda: T.GraniteConfig(**common),
-            "gemma2": lambda: T.Gemma2Config(**common, head_dim=16, sliding_window=8),
-            "gemma3": lambda: T.Gemma3TextConfig(**common, head_dim=16, sliding_window=8)
-            }[family]()
-
-
 @pytest.mark.parametrize("family", MORE_FAMILIES)
 def test_more_families_compile_fuse_and_smooth_safely(family):
     """Every linear is quantized, both attention blocks fuse, the logits stay finite,
@@ -145,16 +136,15 @@ def test_more_families_compile_fuse_and_smooth_safely(family):
     float one (0.13-0.25 measured on these random models, whose flat logits make 4-bit errors
     large; not ordered against RTN, which is as close as AWQ on random weights)."""
     pytest.importorskip("transformers")
-    import onnx_ir as ir
     import torch
     from transformers import AutoModelForCausalLM
 
     from lbcc.capture import capture
 
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(_more_config(family)).eval()
+    hf = AutoModelForCausalLM.from_config(_config(family)).eval()
     model = capture(hf)
-    linears = sum(1 for n in ir.from_proto(ir.to_proto(model)).graph if n.op_type == "MatMul"
+    linears = sum(1 for n in model.graph if n.op_type == "MatMul"
                   and n.inputs[1] is not None and n.inputs[1].const_value is not None)
     ref = _logits(model, _IDS)
     errors = {}
