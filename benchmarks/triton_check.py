@@ -54,7 +54,8 @@ def main() -> int:
             ops._gemv(16, 8, 1, 2, pf=2, h2=True, km=True), ops._gemv(8, 16, 1, 4, h2=True, km=True),
             ops._gemv(32, 4, 4, 4, h2=True, km=True), ops._gemv(8, 4, 1, 2, km=True),
             ops._gemv(16, 2, 2, 4, pf=2, km=True),
-            dict(ops._gemv(8, 4, 1, 2, h2=True, km=True), PDL=True)]
+            dict(ops._gemv(8, 4, 1, 2, h2=True, km=True), PDL=True),
+            dict(ops._gemv(8, 4, 1, 1, pf=2, h2=True, km=True), PDL=True)]
     for bits, group, sym, n, k in cases:
         w = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
         codes, s, z = quantize_gpu(w, bits, group, sym)

@@ -62,6 +62,13 @@ def explore(n, k, ms, out):
         fp16 = TK.graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in ws])
         rows = {"N": n, "K": k, "M": m, "fp16_us": fp16, "cands": []}
         TK.log(f"{n}x{k} M={m}: fp16 {fp16:.1f} us")
+        # a read-only pass over the same bytes (torch's float32 sum of them read as float16):
+        # what streaming them alone costs at this size, a ceiling for the GEMV
+        rd = TK.graph_time_us([lambda q_=q_: q_.view(torch.float16).sum(dtype=torch.float32)
+                               for q_ in qws])
+        rows["read_only_us"] = rd
+        TK.log(f"  read-only sum of the packed words: {rd:.2f} us "
+               f"({qw.numel() * 4 / rd / 1e6:.2f} TB/s)")
         for c in cands(qw.shape[1]):
             try:
                 yo = ops._launch_wq(c, x, qw, s, None, None, BITS, GROUP)

@@ -55,6 +55,60 @@ def cands(m: int) -> list[dict]:
     return out
 
 
+# OVERLAP="parts:carveout:cat:seq,..." (environment): dequantize + cuBLAS in row parts of W,
+# part i + 1 dequantized on a side stream while cuBLAS multiplies part i (carveout: SMs left out
+# of cuBLAS's grid for the dequantization; cat: each part's product into its own buffer, then
+# one concatenation, instead of cuBLAS writing the column slice of y; seq: one stream, each
+# part multiplied right after its dequantization, while it is still in L2).
+OVERLAP = [tuple(int(v) for v in (item + ":0:0:0").split(":")[:4])
+           for item in os.environ.get("OVERLAP", "2:0:0,4:0:0,4:8:0,4:16:0,8:8:0,4:8:1").split(",")
+           if item]
+_SIDE: list = []
+
+
+def overlapped_dequant_linear(x, qw, s, k, parts, carve, cat, bufs, seq=0):
+    """y = x W^T with W dequantized part by part (rows) on a side stream, overlapping cuBLAS."""
+    n = qw.shape[0]
+    if not _SIDE:
+        _SIDE.append(torch.cuda.Stream())
+    main = torch.cuda.current_stream()
+    side = main if seq else _SIDE[0]
+    step = n // parts
+    y = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
+    outs, ready, done = [], [], []
+    side.wait_stream(main)
+
+    def dequant(i):  # on the side stream; the buffer of part i was last read by product i - 2
+        with torch.cuda.stream(side):
+            if i >= 2 and not seq:
+                side.wait_event(done[i - 2])
+            ops.dequantize(qw[i * step:(i + 1) * step], s[i * step:(i + 1) * step], None,
+                           BITS, GROUP, k, out=bufs[i % 2][:step])
+            ready.append(torch.cuda.Event())
+            ready[-1].record(side)
+
+    dequant(0)
+    for i in range(parts):
+        if i + 1 < parts and not seq:
+            dequant(i + 1)
+        elif seq and i > 0:
+            dequant(i)
+        main.wait_event(ready[i])
+        w = bufs[i % 2][:step]
+        torch._C._set_sm_carveout_experimental(carve or None)
+        try:
+            if cat:
+                outs.append(F.linear(x, w))
+            else:
+                torch.mm(x, w.t(), out=y[:, i * step:(i + 1) * step])
+        finally:
+            torch._C._set_sm_carveout_experimental(None)
+        done.append(torch.cuda.Event())
+        done[-1].record(main)
+    main.wait_stream(side)
+    return torch.cat(outs, 1) if cat else y
+
+
 def tag(c):
     keys = ("BLOCK_M", "BLOCK_N", "SPLIT_K", "num_warps", "num_stages", "SWAP", "H2", "maxnreg")
     return (("v2 " if V2 else "v3 ") + c["kind"] + " "
@@ -76,7 +130,7 @@ def explore(n, k, ms, out):
             e = "" if err is None else f" err {err:.1e}"
             TK.log(f"  {name:60s} {t:8.1f} us  {fp16 / t:5.2f}x{e}")
 
-        for c in cands(m):
+        for c in ([] if os.environ.get("NO_TILES") == "1" else cands(m)):
             try:
                 yo = ops._launch_wq(c, x, qw, s, None, None, BITS, GROUP)
                 err = ((yo.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -94,6 +148,47 @@ def explore(n, k, ms, out):
             t = TK.graph_time_us([lambda q_=q_, s_=s_: F.linear(x, ops.dequantize(
                 q_, s_, None, BITS, GROUP, k, out=wbuf)) for q_, s_ in zip(qws, ss)])
             rec("dequant+cublas", t)
+            for calls in [int(v) for v in os.environ.get("CALLS_SWEEP", "").split(",") if v]:
+                # the same two timed with a given number of calls a replay (a longer replay
+                # runs longer at the power limit)
+                f16 = TK.graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in ws], calls=calls)
+                dq = TK.graph_time_us([lambda q_=q_, s_=s_: F.linear(x, ops.dequantize(
+                    q_, s_, None, BITS, GROUP, k, out=wbuf)) for q_, s_ in zip(qws, ss)],
+                    calls=calls)
+                TK.log(f"  calls={calls:3d}: fp16 {f16:7.1f} us, dequant+cublas {dq:7.1f} us "
+                       f"= {f16 / dq:.2f}x")
+                rows.setdefault("calls_sweep", []).append(
+                    {"calls": calls, "fp16_us": f16, "dequant_cublas_us": dq})
+            if os.environ.get("INTERFERENCE") == "1":
+                # is the time over dequant + cuBLAS from the data (cuBLAS reading what was just
+                # written) or from running after a memory-bound kernel at all?
+                wb2 = torch.empty_like(wbuf).copy_(wbuf)
+                rec("dequant into A, then cuBLAS on B", TK.graph_time_us([
+                    lambda q_=q_, s_=s_: (ops.dequantize(q_, s_, None, BITS, GROUP, k, out=wbuf),
+                                          F.linear(x, wb2)) for q_, s_ in zip(qws, ss)]))
+                rec("cuBLAS on B, then dequant into A", TK.graph_time_us([
+                    lambda q_=q_, s_=s_: (F.linear(x, wb2), ops.dequantize(
+                        q_, s_, None, BITS, GROUP, k, out=wbuf)) for q_, s_ in zip(qws, ss)]))
+                src = torch.empty(n * k // 4, device="cuda", dtype=torch.float16)
+                rec("copy (same bytes as dequant) into A, then cuBLAS on A", TK.graph_time_us([
+                    lambda: (wbuf.view(-1)[:src.numel()].copy_(src),
+                             wbuf.view(-1)[src.numel():2 * src.numel()].copy_(src),
+                             wbuf.view(-1)[2 * src.numel():3 * src.numel()].copy_(src),
+                             wbuf.view(-1)[3 * src.numel():].copy_(src), F.linear(x, wbuf))]))
+                rec("two cuBLAS on B", TK.graph_time_us([lambda: (F.linear(x, wb2),
+                                                                  F.linear(x, wb2))]))
+                del wb2, src
+            for parts, carve, cat, seq in OVERLAP:
+                try:
+                    bufs = [torch.empty(n, k, device="cuda", dtype=torch.float16)
+                            for _ in range(2)]
+                    ev = overlapped_dequant_linear(x, qw, s, k, parts, carve, cat, bufs, seq)
+                    err = ((ev.float() - ref.float()).norm() / ref.float().norm()).item()
+                    t = TK.graph_time_us([lambda q_=q_, s_=s_: overlapped_dequant_linear(
+                        x, q_, s_, k, parts, carve, cat, bufs, seq) for q_, s_ in zip(qws, ss)])
+                    rec(f"overlap parts={parts} carveout={carve} cat={cat} seq={seq}", t, err)
+                except Exception as e:  # noqa: BLE001
+                    TK.log(f"  overlap {parts} {carve} {cat}: {type(e).__name__}: {str(e)[:200]}")
             wts = [w_.t().contiguous() for w_ in ws]
             rec("fp16 rotated, W^T [K, N] contiguous: mm(x, W^T)",
                 TK.graph_time_us([lambda w_=w_: torch.mm(x, w_) for w_ in wts]))

@@ -4,7 +4,8 @@
 
 Method: every timed call is one of ``calls`` launches captured in one CUDA graph; the weights are
 rotated among enough copies that they never sit in L2 between uses (copies x bytes > 4 x L2);
-the median over replays of (graph time / calls) is reported. The activations are one tensor.
+the median over replays of (graph time / calls) is reported, with the same ``calls`` for every
+column of a row (:func:`same_calls`). The activations are one tensor.
 Peers at the same bits and group size: ``torch.nn.functional.linear`` in float16 (cuBLAS),
 ``torch.ops.aten._weight_int4pack_mm`` (bfloat16 activations, as the op requires) and GemLite's
 ``A16Wn`` (if ``gemlite`` imports; its H100 tuning table is loaded when no table for the GPU
@@ -98,6 +99,14 @@ def copy_bandwidth() -> float:
         f"read (sum) {n / t_rd / 1e6:.2f} TB/s")
     del src, dst, h
     return max(2 * n / (t * 1e-6), 2 * n / (t_ev * 1e-6), n / (t_rd * 1e-6))
+
+
+def same_calls(*rotations: int) -> int:
+    """Calls a replay for every column of a row: twice the longest rotation, at least 16. The
+    same count for all, because at large M the GPU runs at its power limit and a longer replay
+    runs at a lower clock (H200, M = 2048, 8192 x 8192: fp16 392 µs a call in 8-call replays,
+    419 in 16-call and 429 in 64-call replays), so unequal counts favour the shorter."""
+    return max(16, 2 * max(rotations))
 
 
 def copies_for(nbytes: int) -> int:
@@ -246,6 +255,7 @@ def bench_wq(n, k, ms, bits, copy_bw, gl_make, rows, checks, peers=True):
     r16 = copies_for(n * k * 2)
     ws = [w] + [w.clone() for _ in range(r16 - 1)]
     wref = dequant_ref(codes, s, z, bits, GROUP).float()
+    calls = same_calls(r4, r16)
     ti4 = [torch_int4_factory(codes, s, GROUP)] if peers and bits == 4 else []
     if ti4 and ti4[0] is not None:
         ti4 += [torch_int4_factory(codes, s, GROUP) for _ in range(min(r4, 8) - 1)]
@@ -262,22 +272,22 @@ def bench_wq(n, k, ms, bits, copy_bw, gl_make, rows, checks, peers=True):
         ref = x.float() @ wref.t()
         err = ((y.float() - ref).norm() / ref.norm()).item()
         checks.append((f"w{bits}a16 {n}x{k} M={m}", err))
-        res = {"N": n, "K": k, "M": m, "bits": bits}
-        res["fp16_us"] = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in ws])
+        res = {"N": n, "K": k, "M": m, "bits": bits, "calls": calls}
+        res["fp16_us"] = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in ws], calls)
         res["ours_us"] = graph_time_us(
             [lambda q_=q_, s_=s_: ops.wq_linear(x, q_, s_, None, bits, GROUP)
-             for q_, s_ in zip(qws, ss)])
+             for q_, s_ in zip(qws, ss)], calls)
         key = "|".join([torch.cuda.get_device_name(0), "wq", str(ops.m_bucket(m)), str(n), str(k),
                         str(bits), str(GROUP), "False", f"v{ops.TUNE_VERSION}"])
         res["ours_cfg"] = ops.TUNER._load().get(key, {})
         if ti4 and ti4[0] is not None:
             try:
-                res["tinygemm_us"] = graph_time_us([lambda f=f: f(xb) for f in ti4])
+                res["tinygemm_us"] = graph_time_us([lambda f=f: f(xb) for f in ti4], calls)
             except Exception as e:  # noqa: BLE001
                 log(f"  torch int4 M={m}: {type(e).__name__}: {str(e)[:200]}")
         if gls:
             try:
-                res["gemlite_us"] = graph_time_us([lambda f=f: f(x) for f in gls])
+                res["gemlite_us"] = graph_time_us([lambda f=f: f(x) for f in gls], calls)
             except Exception as e:  # noqa: BLE001
                 log(f"  gemlite M={m}: {type(e).__name__}: {str(e)[:200]}")
         moved = wq_bytes + 2 * m * (k + n)
@@ -300,20 +310,22 @@ def bench_w8a8(n, k, ms, rows, checks):
     w8s = [w8] + [w8.clone() for _ in range(r8 - 1)]
     r16 = copies_for(n * k * 2)
     ws = [wf] + [wf.clone() for _ in range(r16 - 1)]
+    calls = same_calls(r8, r16)
     for m in ms:
         x = torch.randn(m, k, device=DEV, dtype=torch.float16)
         y = ops.w8a8_linear_fp(x, w8, sw)
         q, sa = ops.quant_rows(x)
         ref = (q.float() @ w8.float().t()) * sa[:, None] * sw[None, :]
         checks.append((f"w8a8 {n}x{k} M={m}", ((y.float() - ref).norm() / ref.norm()).item()))
-        res = {"N": n, "K": k, "M": m, "kind": "w8a8"}
-        res["fp16_us"] = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in ws])
-        res["ours_us"] = graph_time_us([lambda w_=w_: ops.w8a8_linear_fp(x, w_, sw) for w_ in w8s])
+        res = {"N": n, "K": k, "M": m, "kind": "w8a8", "calls": calls}
+        res["fp16_us"] = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in ws], calls)
+        res["ours_us"] = graph_time_us([lambda w_=w_: ops.w8a8_linear_fp(x, w_, sw) for w_ in w8s],
+                                       calls)
         res["gemm_only_us"] = graph_time_us([lambda w_=w_: ops.w8a8_linear(q, sa, w_, sw)
-                                             for w_ in w8s])
+                                             for w_ in w8s], calls)
         try:
             res["torch_int_mm_us"] = graph_time_us(
-                [lambda w_=w_: torch._int_mm(q, w_.t()) for w_ in w8s]) if m > 16 else None
+                [lambda w_=w_: torch._int_mm(q, w_.t()) for w_ in w8s], calls) if m > 16 else None
         except Exception as e:  # noqa: BLE001
             log(f"  torch._int_mm: {type(e).__name__}: {str(e)[:200]}")
         rows.append(res)
@@ -333,8 +345,9 @@ def markdown(env, rows, w8rows, checks, copy_bw, gl_note, seconds):
            f"python {env['python']}. Measured memory bandwidth {copy_bw / 1e12:.2f} TB/s "
            "(the largest of: a 1 GiB device-to-device copy, read + write counted, in a CUDA "
            "graph and timed with events; a read-only sum over 1 GiB).", "",
-           "Method: CUDA-graph replay (many calls in one graph, median over replays), weights "
-           "rotated among copies totalling > 4x L2; activations float16 (bfloat16 for torch "
+           "Method: CUDA-graph replay (many calls in one graph, median over replays; the same "
+           "number of calls a replay for every column of a row: twice the longest rotation, "
+           "at least 16), weights rotated among copies totalling > 4x L2; activations float16 (bfloat16 for torch "
            "int4, which needs it). W4A16 symmetric, group 128. Speed-up = fp16 time / time. "
            f"Command: `python benchmarks/triton_kernels.py`; run took {seconds:.0f} s.", "",
            "| N×K | M | fp16 F.linear µs | ours W4A16 µs (×fp16) | torch int4 µs (×fp16) | "
