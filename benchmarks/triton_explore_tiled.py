@@ -61,8 +61,7 @@ def cands(m: int) -> list[dict]:
 # one concatenation, instead of cuBLAS writing the column slice of y; seq: one stream, each
 # part multiplied right after its dequantization, while it is still in L2).
 OVERLAP = [tuple(int(v) for v in (item + ":0:0:0").split(":")[:4])
-           for item in os.environ.get("OVERLAP", "2:0:0,4:0:0,4:8:0,4:16:0,8:8:0,4:8:1").split(",")
-           if item]
+           for item in os.environ.get("OVERLAP", "").split(",") if item]
 _SIDE: list = []
 
 
@@ -188,7 +187,8 @@ def explore(n, k, ms, out):
                         x, q_, s_, k, parts, carve, cat, bufs, seq) for q_, s_ in zip(qws, ss)])
                     rec(f"overlap parts={parts} carveout={carve} cat={cat} seq={seq}", t, err)
                 except Exception as e:  # noqa: BLE001
-                    TK.log(f"  overlap {parts} {carve} {cat}: {type(e).__name__}: {str(e)[:200]}")
+                    TK.log(f"  overlap {parts}:{carve}:{cat}:{seq}: {type(e).__name__}: "
+                           f"{str(e)[:200]}")
             wts = [w_.t().contiguous() for w_ in ws]
             rec("fp16 rotated, W^T [K, N] contiguous: mm(x, W^T)",
                 TK.graph_time_us([lambda w_=w_: torch.mm(x, w_) for w_ in wts]))

@@ -347,8 +347,9 @@ def markdown(env, rows, w8rows, checks, copy_bw, gl_note, seconds):
            "graph and timed with events; a read-only sum over 1 GiB).", "",
            "Method: CUDA-graph replay (many calls in one graph, median over replays; the same "
            "number of calls a replay for every column of a row: twice the longest rotation, "
-           "at least 16), weights rotated among copies totalling > 4x L2; activations float16 (bfloat16 for torch "
-           "int4, which needs it). W4A16 symmetric, group 128. Speed-up = fp16 time / time. "
+           "at least 16), weights rotated among copies totalling > 4x L2; activations float16 "
+           "(bfloat16 for torch int4, which needs it). W4A16 symmetric, group 128. "
+           "Speed-up = fp16 time / time. "
            f"Command: `python benchmarks/triton_kernels.py`; run took {seconds:.0f} s.", "",
            "| N×K | M | fp16 F.linear µs | ours W4A16 µs (×fp16) | torch int4 µs (×fp16) | "
            "GemLite A16W4 µs (×fp16) | ours: bandwidth fraction | ours: config |",
