@@ -147,6 +147,16 @@ def explore(n, k, ms, out):
             t = TK.graph_time_us([lambda q_=q_, s_=s_: F.linear(x, ops.dequantize(
                 q_, s_, None, BITS, GROUP, k, out=wbuf)) for q_, s_ in zip(qws, ss)])
             rec("dequant+cublas", t)
+            # DEQUANT="bn:bk:nw,..." (environment): the dequantization alone per tile, beside a
+            # plain fill of the same float16 buffer (the write-only ceiling)
+            for item in filter(None, os.environ.get("DEQUANT", "").split(",")):
+                bn, bk, nw = map(int, item.split(":"))
+                t = TK.graph_time_us([lambda q_=q_, s_=s_: ops.dequantize(
+                    q_, s_, None, BITS, GROUP, k, bn, bk, nw, out=wbuf) for q_, s_ in zip(qws, ss)])
+                rec(f"dequant only bn={bn} bk={bk} nw={nw} ({n * k * 2.5 / t / 1e6:.2f} TB/s)", t)
+            if os.environ.get("DEQUANT"):
+                t = TK.graph_time_us([lambda: wbuf.fill_(1.0)])
+                rec(f"fill of the float16 buffer ({n * k * 2 / t / 1e6:.2f} TB/s written)", t)
             for calls in [int(v) for v in os.environ.get("CALLS_SWEEP", "").split(",") if v]:
                 # the same two timed with a given number of calls a replay (a longer replay
                 # runs longer at the power limit)
