@@ -114,6 +114,76 @@ def tag(c):
             + " ".join(f"{k}={c[k]}" for k in keys if k in c))
 
 
+def large_m_studies(n, k, x, ref, qws, ss, ws, rec, rows):
+    """At large M: the dequantization alone (per tile with DEQUANT, beside a plain fill of its
+    output), cuBLAS alone, the two together, the calls sweep (CALLS_SWEEP), the interference
+    checks (INTERFERENCE=1), the overlapped forms (OVERLAP) and cuBLAS on W^T."""
+    wbuf = torch.empty(n, k, device="cuda", dtype=torch.float16)
+
+    def dequant(**tile):  # one call per rotated copy, into wbuf
+        return [lambda q_=q_, s_=s_: ops.dequantize(q_, s_, None, BITS, GROUP, k, out=wbuf,
+                                                    **tile) for q_, s_ in zip(qws, ss)]
+
+    def dequant_linear():
+        return [lambda f=f: F.linear(x, f()) for f in dequant()]
+
+    t = TK.graph_time_us(dequant())
+    rec(f"dequant only ({n * k * 2.5 / t / 1e6:.2f} TB/s)", t, part=True)
+    rec("cuBLAS only on one W buffer", TK.graph_time_us([lambda: F.linear(x, wbuf)]))
+    rec("dequant+cublas", TK.graph_time_us(dequant_linear()))
+    # DEQUANT="bn:bk:nw,..." (environment): the dequantization alone per tile, beside a plain
+    # fill of the same float16 buffer (the write-only ceiling)
+    for item in filter(None, os.environ.get("DEQUANT", "").split(",")):
+        bn, bk, nw = map(int, item.split(":"))
+        t = TK.graph_time_us(dequant(block_n=bn, block_k=bk, num_warps=nw))
+        rec(f"dequant only bn={bn} bk={bk} nw={nw} ({n * k * 2.5 / t / 1e6:.2f} TB/s)", t,
+            part=True)
+    if os.environ.get("DEQUANT"):
+        t = TK.graph_time_us([lambda: wbuf.fill_(1.0)])
+        rec(f"fill of the float16 buffer ({n * k * 2 / t / 1e6:.2f} TB/s written)", t, part=True)
+    for calls in [int(v) for v in os.environ.get("CALLS_SWEEP", "").split(",") if v]:
+        # the same two timed with a given number of calls a replay (a longer replay runs longer
+        # at the power limit)
+        f16 = TK.graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in ws], calls=calls)
+        dq = TK.graph_time_us(dequant_linear(), calls=calls)
+        TK.log(f"  calls={calls:3d}: fp16 {f16:7.1f} us, dequant+cublas {dq:7.1f} us "
+               f"= {f16 / dq:.2f}x")
+        rows.setdefault("calls_sweep", []).append(
+            {"calls": calls, "fp16_us": f16, "dequant_cublas_us": dq})
+    if os.environ.get("INTERFERENCE") == "1":
+        # is the time over dequant + cuBLAS from the data (cuBLAS reading what was just
+        # written) or from running after a memory-bound kernel at all?
+        wb2 = torch.empty_like(wbuf).copy_(wbuf)
+        rec("dequant into A, then cuBLAS on B", TK.graph_time_us(
+            [lambda f=f: (f(), F.linear(x, wb2)) for f in dequant()]))
+        rec("cuBLAS on B, then dequant into A", TK.graph_time_us(
+            [lambda f=f: (F.linear(x, wb2), f()) for f in dequant()]))
+        src = torch.empty(n * k // 4, device="cuda", dtype=torch.float16)
+
+        def copy_then_linear():  # the dequantization's bytes: a quarter read, all of W written
+            for quarter in wbuf.view(4, -1):
+                quarter.copy_(src)
+            return F.linear(x, wbuf)
+
+        rec("copy (same bytes as dequant) into A, then cuBLAS on A",
+            TK.graph_time_us([copy_then_linear]))
+        rec("two cuBLAS on B", TK.graph_time_us([lambda: (F.linear(x, wb2), F.linear(x, wb2))]))
+        del wb2, src
+    for parts, carve, cat, seq in OVERLAP:
+        try:
+            bufs = [torch.empty(n, k, device="cuda", dtype=torch.float16) for _ in range(2)]
+            y = overlapped_dequant_linear(x, qws[0], ss[0], k, parts, carve, cat, bufs, seq)
+            err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+            t = TK.graph_time_us([lambda q_=q_, s_=s_: overlapped_dequant_linear(
+                x, q_, s_, k, parts, carve, cat, bufs, seq) for q_, s_ in zip(qws, ss)])
+            rec(f"overlap parts={parts} carveout={carve} cat={cat} seq={seq}", t, err)
+        except Exception as e:  # noqa: BLE001
+            TK.log(f"  overlap {parts}:{carve}:{cat}:{seq}: {type(e).__name__}: {str(e)[:200]}")
+    wts = [w_.t().contiguous() for w_ in ws]
+    rec("fp16 rotated, W^T [K, N] contiguous: mm(x, W^T)",
+        TK.graph_time_us([lambda w_=w_: torch.mm(x, w_) for w_ in wts]))
+
+
 def explore(n, k, ms, out):
     wt = TK.rotated_w4_weights(n, k, BITS, GROUP)
     qw, s, qws, ss, ws, wref = (wt[key] for key in ("qw", "s", "qws", "ss", "ws", "wref"))
@@ -124,8 +194,9 @@ def explore(n, k, ms, out):
         rows = {"N": n, "K": k, "M": m, "fp16_us": fp16, "cands": []}
         TK.log(f"{n}x{k} M={m}: fp16 {fp16:.1f} us")
 
-        def rec(name, t, err=None):
-            rows["cands"].append({"name": name, "us": t, "x_fp16": fp16 / t, "err": err})
+        def rec(name, t, err=None, part=False):  # part: not a whole product (no BEST)
+            rows["cands"].append({"name": name, "us": t, "x_fp16": fp16 / t, "err": err,
+                                  "part": part})
             e = "" if err is None else f" err {err:.1e}"
             TK.log(f"  {name:60s} {t:8.1f} us  {fp16 / t:5.2f}x{e}")
 
@@ -139,71 +210,8 @@ def explore(n, k, ms, out):
             except Exception as e:  # noqa: BLE001
                 TK.log(f"  {tag(c)}: {type(e).__name__}: {str(e)[:160]}")
         if m >= 1024 and not V2:
-            wbuf = torch.empty(n, k, device="cuda", dtype=torch.float16)
-            t = TK.graph_time_us([lambda q_=q_, s_=s_: ops.dequantize(
-                q_, s_, None, BITS, GROUP, k, out=wbuf) for q_, s_ in zip(qws, ss)])
-            rec(f"dequant only ({n * k * 2.5 / t / 1e6:.2f} TB/s)", t)
-            rec("cuBLAS only on one W buffer", TK.graph_time_us([lambda: F.linear(x, wbuf)]))
-            t = TK.graph_time_us([lambda q_=q_, s_=s_: F.linear(x, ops.dequantize(
-                q_, s_, None, BITS, GROUP, k, out=wbuf)) for q_, s_ in zip(qws, ss)])
-            rec("dequant+cublas", t)
-            # DEQUANT="bn:bk:nw,..." (environment): the dequantization alone per tile, beside a
-            # plain fill of the same float16 buffer (the write-only ceiling)
-            for item in filter(None, os.environ.get("DEQUANT", "").split(",")):
-                bn, bk, nw = map(int, item.split(":"))
-                t = TK.graph_time_us([lambda q_=q_, s_=s_: ops.dequantize(
-                    q_, s_, None, BITS, GROUP, k, bn, bk, nw, out=wbuf) for q_, s_ in zip(qws, ss)])
-                rec(f"dequant only bn={bn} bk={bk} nw={nw} ({n * k * 2.5 / t / 1e6:.2f} TB/s)", t)
-            if os.environ.get("DEQUANT"):
-                t = TK.graph_time_us([lambda: wbuf.fill_(1.0)])
-                rec(f"fill of the float16 buffer ({n * k * 2 / t / 1e6:.2f} TB/s written)", t)
-            for calls in [int(v) for v in os.environ.get("CALLS_SWEEP", "").split(",") if v]:
-                # the same two timed with a given number of calls a replay (a longer replay
-                # runs longer at the power limit)
-                f16 = TK.graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in ws], calls=calls)
-                dq = TK.graph_time_us([lambda q_=q_, s_=s_: F.linear(x, ops.dequantize(
-                    q_, s_, None, BITS, GROUP, k, out=wbuf)) for q_, s_ in zip(qws, ss)],
-                    calls=calls)
-                TK.log(f"  calls={calls:3d}: fp16 {f16:7.1f} us, dequant+cublas {dq:7.1f} us "
-                       f"= {f16 / dq:.2f}x")
-                rows.setdefault("calls_sweep", []).append(
-                    {"calls": calls, "fp16_us": f16, "dequant_cublas_us": dq})
-            if os.environ.get("INTERFERENCE") == "1":
-                # is the time over dequant + cuBLAS from the data (cuBLAS reading what was just
-                # written) or from running after a memory-bound kernel at all?
-                wb2 = torch.empty_like(wbuf).copy_(wbuf)
-                rec("dequant into A, then cuBLAS on B", TK.graph_time_us([
-                    lambda q_=q_, s_=s_: (ops.dequantize(q_, s_, None, BITS, GROUP, k, out=wbuf),
-                                          F.linear(x, wb2)) for q_, s_ in zip(qws, ss)]))
-                rec("cuBLAS on B, then dequant into A", TK.graph_time_us([
-                    lambda q_=q_, s_=s_: (F.linear(x, wb2), ops.dequantize(
-                        q_, s_, None, BITS, GROUP, k, out=wbuf)) for q_, s_ in zip(qws, ss)]))
-                src = torch.empty(n * k // 4, device="cuda", dtype=torch.float16)
-                rec("copy (same bytes as dequant) into A, then cuBLAS on A", TK.graph_time_us([
-                    lambda: (wbuf.view(-1)[:src.numel()].copy_(src),
-                             wbuf.view(-1)[src.numel():2 * src.numel()].copy_(src),
-                             wbuf.view(-1)[2 * src.numel():3 * src.numel()].copy_(src),
-                             wbuf.view(-1)[3 * src.numel():].copy_(src), F.linear(x, wbuf))]))
-                rec("two cuBLAS on B", TK.graph_time_us([lambda: (F.linear(x, wb2),
-                                                                  F.linear(x, wb2))]))
-                del wb2, src
-            for parts, carve, cat, seq in OVERLAP:
-                try:
-                    bufs = [torch.empty(n, k, device="cuda", dtype=torch.float16)
-                            for _ in range(2)]
-                    ev = overlapped_dequant_linear(x, qw, s, k, parts, carve, cat, bufs, seq)
-                    err = ((ev.float() - ref.float()).norm() / ref.float().norm()).item()
-                    t = TK.graph_time_us([lambda q_=q_, s_=s_: overlapped_dequant_linear(
-                        x, q_, s_, k, parts, carve, cat, bufs, seq) for q_, s_ in zip(qws, ss)])
-                    rec(f"overlap parts={parts} carveout={carve} cat={cat} seq={seq}", t, err)
-                except Exception as e:  # noqa: BLE001
-                    TK.log(f"  overlap {parts}:{carve}:{cat}:{seq}: {type(e).__name__}: "
-                           f"{str(e)[:200]}")
-            wts = [w_.t().contiguous() for w_ in ws]
-            rec("fp16 rotated, W^T [K, N] contiguous: mm(x, W^T)",
-                TK.graph_time_us([lambda w_=w_: torch.mm(x, w_) for w_ in wts]))
-            del wts
-        best = min(rows["cands"], key=lambda r: r["us"])
+            large_m_studies(n, k, x, ref, qws, ss, ws, rec, rows)
+        best = min((r for r in rows["cands"] if not r["part"]), key=lambda r: r["us"])
         TK.log(f"  BEST {best['name']}: {best['us']:.1f} us = {best['x_fp16']:.2f}x fp16")
         out.append(rows)
 
