@@ -311,6 +311,9 @@ def bench_w8a8(n, k, ms, rows, checks):
     r16 = copies_for(n * k * 2)
     ws = [wf] + [wf.clone() for _ in range(r16 - 1)]
     calls = same_calls(r8, r16)
+    swf = wf.float().abs().amax(1) / 448  # FP8 E4M3 per channel (the w8a8-fp8 preset)
+    w8f = (wf.float() / swf[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    w8fs = [w8f] + [w8f.clone() for _ in range(r8 - 1)]
     for m in ms:
         x = torch.randn(m, k, device=DEV, dtype=torch.float16)
         y = ops.w8a8_linear_fp(x, w8, sw)
@@ -328,10 +331,44 @@ def bench_w8a8(n, k, ms, rows, checks):
                 [lambda w_=w_: torch._int_mm(q, w_.t()) for w_ in w8s], calls) if m > 16 else None
         except Exception as e:  # noqa: BLE001
             log(f"  torch._int_mm: {type(e).__name__}: {str(e)[:200]}")
+        try:
+            bench_fp8(x, w8f, w8fs, swf, calls, res, checks)
+        except Exception as e:  # noqa: BLE001
+            log(f"  fp8: {type(e).__name__}: {str(e)[:300]}")
         rows.append(res)
         log(json.dumps({k_: (round(v, 2) if isinstance(v, float) else v) for k_, v in res.items()}))
     del w8s, ws
     torch.cuda.empty_cache()
+
+
+def bench_fp8(x, w8f, w8fs, swf, calls, res, checks):
+    """FP8 E4M3 (w8a8-fp8): our per-token quantization + FP8 GEMM, the GEMM alone, and
+    ``torch._scaled_mm`` (cuBLASLt FP8, row-wise scales) on the same codes for reference."""
+    n, k = w8f.shape
+    m = x.shape[0]
+    y = ops.w8a8_linear_fp(x, w8f, swf)
+    q, sa = ops.quant_rows(x, fp8=True)
+    ref = (q.float() @ w8f.float().t()) * sa[:, None] * swf[None, :]
+    checks.append((f"fp8 {n}x{k} M={m}", ((y.float() - ref).norm() / ref.norm()).item()))
+    res["fp8_us"] = graph_time_us([lambda w_=w_: ops.w8a8_linear_fp(x, w_, swf) for w_ in w8fs],
+                                  calls)
+    res["fp8_gemm_us"] = graph_time_us([lambda w_=w_: ops.w8a8_linear(q, sa, w_, swf)
+                                        for w_ in w8fs], calls)
+    key = "|".join([torch.cuda.get_device_name(0), "fp8", str(ops.m_bucket(m)), str(n), str(k),
+                    f"v{ops.TUNE_VERSION}"])
+    res["fp8_cfg"] = ops.TUNER._load().get(key, {})
+    yf = ops.w8a8_linear(q, sa, w8f, swf, fast_accum=True)
+    checks.append((f"fp8 fast-accum {n}x{k} M={m}",
+                   ((yf.float() - ref).norm() / ref.norm()).item()))
+    res["fp8_fast_gemm_us"] = graph_time_us(
+        [lambda w_=w_: ops.w8a8_linear(q, sa, w_, swf, fast_accum=True) for w_ in w8fs], calls)
+    sa2, sw2 = sa[:, None].contiguous(), swf[None, :].contiguous()
+    try:
+        res["scaled_mm_us"] = graph_time_us(
+            [lambda w_=w_: torch._scaled_mm(q, w_.t(), scale_a=sa2, scale_b=sw2,
+                                            out_dtype=torch.float16) for w_ in w8fs], calls)
+    except Exception as e:  # noqa: BLE001
+        log(f"  torch._scaled_mm: {type(e).__name__}: {str(e)[:200]}")
 
 
 def fmt(v, digits=1):
@@ -377,6 +414,28 @@ def markdown(env, rows, w8rows, checks, copy_bw, gl_note, seconds):
             out.append(f"| {r['N']}×{r['K']} | {r['M']} | {fmt(f16)} | {fmt(r['ours_us'])} "
                        f"({f16 / r['ours_us']:.2f}×) | {fmt(r['gemm_only_us'])} "
                        f"({f16 / r['gemm_only_us']:.2f}×) | {fmt(r.get('torch_int_mm_us'))} |")
+    fp8 = [r for r in w8rows if r.get("fp8_us")]
+    if fp8:
+        out += ["", "FP8 E4M3 (`w8a8-fp8`: E4M3 per-token dynamic activations, E4M3 per-channel "
+                "weights): ours = activation quantization kernel + FP8 GEMM (both timed, float32 "
+                "accumulation promoted every BLOCK_K); GEMM alone; the GEMM with the tensor "
+                "cores' own accumulation (`LBCC_TRITON_FP8_FAST_ACCUM=1`); `torch._scaled_mm` "
+                "(cuBLASLt FP8, row-wise scales, float16 out) on the "
+                "same codes.", "",
+                "| N×K | M | fp16 µs | ours FP8 µs (×fp16) | FP8 GEMM only µs (×fp16) | "
+                "GEMM, fast accumulation µs (×fp16) | torch._scaled_mm µs (×fp16) | "
+                "ours: config |", "|---|---|---|---|---|---|---|---|"]
+        for r in fp8:
+            f16 = r["fp16_us"]
+            sm = r.get("scaled_mm_us")
+            c = r.get("fp8_cfg", {})
+            cfg = " ".join(f"{k_}={v}" for k_, v in c.items() if k_ not in ("kind", "us",
+                                                                             "GROUP_M"))
+            out.append(f"| {r['N']}×{r['K']} | {r['M']} | {fmt(f16)} | {fmt(r['fp8_us'])} "
+                       f"({f16 / r['fp8_us']:.2f}×) | {fmt(r['fp8_gemm_us'])} "
+                       f"({f16 / r['fp8_gemm_us']:.2f}×) | {fmt(r['fp8_fast_gemm_us'])} "
+                       f"({f16 / r['fp8_fast_gemm_us']:.2f}×) | "
+                       + (f"{fmt(sm)} ({f16 / sm:.2f}×)" if sm else "–") + f" | {cfg} |")
     out += ["", "Correctness on the GPU (relative Frobenius error against float32 math on the "
             "same dequantized weights / int8 codes): " + ", ".join(
                 f"{name}: {e:.1e}" for name, e in checks), ""]
@@ -389,6 +448,7 @@ def main(argv=None):
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 16}")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--skip-w4", action="store_true", help="only the W8A8 / FP8 rows")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x4096")
     ap.add_argument("--ms", default=None, help="e.g. 1,16")
     a = ap.parse_args(argv)
@@ -410,7 +470,7 @@ def main(argv=None):
         shapes, ms = [(8192, 8192)], [1, 16]
     gl_make, gl_note = (None, "GemLite not run") if a.no_peers else gemlite_factory()
     rows, w8rows, checks = [], [], []
-    for n, k in shapes:
+    for n, k in shapes if not a.skip_w4 else []:
         bench_wq(n, k, ms, 4, copy_bw, gl_make, rows, checks, peers=not a.no_peers)
     for n, k in shapes:
         bench_w8a8(n, k, [m for m in ms if m >= 16], w8rows, checks)

@@ -7,6 +7,10 @@ per-channel is one block per row.
 Symmetric:   q = clamp(round(w / s), -2^(b-1), 2^(b-1)-1),  s = r * max|w_g| / (2^(b-1)-1)
 Asymmetric:  q = clamp(round(w / s) + z, 0, 2^b-1),  s = r * (max(w_g,0) - min(w_g,0)) / (2^b-1),
              z = round(-r * min(w_g,0) / s)
+FP8 E4M3 (OCP ``float8_e4m3fn``: 4 exponent bits, 3 mantissa bits, largest finite 448), symmetric
+per output channel: s_n = max_k |w_nk| / 448, q = e4m3(w / s) rounded to nearest even (a
+floating-point grid: relative step 2^-3 in each binade, subnormals below 2^-6). Activations use
+the same grid per token at run time (:func:`fake_quant_e4m3_per_token`).
 The clip ratio r is 1 for plain round-to-nearest, or chosen per group from a grid to minimize
 - ``clip="mse"``: the (importance-weighted) reconstruction error  sum_k h_k (w_k - dq(q_k))^2,
   where h_k is E[x_k^2] of the layer's input when calibration statistics exist and 1 otherwise;
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 
 #: clip ratios searched per group: 4-bit grids are coarse enough that clipping pays off far from
@@ -38,6 +43,8 @@ class QuantizedWeight:
     bits: int
     block_size: int  # == K for per-channel
     symmetric: bool
+    #: "int" (integer codes) or "e4m3" (``q`` holds float8_e4m3fn values)
+    format: str = "int"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -136,6 +143,41 @@ def quantize_weight(w: np.ndarray, bits: int, block_size: int | None = None,
     return QuantizedWeight(q=q.astype(int_dtype), scale=scale.astype(np.float32),
                            zero_point=None if zp is None else zp.astype(int_dtype), bits=bits,
                            block_size=bs, symmetric=symmetric)
+
+
+#: the largest finite float8_e4m3fn value
+E4M3_MAX = 448.0
+#: weight formats: integer codes, or FP8 E4M3 values (8 bits, per-channel scales)
+WEIGHT_FORMATS = ("int", "e4m3")
+
+
+def to_e4m3(v: np.ndarray) -> np.ndarray:
+    """``v`` rounded to the nearest float8_e4m3fn (ties to even), saturated at +-448."""
+    return np.clip(np.asarray(v, np.float32), -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
+def quantize_weight_e4m3(w: np.ndarray) -> QuantizedWeight:
+    """``w[N, K]`` to FP8 E4M3 per output channel: s_n = max_k |w_nk| / 448, q = e4m3(w / s).
+
+    The grid is floating point, so the largest value of a row sets only the exponent range: a
+    small weight keeps 3 mantissa bits of relative precision (down to 2^-9 s_n). No clip search:
+    clipping the largest weights gains no resolution for the others, as it does on an
+    integer grid.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    amax = np.abs(w).max(axis=1, keepdims=True)
+    scale = np.where(amax > 0, amax / E4M3_MAX, 1.0).astype(np.float32)
+    return QuantizedWeight(q=to_e4m3(w / scale), scale=scale, zero_point=None, bits=8,
+                           block_size=w.shape[1], symmetric=True, format="e4m3")
+
+
+def fake_quant_e4m3_per_token(x: np.ndarray) -> np.ndarray:
+    """FP8 E4M3 per row (token): s_t = max_k |x_tk| / 448, x_tk -> s_t e4m3(x_tk / s_t)."""
+    s = np.abs(x).max(axis=-1, keepdims=True) / E4M3_MAX
+    s = np.where(s > 0, s, 1.0).astype(np.float32)
+    return to_e4m3(x / s).astype(np.float32) * s
 
 
 def relative_error(w: np.ndarray, qw: QuantizedWeight) -> float:

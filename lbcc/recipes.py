@@ -5,6 +5,7 @@ base = "w4a16"                 # optional: start from a preset
 [weights]                      # bits 4|8, group_size 16..256 or "channel", symmetric, clip none|mse
 bits = 4
 group_size = 128
+# format = "e4m3"              # FP8 weights (8 bits, per channel) instead of integer codes
 [activations]                  # mode static|dynamic|none; method mse|minmax|percentile|output
 mode = "none"
 [calibration]                  # samples and window length used when calibrating on text
@@ -59,6 +60,10 @@ class WeightSpec:
     #: [-64, 63] instead (255 * 64 * 2 = 32640 < 2^15). false: int8 storage of the full range,
     #: for CPUs with VNNI or ARM only.
     saturation_safe: bool = True
+    #: "int": integer codes (bits 4 or 8); "e4m3": FP8 E4M3 values, 8 bits, symmetric, one scale
+    #: per output channel (s_n = max |w_n| / 448), with activations either FP8 E4M3 per token at
+    #: run time (mode dynamic-token) or float (none)
+    format: str = "int"
 
 
 @dataclasses.dataclass
@@ -237,6 +242,16 @@ PRESETS: dict[str, Recipe] = {
         layers=[LayerOverride(match=p, group_size=32, activations="dynamic-block")
                 for p in DOWN_PROJECTIONS],
     ),
+    # FP8 (E4M3) weights per channel and FP8 activations per token at run time: the FP8 format of
+    # Hopper-class GPUs' tensor cores (the triton target runs it on them); no calibration. On
+    # ort-int8 the same numerics run in float (ONNX Runtime's CPU provider has no FP8 products):
+    # an accuracy reference, not a fast model.
+    "w8a8-fp8": Recipe(
+        name="w8a8-fp8",
+        weights=WeightSpec(bits=8, group_size=None, symmetric=True, clip="none", format="e4m3"),
+        activations=ActivationSpec(mode="dynamic-token"),
+        quantize_embedding=False,
+    ),
     "w4a16": Recipe(
         name="w4a16",
         weights=WeightSpec(bits=4, group_size=128, symmetric=False, clip="auto"),
@@ -323,6 +338,8 @@ PRESET_HELP = {
     "w8a8": "static: uint8 activations per tensor (calibrated), int8 weights per channel, as QDQ",
     "w8a8-dynamic": "int8 weights per channel, activations per tensor at run time (MLP "
                     "down-projections: per block of 32); no calibration",
+    "w8a8-fp8": "FP8 E4M3: weights per channel, activations per token at run time (GPUs with FP8 "
+                "tensor cores via --target triton; on ort-int8 an accuracy reference in float)",
     "w4a16": "4-bit weights in groups of 128 as MatMulNBits (accuracy_level 4); float activations",
     "w4a16-e4": "4-bit symmetric groups of 32 everywhere, the tied embedding / lm_head included "
                 "(no zero points): the preset for decoding on CPU",
@@ -427,6 +444,27 @@ def load_recipe(path: str | Path, default_base: str | None = None) -> Recipe:
     return recipe_from_dict(data, str(path), default_base)
 
 
+def _check_format(w: WeightSpec, act: str, where: str) -> None:
+    """FP8 weights: 8 bits, symmetric, per channel, with FP8-per-token or float activations."""
+    from lbcc.numerics import WEIGHT_FORMATS
+
+    if w.format not in WEIGHT_FORMATS:
+        raise BadInputError(f"{where}: weights.format must be one of {', '.join(WEIGHT_FORMATS)}, "
+                            f"not {w.format!r}.", "")
+    if w.format != "e4m3":
+        return
+    if w.bits != 8 or not w.symmetric or w.group_size is not None:
+        raise BadInputError(f"{where}: format = \"e4m3\" is 8-bit, symmetric and per channel, "
+                            f"not {w.bits}-bit{'' if w.symmetric else ' asymmetric'}"
+                            f"{'' if w.group_size is None else f' in groups of {w.group_size}'}.",
+                            "Set bits = 8, symmetric = true, group_size = \"channel\" (or use "
+                            "--preset w8a8-fp8).")
+    if act not in ("dynamic-token", "none"):
+        raise BadInputError(f"{where}: e4m3 weights run with activations FP8 per token "
+                            f"(dynamic-token) or float (none), not {act!r}.",
+                            "Set activations.mode = \"dynamic-token\".")
+
+
 def validate(recipe: Recipe, where: str = "recipe") -> None:
     """Value checks independent of any target (a target checks what it can run separately)."""
     w, a = recipe.weights, recipe.activations
@@ -435,6 +473,21 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
                             f"{recipe.smoothing.method!r}.", "")
     if w.method not in ("rtn", "gptq"):
         raise BadInputError(f"{where}: weights.method must be rtn or gptq, not {w.method!r}.", "")
+    for rule_where, spec, act in [("weights", w, a.mode)] + [
+            (f"[[layers]] match={r.match!r}", *r.apply(w, a.mode)) for r in recipe.layers
+            if not r.skip]:
+        _check_format(spec, act, f"{where}: {rule_where}")
+    if w.format == "e4m3" and (w.method != "rtn" or recipe.smoothing.method != "none"
+                               or recipe.mixed_precision.enabled):
+        raise BadInputError(f"{where}: e4m3 weights are rounded to nearest; GPTQ, SmoothQuant, "
+                            "AWQ and mixed precision score integer grids and are not implemented "
+                            "for them.",
+                            "Use weights.method = \"rtn\", smoothing.method = \"none\" and no "
+                            "[mixed_precision] with format = \"e4m3\".")
+    if w.format == "e4m3" and recipe.quantize_embedding:
+        raise BadInputError(f"{where}: e4m3 recipes keep the embedding table in float (its "
+                            "lookup has no FP8 form in the targets).",
+                            "Set quantize_embedding = false (as --preset w8a8-fp8 does).")
     if w.clip not in ("none", "mse", "output", "auto"):
         raise BadInputError(f"{where}: weights.clip must be none, mse, output or auto, not "
                             f"{w.clip!r}.",

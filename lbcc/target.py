@@ -38,6 +38,9 @@ class Capabilities:
     int8_weight_max_exact: int = 127
     #: element types the target can keep a KV cache in (``--kv-cache-dtype``)
     kv_cache_dtypes: frozenset[str] = frozenset({"float"})
+    #: activation modes the target runs with FP8 E4M3 weights (``weights.format = "e4m3"``);
+    #: empty: no FP8 weights
+    fp8_activation_modes: frozenset[str] = frozenset()
 
 
 class Target(Protocol):
@@ -76,6 +79,16 @@ def check_recipe(recipe: "Recipe", target: Target, layer_names: list[str] | None
         specs.append((f"[[layers]] match={rule.match!r}",
                       *rule.apply(recipe.weights, recipe.activations.mode)))
     for where, w, act in specs:
+        if w.format == "e4m3":
+            if act not in caps.fp8_activation_modes:
+                hint = (f"With FP8 weights it runs activation modes: "
+                        f"{', '.join(sorted(caps.fp8_activation_modes))}."
+                        if caps.fp8_activation_modes else
+                        "Use --target triton (FP8 tensor cores) or ort-int8 (an accuracy "
+                        "reference in float), or an integer preset such as w8a8.")
+                raise TargetError(f"{where}: target {target.name!r} cannot run FP8 (e4m3) "
+                                  f"weights with activation mode {act!r}.", hint)
+            continue
         if w.bits not in caps.weight_bits:
             raise TargetError(f"{where}: target {target.name!r} cannot run {w.bits}-bit weights.",
                               f"Supported weight widths: {sorted(caps.weight_bits)}.")

@@ -144,7 +144,8 @@ class SelectPrecision(Pass):
     def _value_bits(self, w: Any, weight: dict[str, Any], activation: str) -> int:
         """Bits of the integer grid a weight actually uses: 7 for saturation-safe int8 weights
         of uint8-activation layers on targets that are exact only on [-64, 63], else its bits."""
-        if (activation in ("static", "dynamic", "dynamic-token") and w.saturation_safe and weight["bits"] == 8
+        if (activation in ("static", "dynamic", "dynamic-token") and w.saturation_safe
+                and weight["bits"] == 8 and weight.get("format", "int") == "int"
                 and weight["symmetric"] and self.int8_weight_max_exact < 127):
             return 7
         return weight["bits"]
@@ -215,6 +216,8 @@ class SelectPrecision(Pass):
                 if skip is None:
                     tied_spec[site.weight.name] = {"bits": w.bits, "group_size": w.group_size,
                                                    "symmetric": w.symmetric, "clip": w.clip}
+                    if w.format != "int":
+                        tied_spec[site.weight.name]["format"] = w.format
         for site in sites:  # the report lists layers in graph order
             layers[site.node.name] = {}
         # tied embeddings last: a lm_head that stays float releases its table (the embedding then
@@ -238,6 +241,8 @@ class SelectPrecision(Pass):
                 continue
             weight = {"bits": w.bits, "group_size": w.group_size, "symmetric": w.symmetric,
                       "clip": w.clip}
+            if w.format != "int":
+                weight["format"] = w.format
             if site.kind == "gather":
                 weight = tied_spec.get(site.weight.name, weight)
                 act = "none"

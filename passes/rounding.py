@@ -2,7 +2,8 @@
 
 Each weight initializer is quantized once, in the orientation it is stored, and replaced for its
 planned consumers by ``DequantizeLinear(q, scale[, zero_point])`` (opset 21: int4/uint4 and
-``block_size`` for groups). Orientation, with N output channels and K the reduction axis:
+``block_size`` for groups; ``float8e4m3fn`` q for FP8 weights, per channel). Orientation, with
+N output channels and K the reduction axis:
 
 - ``MatMul(x, W[K, N])``: per-channel ``axis=1`` (scale[N]); groups ``axis=0``, scale[K/g, N];
 - ``MatMul(x, Transpose(W[N, K]))`` and ``Gather(W[N, K])``: per-channel ``axis=0``; groups
@@ -24,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lbcc.irutils import add_initializer, copy_identity
-from lbcc.numerics import QuantizedWeight, quantize_weight, relative_error
+from lbcc.numerics import QuantizedWeight, quantize_weight, quantize_weight_e4m3, relative_error
 from lbcc.pipeline import Pass
 from lbcc.passes.calibrate import ACTIVATION_STATS
 from lbcc.passes.precision import plan_of
@@ -42,7 +43,7 @@ def _int_dtype(bits: int, symmetric: bool) -> Any:
 def dequantize_node(qw: QuantizedWeight, stored_transposed: bool, graph: ir.Graph, base: str
                     ) -> ir.Node:
     """DequantizeLinear for ``qw`` (out-major [N, K]); stored as [K, N] when ``stored_transposed``."""
-    dtype = _int_dtype(qw.bits, qw.symmetric)
+    dtype = ml_dtypes.float8_e4m3fn if qw.format == "e4m3" else _int_dtype(qw.bits, qw.symmetric)
     q, scale, zp = qw.q, qw.scale, qw.zero_point
     per_channel = qw.block_size >= q.shape[1]
     if stored_transposed:
@@ -90,6 +91,9 @@ class RoundWeightsRTN(Pass):
     def round_weight(self, w: np.ndarray, spec: dict[str, Any], obs: Any
                      ) -> tuple[QuantizedWeight, dict[str, Any]]:
         """Quantize out-major ``w[N, K]``; ``obs`` is the input's observer, if calibrated."""
+        if spec.get("format") == "e4m3":
+            return quantize_weight_e4m3(w), {"method": "rtn", "clip_used": "none",
+                                             "importance_weighted": False}
         importance = obs.channel_mean_square() if obs is not None else None
         clip = resolve_clip(spec["clip"], obs)
         qw = quantize_weight(w, bits=spec.get("value_bits", spec["bits"]),

@@ -158,6 +158,12 @@ def test_unknown_key_without_close_match(tmp_path):
     ("[[layers]]\nbits = 8\n", "no 'match'"),
     ("base = 'w2a2'\n", "unknown preset"),
     ("[weights\nbits = 4\n", "not valid TOML"),
+    ("[weights]\nformat = 'e5m2'\n", "weights.format"),
+    ("base = 'w8a8-fp8'\n[weights]\ngroup_size = 64\n", "per channel"),
+    ("base = 'w8a8-fp8'\n[activations]\nmode = 'static'\n", "FP8 per token"),
+    ("base = 'w8a8-fp8'\n[weights]\nmethod = 'gptq'\n", "rounded to nearest"),
+    ("base = 'w8a8-fp8'\nquantize_embedding = true\n", "embedding table in float"),
+    ("base = 'w8a8-fp8'\n[[layers]]\nmatch = 'lm_head'\nbits = 4\n", "not 4-bit"),
 ])
 def test_invalid_recipes(tmp_path, text, match):
     with pytest.raises(BadInputError, match=match):
@@ -187,6 +193,19 @@ def test_targets_registry():
 def test_presets_pass_the_target_check(name):
     check_recipe(preset(name), get_target("ort-int8"))
     check_recipe(preset("w4a16", group_size=16), get_target("ort-int8"))
+
+
+def test_fp8_target_check():
+    """w8a8-fp8 passes on the targets that run FP8 and is refused, with a hint, on c."""
+    for t in ("ort-int8", "triton"):
+        check_recipe(preset("w8a8-fp8"), get_target(t))
+    with pytest.raises(TargetError, match="FP8") as exc:
+        check_recipe(preset("w8a8-fp8"), get_target("c"))
+    assert "--target triton" in exc.value.hint
+    weight_only = recipe_from_dict({"base": "w8a8-fp8", "activations": {"mode": "none"}})
+    check_recipe(weight_only, get_target("ort-int8"))
+    with pytest.raises(TargetError, match="activation mode 'none'"):
+        check_recipe(weight_only, get_target("triton"))
 
 
 def test_check_recipe_rejects_3bit_weights():

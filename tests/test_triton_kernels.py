@@ -267,6 +267,59 @@ def test_w8a8_linear_fp():
     assert rel_err(y.numpy(), ref) < FLOAT_TOL
 
 
+def _ref_quant_rows_fp8(x):
+    """numpy twin of the FP8 path: s = amax/448, q = e4m3(x * (448/amax)) (nearest even,
+    ml_dtypes' conversion)."""
+    import ml_dtypes
+
+    x = x.astype(np.float32)
+    m = np.abs(x).max(-1)
+    m = np.where(m > 0, m, np.float32(1)).astype(np.float32)
+    inv = (np.float32(448) / m).astype(np.float32)
+    q = np.clip(x * inv[:, None], -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    return q.astype(np.float32), (m / np.float32(448)).astype(np.float32)
+
+
+@pytest.mark.parametrize("block_k", [512, 64])
+def test_quant_rows_fp8_exact(block_k):
+    """E4M3 codes equal ml_dtypes' round-to-nearest-even, over the whole range: normals,
+    subnormals (below 2^-6), exact ties, the row maximum at +-448 and an all-zero row."""
+    rng = np.random.default_rng(16)
+    x = (rng.standard_normal((5, 300)) * np.logspace(-5, 0, 300)).astype(np.float16)
+    # row maximum 448: the codes are x itself, exact ties included (17 -> 16, 19 -> 20, and
+    # the subnormal 1.5 * 2^-9 -> 2^-8)
+    x[1, :8] = [448, -448, 17, 19, 18, 0.5, 2 ** -8, 3 * 2 ** -10]
+    x[3] = 0
+    q, s = ops.quant_rows(torch.from_numpy(x), block_k=block_k, fp8=True)
+    assert q.dtype == torch.float8_e4m3fn
+    qr, sr = _ref_quant_rows_fp8(x)
+    np.testing.assert_array_equal(q.float().numpy(), qr)
+    np.testing.assert_array_equal(s.numpy(), sr)
+    assert [q[1, i].item() for i in (2, 3, 7)] == [16, 20, 2 ** -8]  # ties to even
+
+
+def test_fp8_linear():
+    """E4M3 x E4M3 products with float32 accumulation: within the float tolerance of float64
+    math on the same E4M3 values and scales (K = 96: the tiles whose BLOCK_K divides it)."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(17)
+    m, n, k = 7, 48, 96
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    wf = rng.standard_normal((n, k)).astype(np.float32)
+    sw = (np.abs(wf).max(1) / 448).astype(np.float32)
+    w8 = (wf / sw[:, None]).astype(ml_dtypes.float8_e4m3fn)
+    w = torch.from_numpy(w8.view(np.uint8)).view(torch.float8_e4m3fn)
+    bias = rng.standard_normal(n).astype(np.float16)
+    y = ops.w8a8_linear_fp(torch.from_numpy(x), w, torch.from_numpy(sw), torch.from_numpy(bias))
+    qr, sr = _ref_quant_rows_fp8(x)
+    ref = (qr.astype(np.float64) @ w8.astype(np.float64).T) * sr[:, None] * sw[None, :] + bias
+    assert rel_err(y.numpy(), ref) < FLOAT_TOL
+    with pytest.raises(ValueError, match="divisible by 32"):
+        q, sa = ops.quant_rows(torch.zeros(2, 72, dtype=torch.float16), fp8=True)
+        ops.w8a8_linear(q, sa, torch.zeros(4, 72, dtype=torch.float8_e4m3fn), torch.ones(4))
+
+
 def test_quant_rows_single_pass_matches_blocked():
     """The whole-row path (BLOCK_K >= K) and the blocked path give the same codes and scales."""
     rng = np.random.default_rng(15)

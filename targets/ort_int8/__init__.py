@@ -40,6 +40,8 @@ class OrtInt8Target:
         weight_layout_for_mode={"static": "channel", "dynamic": "channel",
                                 "dynamic-token": "channel", "dynamic-block": "group"},
         kv_cache_dtypes=frozenset({"float", "int8"}),
+        # FP8 runs as float MatMuls on the E4M3 values (no FP8 kernels on ORT's CPU provider)
+        fp8_activation_modes=frozenset({"dynamic-token", "none"}),
     )
 
     def passes(self, recipe: Any, kv_cache_dtype: str = "float") -> list:

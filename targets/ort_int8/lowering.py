@@ -20,6 +20,10 @@ Patterns (W stored as produced by ``round-weights-rtn``; x float; q int):
   ``s = max(ReduceMax(|x|, -1) / 127, tiny)``, ``u = QuantizeLinear(x / s, 1, 128)`` (uint8, once
   per input tensor), ``y = MatMulIntegerToFloat(u, q, 1, w_scale, 128, zp) * s``: ONNX Runtime's
   integer kernel with the per-row scale applied after it (its own scales are per tensor).
+- FP8 E4M3 weights (``DQ(q float8e4m3fn, axis)``) stay a float ``MatMul`` on their values
+  (ONNX Runtime's CPU provider has no FP8 products); with ``dynamic-token`` activations the input
+  becomes ``Cast(Cast(x / s, float8e4m3fn), float) `` with ``s = max|x| / 448`` per row and the
+  product is multiplied by ``s``: the triton target's FP8 numerics, for accuracy, not speed.
 - ``uint8_weights`` (the recipe's ``weights.saturation_safe``): the int8 weights of static and
   dynamic per-tensor layers are stored as ``q + 128`` (uint8) with zero point 128. The value
   ``DQ`` gives is unchanged; ONNX Runtime then runs u8 x u8 kernels, which widen both operands
@@ -94,7 +98,8 @@ class LowerORT(Pass):
         layers = self.context.notes.setdefault("layers", {})
         self._nbits: dict[int, dict[str, Any]] = {}  # id(DQ node) -> MatMulNBits initializers
         self._transposed_int8: dict[int, ir.Value] = {}  # id(DQ node) -> its q^T [K, N]
-        self._per_token: dict[int, tuple[ir.Value, ir.Value]] = {}  # id(x) -> (uint8 x, scale)
+        # (id(x), fp8) -> (quantized x, scale)
+        self._per_token: dict[tuple[int, bool], tuple[ir.Value, ir.Value]] = {}
         self._consts: dict[str, ir.Value] = {}
 
         def bump(key: str, node: ir.Node, lowered_to: str) -> None:
@@ -110,6 +115,13 @@ class LowerORT(Pass):
                 if dq is None:
                     continue
                 plan = plan_of(node) or {}
+                if dq.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN:
+                    if plan.get("activation") == "dynamic-token":
+                        self._to_fp8_token_matmul(graph, node)
+                    bump("FP8 MatMul (in float)", node, "E4M3 values in a float MatMul"
+                         + (", E4M3 activations per token" if plan.get("activation") ==
+                            "dynamic-token" else ""))
+                    continue
                 _, _, _, axis, block = _dq_parts(dq)
                 group = (plan.get("weight") or {}).get("group_size")
                 if block is None and group and plan.get("activation") in ("none",
@@ -258,14 +270,18 @@ class LowerORT(Pass):
         new = ir.node("DynamicQuantizeMatMul", inputs, domain=MS, name=f"{node.name}_dqmm")
         self._replace(graph, node, new)
 
-    # --- per-token dynamic int8
-    def _token_quantize(self, graph: ir.Graph, node: ir.Node) -> tuple[ir.Value, ir.Value]:
-        """(uint8 x with zero point 128, per-row scale [..., 1]) of ``node``'s input, made once
-        per input tensor and inserted before its first quantized consumer."""
+    # --- per-token dynamic int8 / FP8
+    def _token_quantize(self, graph: ir.Graph, node: ir.Node, fp8: bool = False
+                        ) -> tuple[ir.Value, ir.Value]:
+        """(quantized x, per-row scale [..., 1]) of ``node``'s input, made once per input tensor
+        and inserted before its first quantized consumer: uint8 with zero point 128 and
+        s = max|x| / 127, or (``fp8``) the E4M3 values back in float with s = max|x| / 448
+        (``Cast`` to float8e4m3fn rounds to nearest even and saturates)."""
         x = node.inputs[0]
-        if id(x) in self._per_token:
-            return self._per_token[id(x)]
+        if (id(x), fp8) in self._per_token:
+            return self._per_token[(id(x), fp8)]
         base = x.name or node.name
+        qmax, tag = (448, "fp8_") if fp8 else (127, "")
 
         def const(name: str, value: np.ndarray) -> ir.Value:
             return self._shared_const(graph, name, value)
@@ -274,22 +290,44 @@ class LowerORT(Pass):
                                            const("per_token_axes", np.array([-1], np.int64))],
                              attributes={"keepdims": 1}))
         nodes.append(ir.node("Mul", [nodes[-1].outputs[0],
-                                     const("per_token_inv127", np.array(1 / 127, np.float32))]))
+                                     const(f"per_token_inv{qmax}",
+                                           np.array(1 / qmax, np.float32))]))
         nodes.append(ir.node("Max", [nodes[-1].outputs[0],
                                      const("per_token_tiny", np.array(1e-30, np.float32))],
-                             name=f"{base}_token_scale"))
+                             name=f"{base}_{tag}token_scale"))
         scale = nodes[-1].outputs[0]
         nodes.append(ir.node("Div", [x, scale]))
-        nodes.append(ir.node("QuantizeLinear", [nodes[-1].outputs[0],
-                                                const("per_token_one", np.array(1, np.float32)),
-                                                const("per_token_zero_point",
-                                                      np.array(128, np.uint8))],
-                             name=f"{base}_token_quantize"))
+        if fp8:
+            nodes.append(ir.node("Cast", [nodes[-1].outputs[0]],
+                                 attributes={"to": ir.DataType.FLOAT8E4M3FN, "saturate": 1}))
+            nodes.append(ir.node("Cast", [nodes[-1].outputs[0]],
+                                 attributes={"to": ir.DataType.FLOAT},
+                                 name=f"{base}_fp8_token_quantize"))
+        else:
+            nodes.append(ir.node("QuantizeLinear", [nodes[-1].outputs[0],
+                                                    const("per_token_one",
+                                                          np.array(1, np.float32)),
+                                                    const("per_token_zero_point",
+                                                          np.array(128, np.uint8))],
+                                 name=f"{base}_token_quantize"))
         for n in nodes:
             copy_identity(node, n)
         graph.insert_before(node, nodes)
-        self._per_token[id(x)] = (nodes[-1].outputs[0], scale)
-        return self._per_token[id(x)]
+        self._per_token[(id(x), fp8)] = (nodes[-1].outputs[0], scale)
+        return self._per_token[(id(x), fp8)]
+
+    def _to_fp8_token_matmul(self, graph: ir.Graph, node: ir.Node) -> None:
+        """``MatMul(x, DQ(e4m3 W))`` -> ``MatMul(e4m3(x / s), DQ(e4m3 W)) * s``: FP8 numerics in
+        float (per-token x, the weight's E4M3 values and per-channel scales unchanged)."""
+        xq, s = self._token_quantize(graph, node, fp8=True)
+        mm = ir.node("MatMul", [xq, node.inputs[1]], name=f"{node.name}_fp8")
+        mul = ir.node("Mul", [mm.outputs[0], s], name=f"{node.name}_fp8_token_scale")
+        for n in (mm, mul):
+            copy_identity(node, n)
+        self._copy_plan(node, mm)
+        mm.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        graph.insert_before(node, [mm, mul])
+        self._swap_output(graph, node, mul)
 
     def _to_per_token_matmul(self, graph: ir.Graph, node: ir.Node, dq: ir.Node,
                              transposed: bool) -> None:

@@ -15,7 +15,9 @@ of ``(u - z) / 16`` and x and sums four of them in float16 before float32 takes 
 error about 4e-4 against float32 math, within the tests' 2e-3); W8A8 layers quantize
 activations per token at run time (int8, symmetric, from the RMSNorm output when one precedes
 them), whatever activation mode the recipe calibrated for ONNX Runtime: static per-tensor
-ranges are not used. Integer accumulation is exact.
+ranges are not used. Integer accumulation is exact. FP8 layers (``weights.format = "e4m3"``,
+preset ``w8a8-fp8``) quantize activations to E4M3 per token (s = max|x| / 448) and multiply on
+FP8 tensor cores (Ada / Hopper and newer) with float32 accumulation.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class TritonTarget:
         quantizable_ops=frozenset({"MatMul", "Gather"}),
         weight_layout_for_mode={"static": "channel", "dynamic": "channel",
                                 "dynamic-block": "group"},
+        # E4M3 x E4M3 tensor-core products (sm_89+), activations E4M3 per token
+        fp8_activation_modes=frozenset({"dynamic-token"}),
     )
 
     def passes(self, recipe: Any) -> list:

@@ -77,6 +77,13 @@ def dq_record(dq: ir.Node, transposed: bool, where: str, activation: str) -> dic
         raise TargetError(f"{where}: DequantizeLinear of a non-constant weight.", "")
     axis = dq.attributes.get_int("axis", 1)
     block = dq.attributes.get_int("block_size", 0) or None
+    if np.dtype(q.dtype) == np.dtype(ml_dtypes.float8_e4m3fn):
+        if block is not None or activation != "dynamic-token":
+            raise TargetError(f"{where}: FP8 weights run per channel with FP8 activations per "
+                              "token only.", "Use --preset w8a8-fp8.")
+        q, scale = (q, scale) if transposed else (q.T, scale.T)
+        return {"kind": "fp8", "weight": np.ascontiguousarray(q).view(np.uint8),
+                "wscale": scale.reshape(-1).astype(np.float32)}
     signed = np.dtype(q.dtype) in _SIGNED
     bits = 4 if np.dtype(q.dtype) in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)) else 8
     # to out-major [N, K] (MatMul weights are stored [K, N] unless read through a Transpose)
@@ -129,11 +136,11 @@ def pack_record(rec: dict[str, Any], name: str, tensors: dict[str, np.ndarray]) 
             tensors[name + ".zeros"] = np.ascontiguousarray(zeros)
         return {"kind": "wq", "bits": bits, "group": group, "out": n, "in": k,
                 "zeros": zeros is not None}
-    if rec["kind"] == "w8a8":
+    if rec["kind"] in ("w8a8", "fp8"):  # fp8: the E4M3 bytes as uint8
         tensors[name + ".weight"] = np.ascontiguousarray(rec["weight"])
         tensors[name + ".wscale"] = rec["wscale"]
         n, k = rec["weight"].shape
-        return {"kind": "w8a8", "out": n, "in": k}
+        return {"kind": rec["kind"], "out": n, "in": k}
     tensors[name + ".weight"] = rec["weight"]
     n, k = rec["weight"].shape
     return {"kind": "fp16", "out": n, "in": k}
@@ -152,7 +159,7 @@ def concat_records(recs: list[dict[str, Any]]) -> dict[str, Any] | None:
         return dict(recs[0], codes=np.concatenate([r["codes"] for r in recs]),
                     scales=np.concatenate([r["scales"] for r in recs]), zeros=zeros,
                     shape=(sum(r["shape"][0] for r in recs), recs[0]["shape"][1]))
-    if kind == "w8a8":
+    if kind in ("w8a8", "fp8"):
         return dict(recs[0], weight=np.concatenate([r["weight"] for r in recs]),
                     wscale=np.concatenate([r["wscale"] for r in recs]))
     return dict(recs[0], weight=np.concatenate([r["weight"] for r in recs]))
@@ -275,7 +282,8 @@ def extract(model: ir.Model, plan_activation: dict[str, str]) -> tuple[dict, dic
             if i == 0:
                 man["fusion_groups"].append(
                     {"group": group, "layers": parts, "kernel": entry["kind"],
-                     "prologue": "rmsnorm" + ("+int8-quant" if entry["kind"] == "w8a8" else ""),
+                     "prologue": "rmsnorm" + {"w8a8": "+int8-quant", "fp8": "+fp8-quant"}.get(
+                         entry["kind"], ""),
                      "epilogue": "silu*mul" if group == "gate_up" else "rotary+kv-write"})
         for x in ("o_proj", "down_proj"):
             man["linears"][p + x] = pack_record(get(p + x), p + x, tensors)

@@ -148,6 +148,22 @@ W8A8_CONFIGS = [{"kind": "w8a8", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "G
                                            (128, 128, 64, 4, 4), (128, 256, 64, 8, 4),
                                            (128, 256, 128, 8, 4), (256, 128, 128, 8, 4))]
 
+# FP8 runs only tiles whose BLOCK_K divides K (no masked float8 loads): shorter K steps for
+# hidden sizes that are multiples of 32 or 64 but not of 128 (576, 960, 1088, ...)
+FP8_CONFIGS = W8A8_CONFIGS + [
+    {"kind": "w8a8", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": nw,
+     "num_stages": ns}
+    for bm, bn, bk, nw, ns in ((16, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                               (128, 128, 64, 8, 4), (16, 64, 32, 4, 4), (64, 64, 32, 4, 4),
+                               (128, 128, 32, 8, 4),
+                               # promoted accumulation: longer products between promotions
+                               (64, 128, 256, 4, 3), (128, 128, 256, 8, 3), (64, 256, 128, 8, 3))]
+#: FP8 products accumulate in float32 on the CUDA cores every BLOCK_K (PROMOTE, the accurate
+#: default, as cuBLAS without use_fast_accum); LBCC_TRITON_FP8_FAST_ACCUM=1 keeps the whole sum in
+#: the tensor cores' reduced-precision accumulator: faster at large M, 1.3e-3..2.9e-3 relative
+#: error at K = 4096..14336 instead of 2.4e-4 (H200)
+FP8_FAST_ACCUM = os.environ.get("LBCC_TRITON_FP8_FAST_ACCUM", "0") == "1"
+
 DEFAULT_GEMV = _gemv(8, 1, 1, 4)
 DEFAULT_SMALL_MM = _mm(16, 64, 1, 4, 3)
 DEFAULT_LARGE_MM = _mm(64, 64, 1, 4, 3)
@@ -482,18 +498,19 @@ def dequantize(qw: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | Non
 
 
 def quant_rows(x: torch.Tensor, gamma: torch.Tensor | None = None, eps: float = 1e-6,
-               block_k: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token int8 ``(q [M, K], s [M] float32)``, optionally of ``RMSNorm(x) * gamma``."""
+               block_k: int = 16384, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``(q [M, K], s [M] float32)``, optionally of ``RMSNorm(x) * gamma``: int8 codes
+    (s = max|x| / 127), or with ``fp8`` float8_e4m3fn codes (s = max|x| / 448)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     s = torch.empty((m,), dtype=torch.float32, device=x.device)
     bk = min(block_k, triton.next_power_of_2(k))
     K._quant_rows_kernel[(m,)](x2, gamma if gamma is not None else x2, q, s, k, x2.stride(0),
-                               q.stride(0), eps, HAS_NORM=gamma is not None, BLOCK_K=bk,
+                               q.stride(0), eps, HAS_NORM=gamma is not None, BLOCK_K=bk, FP8=fp8,
                                num_warps=4 if bk <= 1024 else (8 if bk <= 4096 else 16))
     return q, s
 
@@ -506,39 +523,55 @@ def _launch_w8a8(cfg, q, sa, w, sw, bias, y, out_int32):
                                 q.stride(0), y.stride(0), HAS_BIAS=bias is not None,
                                 OUT_INT32=out_int32, BLOCK_M=cfg["BLOCK_M"],
                                 BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-                                num_stages=cfg["num_stages"])
+                                GROUP_M=cfg["GROUP_M"], FP8=q.dtype == torch.float8_e4m3fn,
+                                EVEN_K=k % cfg["BLOCK_K"] == 0, PROMOTE=cfg.get("PROMOTE", True),
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
 def w8a8_linear(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                config: dict | None = None) -> torch.Tensor:
-    """``y = (q @ w.T) * sa[:, None] * sw[None, :] (+ bias)``; int8 q ``[M, K]``, w ``[N, K]``.
+                config: dict | None = None, fast_accum: bool | None = None) -> torch.Tensor:
+    """``y = (q @ w.T) * sa[:, None] * sw[None, :] (+ bias)``; q ``[M, K]`` and w ``[N, K]``
+    both int8 or both float8_e4m3fn (FP8 tensor cores, float32 accumulation; ``fast_accum``:
+    see :data:`FP8_FAST_ACCUM`, its default).
 
-    ``out_dtype=torch.int32`` returns the raw integer accumulator (for exactness tests).
+    ``out_dtype=torch.int32`` returns the raw integer accumulator (int8, for exactness tests).
     """
     m, n = q.shape[0], w.shape[0]
+    fp8 = q.dtype == torch.float8_e4m3fn
+    if fp8 != (w.dtype == torch.float8_e4m3fn):
+        raise TypeError(f"w8a8_linear: activations {q.dtype} and weights {w.dtype} differ")
     out_int32 = out_dtype == torch.int32
     y = torch.empty((m, n), dtype=out_dtype, device=q.device)
+    configs, default = W8A8_CONFIGS, DEFAULT_W8A8
+    kind = "w8a8"
+    if fp8:
+        fast = FP8_FAST_ACCUM if fast_accum is None else fast_accum
+        configs = [dict(c, PROMOTE=not fast) for c in FP8_CONFIGS if q.shape[1] % c["BLOCK_K"] == 0]
+        if not configs:
+            raise ValueError(f"FP8 layers need K divisible by 32, not {q.shape[1]}")
+        default = next(c for c in configs if c["BLOCK_M"] == 64)
+        kind = "fp8-fast" if fast else "fp8"
     if config is None:
-        key = ("w8a8", m_bucket(m), n, q.shape[1])
+        key = (kind, m_bucket(m), n, q.shape[1])
 
         def make_fns():
             sets = [w] + [w.clone() for _ in range(rotation_copies(w.numel(), q.device) - 1)]
             out = torch.empty_like(y)
             return lambda c: [lambda w_=w_: _launch_w8a8(c, q, sa, w_, sw, bias, out, out_int32)
                               for w_ in sets]
-        config = TUNER.pick(key, q.device, W8A8_CONFIGS, DEFAULT_W8A8, make_fns)
+        config = TUNER.pick(key, q.device, configs, default, make_fns)
     return _launch_w8a8(config, q, sa, w, sw, bias, y, out_int32)
 
 
 def w8a8_linear_fp(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
                    bias: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
                    eps: float = 1e-6) -> torch.Tensor:
-    """float16 in, float16 out: dynamic per-token quantization (fused RMSNorm) + int8 GEMM."""
+    """float16 in, float16 out: dynamic per-token quantization (fused RMSNorm) + int8 GEMM
+    (or FP8 E4M3 when ``w`` is float8_e4m3fn)."""
     lead = x.shape[:-1]
-    q, sa = quant_rows(x, gamma, eps)
+    q, sa = quant_rows(x, gamma, eps, fp8=w.dtype == torch.float8_e4m3fn)
     return w8a8_linear(q, sa, w, sw, bias).reshape(*lead, w.shape[0])
 
 

@@ -4,7 +4,8 @@ This file is copied into ``OUT_DIR/model.py`` after ``kernels.py`` and ``ops.py`
 between the ``lbcc:strip`` markers are dropped there), so it needs only torch, triton and
 safetensors at run time. The manifest says which fused linear groups exist (``qkv``,
 ``gate_up``) and how each is stored (``wq``: packed 4/8-bit groups, ``w8a8``: int8 per channel
-with per-token int8 activations, RMSNorm fused into the activation quantization; ``fp16``).
+with per-token int8 activations, RMSNorm fused into the activation quantization; ``fp8``: the
+same with float8_e4m3fn weights and activations, s = max|x| / 448; ``fp16``).
 
 Decoder step for layer l (h: residual stream):
     a = RMSNorm(h) ; q, k, v = split(a @ Wqkv^T) ; rotary(q, k) ; write k, v to the cache
@@ -37,8 +38,10 @@ class Linear:
         if self.kind == "wq":
             self.qweight, self.scales = t[name + ".qweight"], t[name + ".scales"]
             self.zeros = t.get(name + ".zeros")
-        elif self.kind == "w8a8":
+        elif self.kind in ("w8a8", "fp8"):
             self.weight, self.wscale = t[name + ".weight"], t[name + ".wscale"]
+            if self.kind == "fp8":  # stored as the E4M3 bytes
+                self.weight = self.weight.view(torch.float8_e4m3fn)
         else:
             self.weight = t[name + ".weight"]
 
@@ -49,9 +52,10 @@ class Linear:
         apply these epilogues inside the kernel."""
         if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return linear_epilogue(self._torch(x, gamma, eps), residual, glu)
-        if self.kind == "w8a8":
+        if self.kind in ("w8a8", "fp8"):
             lead = x.shape[:-1]
-            q, sa = quant_rows(x, gamma, eps)  # RMSNorm fused into the quantization
+            # RMSNorm fused into the quantization
+            q, sa = quant_rows(x, gamma, eps, fp8=self.kind == "fp8")
             y = w8a8_linear(q, sa, self.weight, self.wscale).reshape(*lead, self.n)
             return linear_epilogue(y, residual, glu)
         if gamma is not None:
@@ -66,12 +70,18 @@ class Linear:
         """The same function in plain torch (float32), for machines without a GPU."""
         if gamma is not None:
             x = rms_norm(x, gamma, eps)
-        if self.kind == "w8a8":
+        if self.kind in ("w8a8", "fp8"):
             xf = x.float()
             m = xf.abs().amax(-1, keepdim=True)
             m = torch.where(m > 0, m, torch.ones_like(m))
-            q = torch.round(xf * (127.0 / m)).clamp(-127, 127)
-            y = (q @ self.weight.float().t()) * (m / 127.0) * self.wscale.float()
+            qmax = 448.0 if self.kind == "fp8" else 127.0
+            inv = torch.full_like(m, qmax) / m  # IEEE division, as the kernel's div_rn
+            if self.kind == "fp8":
+                q = (xf * inv).clamp(-qmax, qmax).to(torch.float8_e4m3fn).float()
+            else:
+                q = torch.round(xf * inv).clamp(-qmax, qmax)
+            y = (q @ self.weight.float().t()) * (m / torch.full_like(m, qmax)) * \
+                self.wscale.float()
             return y.to(x.dtype)
         if self.kind == "wq":
             if not hasattr(self, "_w"):
