@@ -1,6 +1,7 @@
 """End-to-end decode / prefill benchmark of the ``triton`` target's runtime on a CUDA GPU.
 
     python benchmarks/triton_e2e.py [--write-md FILE] [--models smollm2,llama1b] [--compile]
+                                    [--fp8 | --only-fp8]
 
 Models with random weights, built here: the sample model's shape (SmolLM2-135M: 30 layers,
 576 wide, 9/3 heads, vocab 49152) and a 1B-parameter Llama shape (Llama-3.2-1B: 16 layers,
@@ -99,6 +100,20 @@ def build(cfg: dict, seed: int = 0):
     return m4, t4, m16, t16
 
 
+def fp8_from(m16: dict, t16: dict) -> tuple[dict, dict]:
+    """The float16 model's linears as ``w8a8-fp8`` stores them (E4M3 per channel, s = max|w| /
+    448; the runtime quantizes activations to E4M3 per token); embedding, norms, rotary shared."""
+    m8 = {**m16, "linears": {}}
+    t8 = {k: v for k, v in t16.items() if not k.endswith(".weight") or k == "embed.weight"}
+    for name, meta in m16["linears"].items():
+        w = t16[name + ".weight"].float()
+        s = w.abs().amax(1).clamp_min(1e-12) / 448
+        t8[name + ".weight"] = (w / s[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+        t8[name + ".wscale"] = s
+        m8["linears"][name] = {**meta, "kind": "fp8"}
+    return m8, t8
+
+
 def decode_tps(model, prompt, steps: int, graph: bool, compiled=None) -> float:
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps + 8)
     nxt = model.forward(prompt, cache)[:, -1:].argmax(-1)
@@ -140,7 +155,22 @@ def compiled_step(model):
     return make
 
 
-def run_model(name: str, cfg: dict, steps: int, do_compile: bool) -> dict:
+def run_fp8(m16: dict, t16: dict, f16, prompt, long_prompt, steps: int, res: dict) -> None:
+    """FP8 E4M3 W8A8 (``w8a8-fp8``) on the same weights: decode, prefill, and its distance from
+    the float16 model (FP8 numerics: expected a few percent)."""
+    m8, t8 = fp8_from(m16, t16)
+    f8 = runtime.Model(m8, t8, torch.device(DEV))
+    a = f8.forward(long_prompt[:, :64]).float()
+    b = f16.forward(long_prompt[:, :64]).float()
+    res["fp8_logits_rel_err"] = ((a - b).norm() / b.norm()).item()
+    res["fp8_argmax_agree"] = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    res["fp8_prefill_ms"] = prefill_ms(f8, long_prompt)
+    res["fp8_graph_tps"] = decode_tps(f8, prompt, steps, graph=True)
+    del f8, t8
+
+
+def run_model(name: str, cfg: dict, steps: int, do_compile: bool,
+              fp8: bool | str = False) -> dict:
     t0 = time.time()
     m4, t4, m16, t16 = build(cfg)
     w4 = runtime.Model(m4, t4, torch.device(DEV))
@@ -150,6 +180,15 @@ def run_model(name: str, cfg: dict, steps: int, do_compile: bool) -> dict:
     prompt = torch.randint(0, cfg["vocab"], (1, 16), device=DEV, generator=g)
     long_prompt = torch.randint(0, cfg["vocab"], (1, 512), device=DEV, generator=g)
     res = {"model": name, "params_M": round(params / 1e6), "build_s": round(time.time() - t0, 1)}
+    if fp8 == "only":  # the float16 reference and FP8, not the W4A16 model
+        with torch.no_grad():
+            res["fp16_prefill_ms"] = prefill_ms(f16, long_prompt)
+            res["fp16_graph_tps"] = decode_tps(f16, prompt, steps, graph=True)
+            run_fp8(m16, t16, f16, prompt, long_prompt, steps, res)
+        log(json.dumps(res))
+        del w4, f16, t4, t16
+        torch.cuda.empty_cache()
+        return res
     with torch.no_grad():
         a = w4.forward(long_prompt[:, :64]).float()
         b = f16.forward(long_prompt[:, :64]).float()
@@ -164,6 +203,8 @@ def run_model(name: str, cfg: dict, steps: int, do_compile: bool) -> dict:
         res["fp16_graph_tps"] = decode_tps(f16, prompt, steps, graph=True)
         res["w4_eager_tps"] = decode_tps(w4, prompt, steps, graph=False)
         res["w4_graph_tps"] = decode_tps(w4, prompt, steps, graph=True)
+        if fp8:
+            run_fp8(m16, t16, f16, prompt, long_prompt, steps, res)
         log(json.dumps(res))
         if do_compile:
             try:
@@ -190,7 +231,7 @@ def markdown(rows, env) -> str:
            "torch.compile tok/s | ours W4A16 eager tok/s | ours W4A16 CUDA graph tok/s "
            "(× fp16 eager, × fp16 graph) | prefill 512 fp16 / ours ms | logits rel. err, "
            "greedy tokens identical |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in (r for r in rows if "w4_graph_tps" in r):
         comp = r.get("fp16_compile_tps")
         comp = f"{comp:.0f}" if comp else r.get("fp16_compile_error", "not run")[:60]
         out.append(
@@ -200,6 +241,18 @@ def markdown(rows, env) -> str:
             f"{r['w4_graph_tps'] / r['fp16_graph_tps']:.2f}×) | {r['fp16_prefill_ms']:.1f} / "
             f"{r['w4_prefill_ms']:.1f} | {r['logits_rel_err']:.1e}, "
             f"{r['greedy_identical_tokens']}/32 |")
+    fp8 = [r for r in rows if "fp8_graph_tps" in r]
+    if fp8:
+        out += ["", "FP8 E4M3 W8A8 (`--fp8`; the `w8a8-fp8` storage of the float16 model's "
+                "weights, activations E4M3 per token), decode with CUDA graphs:", "",
+                "| model | fp16 CUDA graph tok/s | FP8 CUDA graph tok/s (× fp16 graph) | prefill "
+                "512 fp16 / FP8 ms | logits rel. err vs fp16, argmax agreement |",
+                "|---|---|---|---|---|"]
+        for r in fp8:
+            out.append(f"| {r['model']} | {r['fp16_graph_tps']:.0f} | {r['fp8_graph_tps']:.0f} "
+                       f"({r['fp8_graph_tps'] / r['fp16_graph_tps']:.2f}×) | "
+                       f"{r['fp16_prefill_ms']:.1f} / {r['fp8_prefill_ms']:.1f} | "
+                       f"{r['fp8_logits_rel_err']:.1e}, {r['fp8_argmax_agree']:.2f} |")
     return "\n".join(out) + "\n"
 
 
@@ -209,13 +262,16 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--write-md", type=Path)
+    ap.add_argument("--fp8", action="store_true", help="also FP8 E4M3 W8A8 (w8a8-fp8)")
+    ap.add_argument("--only-fp8", action="store_true", help="float16 and FP8 only (no W4A16)")
     a = ap.parse_args(argv)
     import triton
     env = (f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
            f"triton {triton.__version__}")
     rows = []
     for name in a.models.split(","):
-        rows.append(run_model(name, MODELS[name], a.steps, a.compile))
+        rows.append(run_model(name, MODELS[name], a.steps, a.compile,
+                              "only" if a.only_fp8 else a.fp8))
         md = markdown(rows, env)
         if a.write_md:
             a.write_md.write_text(md)

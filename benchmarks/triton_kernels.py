@@ -473,7 +473,7 @@ def main(argv=None):
     for n, k in shapes if not a.skip_w4 else []:
         bench_wq(n, k, ms, 4, copy_bw, gl_make, rows, checks, peers=not a.no_peers)
     for n, k in shapes:
-        bench_w8a8(n, k, [m for m in ms if m >= 16], w8rows, checks)
+        bench_w8a8(n, k, ms, w8rows, checks)
     copy_bw = max(copy_bw, copy_bandwidth())  # again, warm: the larger of the two is used
     log(f"copy bandwidth (max of two) {copy_bw / 1e12:.3f} TB/s")
     for r in rows:  # against the final bandwidth figure

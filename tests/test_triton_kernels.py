@@ -320,6 +320,54 @@ def test_fp8_linear():
         ops.w8a8_linear(q, sa, torch.zeros(4, 72, dtype=torch.float8_e4m3fn), torch.ones(4))
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_w8a8_gemv(fp8):
+    """The decode GEMV (M <= 4): int8 products summed in int32, E4M3 products in float32; the
+    same result as float64 math on the same codes within the float tolerance, and the same as
+    the tensor-core tile kernel; the default config at M = 1 is a GEMV whose BLOCK_K divides K."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(18)
+    m, n, k = 3, 40, 192
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    wf = rng.standard_normal((n, k)).astype(np.float32)
+    if fp8:
+        sw = (np.abs(wf).max(1) / 448).astype(np.float32)
+        w_np = (wf / sw[:, None]).astype(ml_dtypes.float8_e4m3fn)
+        w = torch.from_numpy(w_np.view(np.uint8)).view(torch.float8_e4m3fn)
+    else:
+        sw = (np.abs(wf).max(1) / 127).astype(np.float32)
+        w_np = np.clip(np.rint(wf / sw[:, None]), -127, 127).astype(np.int8)
+        w = torch.from_numpy(w_np)
+    q, sa = ops.quant_rows(torch.from_numpy(x), fp8=fp8)
+    bias = torch.from_numpy(rng.standard_normal(n).astype(np.float16))
+    ref = (q.double().numpy() @ w_np.astype(np.float64).T) * sa.numpy()[:, None] * \
+        sw[None, :] + bias.numpy()
+    gemv = dict(ops.W8A8_GEMV_CONFIGS[0], BLOCK_N=16, BLOCK_K=64)
+    y = ops.w8a8_linear(q, sa, w, torch.from_numpy(sw), bias, config=gemv)
+    assert rel_err(y.numpy(), ref) < FLOAT_TOL
+    tile = dict(ops.DEFAULT_W8A8, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64)
+    y_tile = ops.w8a8_linear(q, sa, w, torch.from_numpy(sw), bias, config=tile)
+    assert rel_err(y.numpy(), y_tile.numpy()) < FLOAT_TOL
+    no_pf = ops.w8a8_linear(q, sa, w, torch.from_numpy(sw), bias,
+                            config=dict(gemv, PREFETCH=False))
+    np.testing.assert_array_equal(no_pf.numpy(), y.numpy())  # prefetch changes no sum
+    y1 = ops.w8a8_linear(q[:1], sa[:1], w, torch.from_numpy(sw), bias)  # the default at M = 1
+    np.testing.assert_array_equal(y1.numpy(), y[:1].numpy())
+    # epilogues inside the GEMV (w = [G; U]: silu(g) * u, then + residual) against the tile
+    # kernel followed by the torch epilogue
+    res = torch.from_numpy(rng.standard_normal((m, n // 2)).astype(np.float16))
+    for glu, r in ((True, None), (False, torch.cat([res, res], 1)), (True, res)):
+        got = ops.w8a8_linear(q, sa, w, torch.from_numpy(sw), bias, config=gemv, residual=r,
+                              glu=glu)
+        want = ops.linear_epilogue(y_tile, r, glu)
+        assert got.shape == want.shape
+        assert rel_err(got.numpy(), want.numpy()) < FLOAT_TOL
+        tiled = ops.w8a8_linear(q, sa, w, torch.from_numpy(sw), bias, config=tile, residual=r,
+                                glu=glu)
+        np.testing.assert_array_equal(tiled.numpy(), want.numpy())
+
+
 def test_quant_rows_single_pass_matches_blocked():
     """The whole-row path (BLOCK_K >= K) and the blocked path give the same codes and scales."""
     rng = np.random.default_rng(15)

@@ -31,7 +31,8 @@ All weight-only kernels read the one packed layout of :mod:`packing` (``qweight`
   ``q = e4m3(h * (448 / max_k |h|))`` (nearest even, :func:`_e4m3_rint`), ``s_m = max_k |h| / 448``.
 * :func:`_w8a8_matmul_kernel`: int8 x int8 tensor-core tiles with int32 accumulation (exact),
   or E4M3 x E4M3 with float32 accumulation (FP8 tensor cores, sm_89+); epilogue
-  ``y = acc * s_a[m] * s_w[n] (+ bias)`` in float32, stored as float16.
+  ``y = acc * s_a[m] * s_w[n] (+ bias)`` in float32, stored as float16;
+  :func:`_w8a8_gemv_kernel` the same for decode (M <= 4) on the CUDA cores.
 
 Every kernel also runs under ``TRITON_INTERPRET=1`` on the CPU (the CI tests do that).
 """
@@ -641,8 +642,10 @@ def _quant_code(x, m, FP8: tl.constexpr):
     ``e4m3(x * (448 / m))``; the divisions IEEE-rounded (``div_rn``: a plain ``/`` is approximate
     on NVIDIA GPUs), so the codes equal numpy's and the interpreter's."""
     if FP8:
-        return _e4m3_rint(x * tl.math.div_rn(448.0, m))
-    return tl.minimum(tl.maximum(_rint(x * tl.math.div_rn(127.0, m)), -127.0), 127.0)
+        q = _e4m3_rint(x * tl.math.div_rn(448.0, m))
+    else:
+        q = tl.minimum(tl.maximum(_rint(x * tl.math.div_rn(127.0, m)), -127.0), 127.0)
+    return q
 
 
 @triton.jit
@@ -729,6 +732,69 @@ def _w8a8_matmul_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K,
         if HAS_BIAS:
             y += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
         tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _w8a8_prod(w, a, FP8: tl.constexpr):
+    """Products of codes: E4M3 in float32 (exact: 4-bit significands), int8 in int32."""
+    if FP8:
+        p = w.to(tl.float32) * a.to(tl.float32)[None, :]
+    else:
+        p = w.to(tl.int32) * a.to(tl.int32)[None, :]
+    return p
+
+
+@triton.jit
+def _w8a8_gemv_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, res_ptr, y_ptr, N, K, stride_am,
+                      stride_rm, stride_ym, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, FP8: tl.constexpr, HAS_RES: tl.constexpr = False,
+                      GLU: tl.constexpr = False, PREFETCH: tl.constexpr = True):
+    """Decode (a few rows): ``y[m, n] = s_a[m] s_w[n] sum_k a[m, k] w[n, k] (+ bias[n])``, one
+    program per row m and BLOCK_N outputs, K in BLOCK_K steps (BLOCK_K divides K: no masked
+    loads). int8 products summed in int32 (exact); E4M3 products summed in float32 (no
+    reduced-precision tensor-core accumulator). Epilogues as the weight-only GEMV's: GLU (the
+    weight is [G; U], 2N rows: ``y = silu(g) * u`` from rows n and N + n), then ``+ res[m, n]``.
+    PREFETCH: the next step's weights are loaded before this step's products (two steps of
+    loads in flight; the last step re-reads its own block instead of reading past the row)."""
+    pid_m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32 if FP8 else tl.int32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32 if FP8 else tl.int32)
+    w_rows = w_ptr + rn[:, None] * K + offs_k[None, :]
+    if PREFETCH:
+        nxt = tl.load(w_rows, eviction_policy="evict_first")
+        if GLU:
+            nxt_u = tl.load(w_rows + N * K, eviction_policy="evict_first")
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr + pid_m * stride_am + k0 + offs_k)
+        if PREFETCH:
+            w = nxt
+            k1 = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
+            nxt = tl.load(w_rows + k1, eviction_policy="evict_first")
+            if GLU:
+                w_u = nxt_u
+                nxt_u = tl.load(w_rows + N * K + k1, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_rows + k0, eviction_policy="evict_first")
+            if GLU:
+                w_u = tl.load(w_rows + N * K + k0, eviction_policy="evict_first")
+        acc += _w8a8_prod(w, a, FP8)
+        if GLU:
+            acc_u += _w8a8_prod(w_u, a, FP8)
+    sa = tl.load(sa_ptr + pid_m)
+    y = tl.sum(acc, axis=1).to(tl.float32) * sa * tl.load(sw_ptr + rn).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn).to(tl.float32)
+    if GLU:
+        u = tl.sum(acc_u, axis=1).to(tl.float32) * sa * tl.load(sw_ptr + N + rn).to(tl.float32)
+        if HAS_BIAS:
+            u += tl.load(bias_ptr + N + rn).to(tl.float32)
+        y = y / (1.0 + tl.exp(-y)) * u
+    if HAS_RES:
+        y += tl.load(res_ptr + pid_m * stride_rm + rn).to(tl.float32)
+    tl.store(y_ptr + pid_m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit

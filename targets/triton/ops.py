@@ -164,6 +164,15 @@ FP8_CONFIGS = W8A8_CONFIGS + [
 #: error at K = 4096..14336 instead of 2.4e-4 (H200)
 FP8_FAST_ACCUM = os.environ.get("LBCC_TRITON_FP8_FAST_ACCUM", "0") == "1"
 
+#: W8A8 / FP8 decode (M <= W8A8_GEMV_MAX_M): CUDA-core GEMV tiles, BLOCK_K dividing K
+W8A8_GEMV_CONFIGS = [{"kind": "w8a8-gemv", "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw,
+                      "num_stages": 1, "PREFETCH": pf}
+                     for bn, bk, nw in ((16, 512, 4), (32, 256, 4), (8, 1024, 4), (8, 512, 2),
+                                        (64, 128, 4), (32, 512, 8), (16, 256, 2), (4, 1024, 4),
+                                        (16, 128, 2), (8, 256, 1), (4, 512, 1), (8, 64, 1))
+                     for pf in (True, False)]
+W8A8_GEMV_MAX_M = 4
+
 DEFAULT_GEMV = _gemv(8, 1, 1, 4)
 DEFAULT_SMALL_MM = _mm(16, 64, 1, 4, 3)
 DEFAULT_LARGE_MM = _mm(64, 64, 1, 4, 3)
@@ -515,26 +524,46 @@ def quant_rows(x: torch.Tensor, gamma: torch.Tensor | None = None, eps: float = 
     return q, s
 
 
-def _launch_w8a8(cfg, q, sa, w, sw, bias, y, out_int32):
+def _launch_w8a8(cfg, q, sa, w, sw, bias, y, out_int32, residual=None, glu=False):
+    """One W8A8 / FP8 product into ``y`` (``[M, N]``, ``[M, N / 2]`` with ``glu``); the GEMV
+    applies the epilogues in the kernel, the tile kernel in torch after it."""
     m, k = q.shape
     n = w.shape[0]
+    if cfg["kind"] == "w8a8-gemv":
+        n_out = n // 2 if glu else n
+        K._w8a8_gemv_kernel[(m, triton.cdiv(n_out, cfg["BLOCK_N"]))](
+            q, sa, w, sw, bias if bias is not None else sw,
+            residual if residual is not None else y, y, n_out, k, q.stride(0),
+            residual.stride(0) if residual is not None else 0, y.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            FP8=q.dtype == torch.float8_e4m3fn, HAS_RES=residual is not None, GLU=glu,
+            PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+        return y
+    t = y if not glu else torch.empty((m, n), dtype=y.dtype, device=y.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    K._w8a8_matmul_kernel[grid](q, sa, w, sw, bias if bias is not None else sw, y, m, n, k,
-                                q.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+    K._w8a8_matmul_kernel[grid](q, sa, w, sw, bias if bias is not None else sw, t, m, n, k,
+                                q.stride(0), t.stride(0), HAS_BIAS=bias is not None,
                                 OUT_INT32=out_int32, BLOCK_M=cfg["BLOCK_M"],
                                 BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                                 GROUP_M=cfg["GROUP_M"], FP8=q.dtype == torch.float8_e4m3fn,
                                 EVEN_K=k % cfg["BLOCK_K"] == 0, PROMOTE=cfg.get("PROMOTE", True),
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if glu:
+        y.copy_(linear_epilogue(t, None, True))
+    if residual is not None:
+        y.add_(residual)
     return y
 
 
 def w8a8_linear(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                config: dict | None = None, fast_accum: bool | None = None) -> torch.Tensor:
+                config: dict | None = None, fast_accum: bool | None = None,
+                residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """``y = (q @ w.T) * sa[:, None] * sw[None, :] (+ bias)``; q ``[M, K]`` and w ``[N, K]``
     both int8 or both float8_e4m3fn (FP8 tensor cores, float32 accumulation; ``fast_accum``:
-    see :data:`FP8_FAST_ACCUM`, its default).
+    see :data:`FP8_FAST_ACCUM`, its default); then ``silu(y_G) * y_U`` (``glu``: w = [G; U])
+    and ``+ residual`` (``[M, N]`` or ``[M, N / 2]``), inside the decode GEMV.
 
     ``out_dtype=torch.int32`` returns the raw integer accumulator (int8, for exactness tests).
     """
@@ -543,7 +572,13 @@ def w8a8_linear(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Te
     if fp8 != (w.dtype == torch.float8_e4m3fn):
         raise TypeError(f"w8a8_linear: activations {q.dtype} and weights {w.dtype} differ")
     out_int32 = out_dtype == torch.int32
-    y = torch.empty((m, n), dtype=out_dtype, device=q.device)
+    if out_int32 and (glu or residual is not None):
+        raise ValueError("w8a8_linear: the int32 accumulator has no epilogues")
+    y = torch.empty((m, n // 2 if glu else n), dtype=out_dtype, device=q.device)
+    if residual is not None:
+        residual = residual.reshape(m, y.shape[1])
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
     configs, default = W8A8_CONFIGS, DEFAULT_W8A8
     kind = "w8a8"
     if fp8:
@@ -553,16 +588,20 @@ def w8a8_linear(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Te
             raise ValueError(f"FP8 layers need K divisible by 32, not {q.shape[1]}")
         default = next(c for c in configs if c["BLOCK_M"] == 64)
         kind = "fp8-fast" if fast else "fp8"
+    if m <= W8A8_GEMV_MAX_M and not out_int32:
+        gemv = [c for c in W8A8_GEMV_CONFIGS if q.shape[1] % c["BLOCK_K"] == 0]
+        configs, default = gemv + configs, (gemv[0] if gemv else default)
     if config is None:
-        key = (kind, m_bucket(m), n, q.shape[1])
+        key = (kind, m_bucket(m), n, q.shape[1], *(["glu"] if glu else []),
+               *(["res"] if residual is not None else []))
 
         def make_fns():
             sets = [w] + [w.clone() for _ in range(rotation_copies(w.numel(), q.device) - 1)]
             out = torch.empty_like(y)
-            return lambda c: [lambda w_=w_: _launch_w8a8(c, q, sa, w_, sw, bias, out, out_int32)
-                              for w_ in sets]
+            return lambda c: [lambda w_=w_: _launch_w8a8(c, q, sa, w_, sw, bias, out, out_int32,
+                                                         residual, glu) for w_ in sets]
         config = TUNER.pick(key, q.device, configs, default, make_fns)
-    return _launch_w8a8(config, q, sa, w, sw, bias, y, out_int32)
+    return _launch_w8a8(config, q, sa, w, sw, bias, y, out_int32, residual, glu)
 
 
 def w8a8_linear_fp(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,

@@ -48,16 +48,16 @@ class Linear:
     def __call__(self, x: torch.Tensor, gamma: torch.Tensor | None = None, eps: float = 0.0,
                  residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
         """``y = (RMSNorm(x) * gamma if gamma is given else x) @ W^T``, then ``residual + y``
-        or, with ``glu`` (W = [G; U]), ``silu(y_G) * y_U``. The 4- and 8-bit weight-only GEMVs
-        apply these epilogues inside the kernel."""
+        or, with ``glu`` (W = [G; U]), ``silu(y_G) * y_U``. The GEMVs (weight-only and W8A8 /
+        FP8 decode) apply these epilogues inside the kernel."""
         if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return linear_epilogue(self._torch(x, gamma, eps), residual, glu)
         if self.kind in ("w8a8", "fp8"):
             lead = x.shape[:-1]
             # RMSNorm fused into the quantization
             q, sa = quant_rows(x, gamma, eps, fp8=self.kind == "fp8")
-            y = w8a8_linear(q, sa, self.weight, self.wscale).reshape(*lead, self.n)
-            return linear_epilogue(y, residual, glu)
+            y = w8a8_linear(q, sa, self.weight, self.wscale, residual=residual, glu=glu)
+            return y.reshape(*lead, y.shape[-1])
         if gamma is not None:
             x = rms_norm_fused(x, gamma, eps)
         if self.kind == "wq":
