@@ -211,6 +211,27 @@ def test_w8a8_fp8_parity_with_ort_int8(tiny_llama_capture, tmp_path, torch_path)
         assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
 
 
+def test_fp8_needs_k_divisible_by_32(tmp_path):
+    """FP8 tiles load whole BLOCK_K steps: a 48-wide model is refused when the target writes it
+    (exit 2 through the CLI), with the integer presets as the way out, and nothing is written."""
+    import lbcc
+    import onnx_ir as ir
+    import torch
+
+    from lbcc.capture import capture
+    from lbcc.errors import TargetError
+
+    module = M.tiny_llama(vocab=LLAMA_VOCAB, dim=48, hidden=96)
+    ids = torch.randint(0, LLAMA_VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    src = tmp_path / "narrow.onnx"
+    onnx.save(ir.to_proto(capture(module, (ids,))), src)
+    res = lbcc.compile(str(src), target="triton", preset="w8a8-fp8", progress=False)
+    with pytest.raises(TargetError, match="divisible by 32") as exc:
+        res.save(tmp_path / "out")  # the target reads the layers when it writes them
+    assert "w8a8" in exc.value.hint
+    assert not (tmp_path / "out").exists()
+
+
 def test_fp8_refused_where_unsupported(mlp_path, tmp_path):
     """The c target has no FP8: a clear error (exit 2), no output; a recipe asking e4m3 with
     4-bit or grouped weights is a recipe error (exit 1)."""

@@ -82,6 +82,10 @@ def dq_record(dq: ir.Node, transposed: bool, where: str, activation: str) -> dic
             raise TargetError(f"{where}: FP8 weights run per channel with FP8 activations per "
                               "token only.", "Use --preset w8a8-fp8.")
         q, scale = (q, scale) if transposed else (q.T, scale.T)
+        if q.shape[1] % 32:
+            raise TargetError(f"{where}: FP8 products need an input width divisible by 32, "
+                              f"not {q.shape[1]}.",
+                              "Use an integer preset (w8a8, w4a16) for this model.")
         return {"kind": "fp8", "weight": np.ascontiguousarray(q).view(np.uint8),
                 "wscale": scale.reshape(-1).astype(np.float32)}
     signed = np.dtype(q.dtype) in _SIGNED
