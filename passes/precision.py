@@ -39,6 +39,14 @@ def set_plan(node: ir.Node, plan: dict[str, Any]) -> None:
     node.metadata_props[PLAN_KEY] = json.dumps(plan, sort_keys=True)
 
 
+def weight_plan(w: Any) -> dict[str, Any]:
+    """The plan's weight entry for a recipe ``WeightSpec`` (``format`` only when not integer)."""
+    plan = {"bits": w.bits, "group_size": w.group_size, "symmetric": w.symmetric, "clip": w.clip}
+    if w.format != "int":
+        plan["format"] = w.format
+    return plan
+
+
 def output_sqnr_db(obs: Any, lo: float, hi: float, site: Any) -> float:
     """Estimated SQNR of the layer *output* when its input is quantized per tensor on [lo, hi].
 
@@ -214,10 +222,7 @@ class SelectPrecision(Pass):
             if site.kind != "gather":
                 w, act, skip = self.recipe.spec_for(site.layer)
                 if skip is None:
-                    tied_spec[site.weight.name] = {"bits": w.bits, "group_size": w.group_size,
-                                                   "symmetric": w.symmetric, "clip": w.clip}
-                    if w.format != "int":
-                        tied_spec[site.weight.name]["format"] = w.format
+                    tied_spec[site.weight.name] = weight_plan(w)
         for site in sites:  # the report lists layers in graph order
             layers[site.node.name] = {}
         # tied embeddings last: a lm_head that stays float releases its table (the embedding then
@@ -239,10 +244,7 @@ class SelectPrecision(Pass):
                 layers[site.node.name] = entry
                 counts["skipped"] = counts.get("skipped", 0) + 1
                 continue
-            weight = {"bits": w.bits, "group_size": w.group_size, "symmetric": w.symmetric,
-                      "clip": w.clip}
-            if w.format != "int":
-                weight["format"] = w.format
+            weight = weight_plan(w)
             if site.kind == "gather":
                 weight = tied_spec.get(site.weight.name, weight)
                 act = "none"

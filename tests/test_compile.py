@@ -112,6 +112,22 @@ def test_compiled_model_runs_and_is_close_to_float(source, preset_name, tmp_path
     assert err > 0  # something was quantized
 
 
+def test_fp8_weight_only_on_ort_int8(tmp_path):
+    """e4m3 weights with float activations: DequantizeLinear of float8e4m3fn weights into float
+    MatMuls, each layer's report naming it; closer to float than the per-token FP8 preset."""
+    r = recipe_from_dict({"base": "w8a8-fp8", "activations": {"mode": "none"}})
+    result = lbcc.compile(M.mlp_model(), recipe=r, progress=False)
+    result.save(tmp_path / "q.onnx")
+    got = M.run_ort(tmp_path / "q.onnx", {"x": X})[0]
+    err = M.rel_err(reference("mlp"), got)
+    assert 0 < err < TOL["w8a8-fp8"]
+    assert err < M.rel_err(reference("mlp"), M.run_ort(
+        compiled("mlp", "w8a8-fp8").save(tmp_path / "a.onnx")[0], {"x": X})[0])
+    rows = result.report.layers
+    assert rows and all(row["lowered_to"] == "E4M3 values in a float MatMul" for row in rows)
+    assert {row["weight"]["dtype"] for row in rows} == {"FLOAT8E4M3FN"}
+
+
 @pytest.mark.parametrize("source", ["mlp", "tied"])
 def test_w4a16_lowers_to_matmulnbits(source):
     result = compiled(source, "w4a16")
