@@ -24,7 +24,7 @@ VOCAB = 512
 # (auto-vnni is auto with int8 weight storage, tested against it in test_precision.py: ONNX
 # Runtime runs it exactly only on CPUs with VNNI, and CI's may have none)
 PRESETS = ["w8a8", "w8a8-dynamic", "w8a8-sq", "auto", "auto-avx2", "w4a16", "w4a16-gptq",
-           "w4a16-awq", "w4a16-mixed", "w4a16-e4", "w4a16-e4-gptq"]
+           "w4a16-awq", "w4a16-mixed", "w4a16-e4", "w4a16-e4-gptq", "w8a8-fp8"]
 #: SmoothQuant presets: their logit error, on token ids other than the calibration's, within
 #: this factor of plain w8a8's
 SMOOTHED = {"w8a8-sq", "auto", "auto-avx2"}
