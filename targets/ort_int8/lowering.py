@@ -20,8 +20,9 @@ Patterns (W stored as produced by ``round-weights-rtn``; x float; q int):
   ``s = max(ReduceMax(|x|, -1) / 127, tiny)``, ``u = QuantizeLinear(x / s, 1, 128)`` (uint8, once
   per input tensor), ``y = MatMulIntegerToFloat(u, q, 1, w_scale, 128, zp) * s``: ONNX Runtime's
   integer kernel with the per-row scale applied after it (its own scales are per tensor).
-- FP8 E4M3 weights (``DQ(q float8e4m3fn, axis)``) stay a float ``MatMul`` on their values
-  (ONNX Runtime's CPU provider has no FP8 products); with ``dynamic-token`` activations the input
+- FP8 E4M3 weights (``DQ(q float8e4m3fn, axis)``) become ``Mul(Cast(q, float), s)``, which ONNX
+  Runtime folds into a float weight at load time, and stay a float ``MatMul`` on their values
+  (its CPU provider has no FP8 products); with ``dynamic-token`` activations the input
   becomes ``Cast(Cast(x / s, float8e4m3fn), float) `` with ``s = max|x| / 448`` per row and the
   product is multiplied by ``s``: the triton target's FP8 numerics, for accuracy, not speed.
 - ``uint8_weights`` (the recipe's ``weights.saturation_safe``): the int8 weights of static and
@@ -102,6 +103,8 @@ class LowerORT(Pass):
         self._per_token: dict[tuple[int, bool], tuple[ir.Value, ir.Value]] = {}
         self._consts: dict[str, ir.Value] = {}
 
+        fp8_weights: dict[int, ir.Node] = {}
+
         def bump(key: str, node: ir.Node, lowered_to: str) -> None:
             counts[key] = counts.get(key, 0) + 1
             if node.name in layers:
@@ -116,6 +119,7 @@ class LowerORT(Pass):
                     continue
                 plan = plan_of(node) or {}
                 if dq.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN:
+                    fp8_weights.setdefault(id(dq), dq)
                     if plan.get("activation") == "dynamic-token":
                         self._to_fp8_token_matmul(graph, node)
                     bump("FP8 MatMul (in float)", node, "E4M3 values in a float MatMul"
@@ -161,6 +165,8 @@ class LowerORT(Pass):
                 else:
                     self._to_int8_gather(graph, node, p)
                     bump("int8 Gather", node, "Gather(int8) * Gather(scale)")
+        for dq in fp8_weights.values():
+            self._fp8_weight_as_cast(graph, dq)
         if any(n.domain == MS for n in graph):
             model.opset_imports.setdefault(MS, 1)
         self.note("lowered", counts)
@@ -315,6 +321,24 @@ class LowerORT(Pass):
         graph.insert_before(node, nodes)
         self._per_token[(id(x), fp8)] = (nodes[-1].outputs[0], scale)
         return self._per_token[(id(x), fp8)]
+
+    @staticmethod
+    def _fp8_weight_as_cast(graph: ir.Graph, dq: ir.Node) -> None:
+        """``DQ(q e4m3, s, axis)`` -> ``Mul(Cast(q, float), s)`` (s shaped to broadcast along
+        the axis): the same float32 values, which ONNX Runtime folds into a float initializer
+        when it loads the model, where it runs ``DequantizeLinear`` at every call."""
+        q, scale, _, axis, _ = _dq_parts(dq)
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        base = dq.inputs[0].name.removesuffix("_q")
+        s = add_initializer(graph, f"{base}_fp8_scale", scale.reshape(shape).astype(np.float32))
+        cast = ir.node("Cast", [dq.inputs[0]], attributes={"to": ir.DataType.FLOAT},
+                       name=f"{base}_fp8_cast")
+        mul = ir.node("Mul", [cast.outputs[0], s], name=f"{base}_fp8_weight")
+        for n in (cast, mul):
+            copy_identity(dq, n)
+        graph.insert_before(dq, [cast, mul])
+        LowerORT._swap_output(graph, dq, mul)
 
     def _to_fp8_token_matmul(self, graph: ir.Graph, node: ir.Node) -> None:
         """``MatMul(x, DQ(e4m3 W))`` -> ``MatMul(e4m3(x / s), DQ(e4m3 W)) * s``: FP8 numerics in
