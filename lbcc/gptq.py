@@ -9,19 +9,21 @@ of ``block_size`` columns (the block's error times the corresponding rows of ``U
 product). With ``act_order`` columns are processed by decreasing ``diag(H)``; group quantizers are
 computed on the original contiguous groups before the loop ("static groups"), so the stored layout
 is the usual one and no permutation has to be kept at run time. Any K works: the last group may be
-shorter.
+shorter. ``fmt="e4m3"`` rounds each column to the FP8 E4M3 grid of its row instead
+(``q = s e4m3(w / s)``, ``s = max|w_n| / 448`` per output channel): the error feedback is the
+same, only the quantizer differs.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from lbcc.numerics import QuantizedWeight, quantize_weight
+from lbcc.numerics import QuantizedWeight, quantize_weight, quantize_weight_e4m3, to_e4m3
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int | None,
                   symmetric: bool, percdamp: float = 0.01, block_size: int = 128,
-                  act_order: bool = True, clip: str = "mse") -> QuantizedWeight:
+                  act_order: bool = True, clip: str = "mse", fmt: str = "int") -> QuantizedWeight:
     """Round ``w[N, K]`` with GPTQ given ``hessian[K, K]`` (proportional to X^T X).
 
     ``clip="mse"`` chooses each group's grid (scale, zero point) first by the clip-ratio search
@@ -37,9 +39,14 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
     w[:, dead] = 0.0
     gs = k if group_size is None else int(group_size)
     # quantization grid per (row, group), from the original weights (static groups)
-    grid = quantize_weight(w.astype(np.float32), bits=bits, block_size=gs, symmetric=symmetric,
-                           clip=clip, importance=np.diag(h).astype(np.float32),
-                           hessian=h if clip == "output" else None)
+    if fmt == "e4m3":
+        gs = k
+        grid = quantize_weight_e4m3(w.astype(np.float32))
+    else:
+        grid = quantize_weight(w.astype(np.float32), bits=bits, block_size=gs,
+                               symmetric=symmetric, clip=clip,
+                               importance=np.diag(h).astype(np.float32),
+                               hessian=h if clip == "output" else None)
     scale = grid.scale.astype(np.float64)
     zero = grid.zero_point.astype(np.float64) if grid.zero_point is not None else None
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
@@ -57,7 +64,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
         hinv = np.linalg.inv(np.linalg.cholesky(h))
     u = np.linalg.cholesky(hinv.T @ hinv).T  # upper Cholesky factor of H^-1
 
-    q_int = np.zeros((n, k), dtype=np.int32)
+    q_int = np.zeros((n, k), dtype=np.float32 if fmt == "e4m3" else np.int32)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].copy()
@@ -67,7 +74,10 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
             col = w1[:, i]
             g = group_of[i1 + i]
             s = scale[:, g]
-            if zero is None:
+            if fmt == "e4m3":
+                q = to_e4m3(col / s).astype(np.float64)
+                deq = q * s
+            elif zero is None:
                 q = np.clip(np.rint(col / s), qmin, qmax)
                 deq = q * s
             else:
@@ -81,6 +91,9 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     inv = np.argsort(perm)
     q_int = q_int[:, inv]
+    if fmt == "e4m3":
+        return QuantizedWeight(q=to_e4m3(q_int), scale=grid.scale, zero_point=None, bits=8,
+                               block_size=k, symmetric=True, format="e4m3")
     dtype = np.int8 if symmetric else np.uint8
     return QuantizedWeight(q=q_int.astype(dtype), scale=grid.scale, zero_point=grid.zero_point,
                            bits=bits, block_size=gs, symmetric=symmetric)

@@ -262,6 +262,7 @@ class RoundWeightsGPTQ(RoundWeightsRTN):
         qw = gptq_quantize(w, obs.xtx, bits=spec.get("value_bits", spec["bits"]),
                            group_size=spec["group_size"],
                            symmetric=spec["symmetric"], percdamp=self.percdamp,
-                           block_size=self.block_size, act_order=self.act_order, clip=clip)
+                           block_size=self.block_size, act_order=self.act_order, clip=clip,
+                           fmt=spec.get("format", "int"))
         return qw, {"method": "gptq", "act_order": self.act_order, "percdamp": self.percdamp,
                     "clip_used": clip, "sequential": self.sequential}

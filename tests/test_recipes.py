@@ -161,7 +161,7 @@ def test_unknown_key_without_close_match(tmp_path):
     ("[weights]\nformat = 'e5m2'\n", "weights.format"),
     ("base = 'w8a8-fp8'\n[weights]\ngroup_size = 64\n", "per channel"),
     ("base = 'w8a8-fp8'\n[activations]\nmode = 'static'\n", "FP8 per token"),
-    ("base = 'w8a8-fp8'\n[weights]\nmethod = 'gptq'\n", "rounded to nearest"),
+    ("base = 'w8a8-fp8'\n[smoothing]\nmethod = 'smoothquant'\n", "not implemented for e4m3"),
     ("base = 'w8a8-fp8'\nquantize_embedding = true\n", "embedding table in float"),
     ("base = 'w8a8-fp8'\n[[layers]]\nmatch = 'lm_head'\nbits = 4\n", "not 4-bit"),
 ])
