@@ -126,27 +126,33 @@ def test_parity_with_ort_int8_interpreted_kernels(compiled, tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.95
 
 
+def compile_both(proto, preset: str, tmp_path: Path) -> tuple[Path, Path, dict]:
+    """The tiny model compiled with ``preset`` for triton (``out/``) and ort-int8
+    (``ort.onnx``); returns both paths and the emitted manifest."""
+    import lbcc
+
+    src = tmp_path / "tiny.onnx"
+    onnx.save(proto, src)
+    out, ort_path = tmp_path / "out", tmp_path / "ort.onnx"
+    lbcc.compile(str(src), target="triton", preset=preset, progress=False).save(out)
+    lbcc.compile(str(src), target="ort-int8", preset=preset, progress=False).save(ort_path)
+    return out, ort_path, json.loads((out / "manifest.json").read_text())
+
+
 def test_w8a8_dynamic_emits_int8_layers(tiny_llama_capture, tmp_path, torch_path):
     """w8a8-dynamic: int8 per-channel weights with per-token activations (the runtime's
     numerics, finer than ONNX Runtime's per-tensor ones); block-quantized overrides become
     8-bit weight-only groups. The activation quantization differs from ONNX Runtime's, so the
     check is against the float model: at least as close as the ort-int8 graph is."""
-    import lbcc
     import torch
 
     module, ids, proto = tiny_llama_capture
-    src = tmp_path / "tiny.onnx"
-    onnx.save(proto, src)
-    lbcc.compile(str(src), target="triton", preset="w8a8-dynamic", progress=False).save(
-        tmp_path / "out")
-    lbcc.compile(str(src), target="ort-int8", preset="w8a8-dynamic", progress=False).save(
-        tmp_path / "ort.onnx")
-    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    out, ort_path, man = compile_both(proto, "w8a8-dynamic", tmp_path)
     kinds = {v["kind"] for v in man["linears"].values()}
     assert "w8a8" in kinds
-    model = load_emitted(tmp_path / "out").load(tmp_path / "out", "cpu")
+    model = load_emitted(out).load(out, "cpu")
     got = model.forward(ids).float().numpy()
-    ref = ort_logits(tmp_path / "ort.onnx", ids.numpy())
+    ref = ort_logits(ort_path, ids.numpy())
     with torch.no_grad():
         fl = module(ids).numpy()
     assert rel(got, fl) < 3e-2  # measured 1.0e-2 (ort-int8 per-tensor dynamic: 1.1e-1)
@@ -182,29 +188,22 @@ def test_w8a8_fp8_parity_with_ort_int8(tiny_llama_capture, tmp_path, torch_path)
     step is 2^-3 of each value: a float16 rounding difference upstream (the module computes in
     float16) flips a rounding by a whole step. Measured: 2.5e-2 (torch path) and 2.6e-2
     (kernels) from ONNX Runtime, 3.9e-2 between either and the float model."""
-    import lbcc
     import torch
 
     module, ids, proto = tiny_llama_capture
-    src = tmp_path / "tiny.onnx"
-    onnx.save(proto, src)
-    lbcc.compile(str(src), target="triton", preset="w8a8-fp8", progress=False).save(
-        tmp_path / "out")
-    lbcc.compile(str(src), target="ort-int8", preset="w8a8-fp8", progress=False).save(
-        tmp_path / "ort.onnx")
-    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    out, ort_path, man = compile_both(proto, "w8a8-fp8", tmp_path)
     assert {v["kind"] for v in man["linears"].values()} == {"fp8"}
     assert man["embedding"]["kind"] == "fp16"  # the preset keeps the table in float
-    ort_model = onnx.load(tmp_path / "ort.onnx")
+    ort_model = onnx.load(ort_path)
     to_fp8 = [n for n in ort_model.graph.node if n.op_type == "Cast" and any(
         a.name == "to" and a.i == onnx.TensorProto.FLOAT8E4M3FN for a in n.attribute)]
     assert len(to_fp8) == 2 * 4 + 1  # per layer: q/k/v, o, gate/up, down inputs; lm_head
-    ref = ort_logits(tmp_path / "ort.onnx", ids.numpy())
+    ref = ort_logits(ort_path, ids.numpy())
     with torch.no_grad():
         fl = module(ids).numpy()
     assert rel(ref, fl) < 0.06
-    model = load_emitted(tmp_path / "out").load(tmp_path / "out", "cpu")
-    kernels = _interpreted_logits(tmp_path / "out", ids, tmp_path)
+    model = load_emitted(out).load(out, "cpu")
+    kernels = _interpreted_logits(out, ids, tmp_path)
     for got in (model.forward(ids).float().numpy(), kernels):
         assert rel(got, ref) < FP8_PARITY_TOL
         assert rel(got, ref) < 0.8 * rel(ref, fl)
