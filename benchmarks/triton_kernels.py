@@ -429,8 +429,8 @@ def markdown(env, rows, w8rows, checks, copy_bw, gl_note, seconds):
             f16 = r["fp16_us"]
             sm = r.get("scaled_mm_us")
             c = r.get("fp8_cfg", {})
-            cfg = " ".join(f"{k_}={v}" for k_, v in c.items() if k_ not in ("kind", "us",
-                                                                             "GROUP_M"))
+            cfg = " ".join([c.get("kind", "")] + [f"{k_}={v}" for k_, v in c.items()
+                                                  if k_ not in ("kind", "us", "GROUP_M")])
             out.append(f"| {r['N']}×{r['K']} | {r['M']} | {fmt(f16)} | {fmt(r['fp8_us'])} "
                        f"({f16 / r['fp8_us']:.2f}×) | {fmt(r['fp8_gemm_us'])} "
                        f"({f16 / r['fp8_gemm_us']:.2f}×) | {fmt(r['fp8_fast_gemm_us'])} "

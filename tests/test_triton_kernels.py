@@ -368,6 +368,37 @@ def test_w8a8_gemv(fp8):
         np.testing.assert_array_equal(tiled.numpy(), want.numpy())
 
 
+def test_fp8_scaled_mm_candidate():
+    """The cuBLASLt candidate (``torch._scaled_mm``, here its CPU implementation): the same
+    product as float64 math on the same codes, the same epilogues as the tile kernel; offered to
+    the tuner only on CUDA GPUs of compute capability 8.9+ with N, K multiples of 16."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(19)
+    m, n, k = 6, 64, 96
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    wf = rng.standard_normal((n, k)).astype(np.float32)
+    sw = torch.from_numpy((np.abs(wf).max(1) / 448).astype(np.float32))
+    w_np = (wf / sw.numpy()[:, None]).astype(ml_dtypes.float8_e4m3fn)
+    w = torch.from_numpy(w_np.view(np.uint8)).view(torch.float8_e4m3fn)
+    q, sa = ops.quant_rows(torch.from_numpy(x), fp8=True)
+    bias = torch.from_numpy(rng.standard_normal(n).astype(np.float16))
+    ref = (q.double().numpy() @ w_np.astype(np.float64).T) * sa.numpy()[:, None] * \
+        sw.numpy()[None, :] + bias.numpy()
+    tile = dict(ops.DEFAULT_W8A8, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
+    res = torch.from_numpy(rng.standard_normal((m, n // 2)).astype(np.float16))
+    for fast in (False, True):
+        cfg = ops.scaled_mm_config(fast)
+        y = ops.w8a8_linear(q, sa, w, sw, bias, config=cfg)
+        assert y.dtype == torch.float16 and rel_err(y.numpy(), ref) < FLOAT_TOL
+        for glu, r in ((True, None), (False, torch.cat([res, res], 1)), (True, res)):
+            got = ops.w8a8_linear(q, sa, w, sw, bias, config=cfg, residual=r, glu=glu)
+            want = ops.w8a8_linear(q, sa, w, sw, bias, config=tile, residual=r, glu=glu)
+            assert got.shape == want.shape
+            assert rel_err(got.numpy(), want.numpy()) < FLOAT_TOL
+    assert not ops.scaled_mm_supported(torch.device("cpu"), n, k)
+
+
 def test_quant_rows_single_pass_matches_blocked():
     """The whole-row path (BLOCK_K >= K) and the blocked path give the same codes and scales."""
     rng = np.random.default_rng(15)
