@@ -136,6 +136,13 @@ def check_w8a8(dev: str, shapes=((320, 512), (96, 576)), ms=(1, 3, 16, 130)) -> 
                         v.round().clamp(-qmax, qmax))
                 exact = torch.equal(q.float(), want)
                 fails += not exact
+                if not exact:
+                    bad = (q.float() != want).nonzero()
+                    i, j = bad[0].tolist()
+                    print(f"  {'fp8' if fp8 else 'int8'} {n}x{k} M={m}: codes MISMATCH at "
+                          f"{len(bad)} of {q.numel()}, e.g. x={x[i, j].item()!r} max="
+                          f"{amax[i, 0].item()!r}: {q[i, j].float().item()} (want "
+                          f"{want[i, j].item()}, x * qmax / max = {v[i, j].item()!r})", flush=True)
                 ref = (q.double() @ w.double().t()) * sa[:, None].double() * \
                     sw[None, :].double() + bias.double()
                 cfgs = tiles + (gemvs if m <= ops.W8A8_GEMV_MAX_M else [])
@@ -161,6 +168,18 @@ def check_w8a8(dev: str, shapes=((320, 512), (96, 576)), ms=(1, 3, 16, 130)) -> 
                         e_epi = ((got_e - want_e).norm() / want_e.norm()).item()
                         ok = e_epi < 2e-3
                         msg = f"glu + residual {e_epi:.1e}"
+                    if ok and cfg["kind"] == "w8a8-gemv":  # quantizing its own input
+                        got = ops.w8a8_linear_fp(x, w, sw, bias, config=dict(cfg, QUANT=True))
+                        same = torch.equal(got, y)
+                        gamma = 1 + 0.2 * torch.randn(k, device=dev, dtype=torch.float16)
+                        q2, sa2 = ops.quant_rows(x, gamma, 1e-5, fp8=fp8)
+                        want_n = ops.w8a8_linear(q2, sa2, w, sw, bias, config=cfg).double()
+                        got_n = ops.w8a8_linear_fp(x, w, sw, bias, gamma, 1e-5,
+                                                   config=dict(cfg, QUANT=True)).double()
+                        e_n = ((got_n - want_n).norm() / want_n.norm()).item()
+                        ok = same and e_n < 2e-3
+                        msg += (f", quantizing GEMV {'identical' if same else 'DIFFERENT'}, "
+                                f"with the norm {e_n:.1e}")
                     fails += not ok
                     if not ok or m == 1:
                         print(f"  {'fp8' if fp8 else 'int8'} {n}x{k} M={m} codes "

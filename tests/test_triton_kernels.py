@@ -368,6 +368,57 @@ def test_w8a8_gemv(fp8):
         np.testing.assert_array_equal(tiled.numpy(), want.numpy())
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_w8a8_gemv_quantizes_its_input(fp8):
+    """Decode in one launch: the GEMV that quantizes the float16 rows itself gives bit for bit
+    the result of the quantization kernel followed by the same GEMV (same codes, same scale,
+    same sums), with bias, GLU and residual; with the RMSNorm fused too, the same within the
+    float tolerance (its sum of squares is added in another order). M > 4 and the explicit
+    two-launch candidate take the quantization kernel."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(20)
+    m, n, k = 3, 48, 256
+    x = torch.from_numpy((rng.standard_normal((m, k)) * 3).astype(np.float16))
+    x[1, 7] = 40.0  # an outlier sets row 1's scale
+    wf = rng.standard_normal((n, k)).astype(np.float32)
+    qmax = 448.0 if fp8 else 127.0
+    sw = torch.from_numpy((np.abs(wf).max(1) / qmax).astype(np.float32))
+    if fp8:
+        w_np = (wf / sw.numpy()[:, None]).astype(ml_dtypes.float8_e4m3fn)
+        w = torch.from_numpy(w_np.view(np.uint8)).view(torch.float8_e4m3fn)
+    else:
+        w = torch.from_numpy(np.clip(np.rint(wf / sw.numpy()[:, None]), -127, 127)
+                             .astype(np.int8))
+    bias = torch.from_numpy(rng.standard_normal(n).astype(np.float16))
+    gamma = torch.from_numpy((1 + 0.2 * rng.standard_normal(k)).astype(np.float16))
+    gemv = dict(ops.W8A8_GEMV_CONFIGS[0], BLOCK_N=16, BLOCK_K=64)
+    fused = dict(gemv, QUANT=True)
+    res = torch.from_numpy(rng.standard_normal((m, n // 2)).astype(np.float16))
+    for glu, r in ((False, None), (True, None), (False, torch.cat([res, res], 1)), (True, res)):
+        q, sa = ops.quant_rows(x, fp8=fp8)
+        want = ops.w8a8_linear(q, sa, w, sw, bias, config=gemv, residual=r, glu=glu)
+        got = ops.w8a8_linear_fp(x, w, sw, bias, residual=r, glu=glu, config=fused)
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+        q, sa = ops.quant_rows(x, gamma, 1e-5, fp8=fp8)
+        want = ops.w8a8_linear(q, sa, w, sw, bias, config=gemv, residual=r, glu=glu)
+        got = ops.w8a8_linear_fp(x, w, sw, bias, gamma, 1e-5, residual=r, glu=glu,
+                                 config=fused)
+        assert rel_err(got.numpy(), want.numpy()) < FLOAT_TOL
+        two = ops.w8a8_linear_fp(x, w, sw, bias, gamma, 1e-5, residual=r, glu=glu,
+                                 config=ops.QUANT_THEN_GEMM)
+        assert rel_err(two.numpy(), want.numpy()) < FLOAT_TOL
+    # the default at M = 1 (no tuning on the CPU): the first quantizing GEMV whose BLOCK_K
+    # divides K; at M = 5 the quantization kernel and the tile kernel
+    first = next(dict(c, QUANT=True) for c in ops.W8A8_GEMV_CONFIGS if k % c["BLOCK_K"] == 0)
+    np.testing.assert_array_equal(ops.w8a8_linear_fp(x[:1], w, sw, bias).numpy(),
+                                  ops.w8a8_linear_fp(x[:1], w, sw, bias, config=first).numpy())
+    x5 = torch.cat([x, x[:2]])
+    q, sa = ops.quant_rows(x5, gamma, 1e-5, fp8=fp8)
+    np.testing.assert_array_equal(ops.w8a8_linear_fp(x5, w, sw, bias, gamma, 1e-5).numpy(),
+                                  ops.w8a8_linear(q, sa, w, sw, bias).numpy())
+
+
 def test_fp8_scaled_mm_candidate():
     """The cuBLASLt candidate (``torch._scaled_mm``, here its CPU implementation): the same
     product as float64 math on the same codes, the same epilogues as the tile kernel; offered to

@@ -639,12 +639,17 @@ def _e4m3_rint(v):
 @triton.jit
 def _quant_code(x, m, FP8: tl.constexpr):
     """The code of x for row abs-max m: int8 ``rint(x * (127 / m))`` or E4M3
-    ``e4m3(x * (448 / m))``; the divisions IEEE-rounded (``div_rn``: a plain ``/`` is approximate
-    on NVIDIA GPUs), so the codes equal numpy's and the interpreter's."""
+    ``e4m3(x * (448 / m))``, as float32; the divisions IEEE-rounded (``div_rn``: a plain ``/`` is
+    approximate on NVIDIA GPUs) and the product rounded to float32 before the rounding to the
+    grid (``fma(x, c, 0)``: a plain ``x * c`` is contracted with rint's ``+ 1.5 * 2^23`` into
+    one fused multiply-add, which rounds the exact product and moved an int8 code by one where
+    the float32 product is a tie: H200, two cases in the W8A8 sweep), so the codes equal
+    numpy's and the interpreter's."""
+    v = tl.fma(x, tl.math.div_rn(448.0 if FP8 else 127.0, m), 0.0)
     if FP8:
-        q = _e4m3_rint(x * tl.math.div_rn(448.0, m))
+        q = _e4m3_rint(v)
     else:
-        q = tl.minimum(tl.maximum(_rint(x * tl.math.div_rn(127.0, m)), -127.0), 127.0)
+        q = tl.minimum(tl.maximum(_rint(v), -127.0), 127.0)
     return q
 
 
@@ -745,17 +750,47 @@ def _w8a8_prod(w, a, FP8: tl.constexpr):
 
 
 @triton.jit
-def _w8a8_gemv_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, res_ptr, y_ptr, N, K, stride_am,
-                      stride_rm, stride_ym, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, FP8: tl.constexpr, HAS_RES: tl.constexpr = False,
-                      GLU: tl.constexpr = False, PREFETCH: tl.constexpr = True):
+def _row_scale_stats(x_row, gamma_ptr, K, eps, offs_k, HAS_NORM: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """``(r, m)`` of one float16 row x: ``r = 1 / sqrt(mean(x^2) + eps)`` (1 without the norm)
+    and ``m = max |x r gamma|`` (1 for an all-zero row), K in BLOCK_K steps (BLOCK_K divides K)."""
+    r = 1.0
+    if HAS_NORM:
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs_k).to(tl.float32)
+            ss += x * x
+        r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_row + k0 + offs_k).to(tl.float32)
+        if HAS_NORM:
+            x = x * r * tl.load(gamma_ptr + k0 + offs_k).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    m = tl.max(amax, axis=0)
+    return r, tl.where(m > 0, m, 1.0)
+
+
+@triton.jit
+def _w8a8_gemv_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, res_ptr, y_ptr, gamma_ptr, N, K,
+                      stride_am, stride_rm, stride_ym, eps, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr,
+                      HAS_RES: tl.constexpr = False, GLU: tl.constexpr = False,
+                      PREFETCH: tl.constexpr = True, QUANT: tl.constexpr = False,
+                      HAS_NORM: tl.constexpr = False):
     """Decode (a few rows): ``y[m, n] = s_a[m] s_w[n] sum_k a[m, k] w[n, k] (+ bias[n])``, one
     program per row m and BLOCK_N outputs, K in BLOCK_K steps (BLOCK_K divides K: no masked
     loads). int8 products summed in int32 (exact); E4M3 products summed in float32 (no
     reduced-precision tensor-core accumulator). Epilogues as the weight-only GEMV's: GLU (the
     weight is [G; U], 2N rows: ``y = silu(g) * u`` from rows n and N + n), then ``+ res[m, n]``.
     PREFETCH: the next step's weights are loaded before this step's products (two steps of
-    loads in flight; the last step re-reads its own block instead of reading past the row)."""
+    loads in flight; the last step re-reads its own block instead of reading past the row).
+
+    QUANT: ``a`` is the float16 activation row, quantized here (no separate launch): each
+    program reads the row once for its per-token scale (:func:`_row_scale_stats`, with the
+    RMSNorm when HAS_NORM) and again for its codes, ``s_a = m / qmax`` as :func:`_quant_rows_kernel`.
+    Without the norm the codes equal that kernel's; with it, r may differ in its last bit (the
+    sum of squares is added in another order)."""
     pid_m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = tl.where(offs_n < N, offs_n, 0)
@@ -767,8 +802,20 @@ def _w8a8_gemv_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, res_ptr, y_ptr, N,
         nxt = tl.load(w_rows, eviction_policy="evict_first")
         if GLU:
             nxt_u = tl.load(w_rows + N * K, eviction_policy="evict_first")
+    a_row = a_ptr + pid_m * stride_am
+    if QUANT:
+        r, mx = _row_scale_stats(a_row, gamma_ptr, K, eps, offs_k, HAS_NORM, BLOCK_K)
+        sa = tl.math.div_rn(mx, 448.0 if FP8 else 127.0)
+    else:
+        sa = tl.load(sa_ptr + pid_m)
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptr + pid_m * stride_am + k0 + offs_k)
+        if QUANT:
+            x = tl.load(a_row + k0 + offs_k).to(tl.float32)
+            if HAS_NORM:
+                x = x * r * tl.load(gamma_ptr + k0 + offs_k).to(tl.float32)
+            a = _quant_code(x, mx, FP8)
+        else:
+            a = tl.load(a_row + k0 + offs_k)
         if PREFETCH:
             w = nxt
             k1 = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
@@ -783,7 +830,6 @@ def _w8a8_gemv_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, res_ptr, y_ptr, N,
         acc += _w8a8_prod(w, a, FP8)
         if GLU:
             acc_u += _w8a8_prod(w_u, a, FP8)
-    sa = tl.load(sa_ptr + pid_m)
     y = tl.sum(acc, axis=1).to(tl.float32) * sa * tl.load(sw_ptr + rn).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn).to(tl.float32)

@@ -202,7 +202,8 @@ DEFAULT_W8A8 = W8A8_CONFIGS[1]
 # never read back. 2: the chunked-plane layout's GEMV / tiled configs (CHUNKS, SWAP, CAT, ...);
 # 3: natural-order tiles (kind nat) and tiled dequantization (dequant+cublas fields); 4: GEMVs
 # with programmatic dependent launch (PDL) and two steps of prefetch (PREFETCH=2); 5: chunk-major
-# float16-pair GEMVs (KMAJOR, ACC); 6: FP8 tables that may hold cuBLASLt (kind scaled-mm).
+# float16-pair GEMVs (KMAJOR, ACC); 6: FP8 tables that may hold cuBLASLt (kind scaled-mm), and
+# the W8A8 / FP8 decode GEMVs that quantize their input (keys w8a8q / fp8q).
 TUNE_VERSION = 6
 
 
@@ -559,8 +560,8 @@ def _launch_w8a8(cfg, q, sa, w, sw, bias, y, out_int32, residual=None, glu=False
         n_out = n // 2 if glu else n
         K._w8a8_gemv_kernel[(m, triton.cdiv(n_out, cfg["BLOCK_N"]))](
             q, sa, w, sw, bias if bias is not None else sw,
-            residual if residual is not None else y, y, n_out, k, q.stride(0),
-            residual.stride(0) if residual is not None else 0, y.stride(0),
+            residual if residual is not None else y, y, sw, n_out, k, q.stride(0),
+            residual.stride(0) if residual is not None else 0, y.stride(0), 0.0,
             HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             FP8=q.dtype == torch.float8_e4m3fn, HAS_RES=residual is not None, GLU=glu,
             PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
@@ -632,14 +633,72 @@ def w8a8_linear(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Te
     return _launch_w8a8(config, q, sa, w, sw, bias, y, out_int32, residual, glu)
 
 
+#: the unfused decode form, a tuning candidate beside the quantizing GEMVs: the quantization
+#: kernel, then :func:`w8a8_linear` (tuned on its own)
+QUANT_THEN_GEMM = {"kind": "quant+w8a8"}
+
+
+def _launch_w8a8_fp(cfg, x, w, sw, bias, y, residual, glu, gamma, eps):
+    """One float16-in W8A8 / FP8 product of ``x [M, K]``: the GEMV that quantizes its input
+    (kind w8a8-gemv with QUANT) into ``y``, or ``QUANT_THEN_GEMM`` (a new tensor)."""
+    fp8 = w.dtype == torch.float8_e4m3fn
+    if cfg["kind"] == "quant+w8a8":
+        q, sa = quant_rows(x, gamma, eps, fp8=fp8)
+        return w8a8_linear(q, sa, w, sw, bias, residual=residual, glu=glu)
+    m, k = x.shape
+    n_out = y.shape[1]
+    K._w8a8_gemv_kernel[(m, triton.cdiv(n_out, cfg["BLOCK_N"]))](
+        x, sw, w, sw, bias if bias is not None else sw, residual if residual is not None else y,
+        y, gamma if gamma is not None else sw, n_out, k, x.stride(0),
+        residual.stride(0) if residual is not None else 0, y.stride(0), eps,
+        HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FP8=fp8,
+        HAS_RES=residual is not None, GLU=glu, PREFETCH=cfg.get("PREFETCH", False), QUANT=True,
+        HAS_NORM=gamma is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
 def w8a8_linear_fp(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
                    bias: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
-                   eps: float = 1e-6) -> torch.Tensor:
-    """float16 in, float16 out: dynamic per-token quantization (fused RMSNorm) + int8 GEMM
-    (or FP8 E4M3 when ``w`` is float8_e4m3fn)."""
-    lead = x.shape[:-1]
-    q, sa = quant_rows(x, gamma, eps, fp8=w.dtype == torch.float8_e4m3fn)
-    return w8a8_linear(q, sa, w, sw, bias).reshape(*lead, w.shape[0])
+                   eps: float = 1e-6, residual: torch.Tensor | None = None, glu: bool = False,
+                   config: dict | None = None) -> torch.Tensor:
+    """float16 in, float16 out: dynamic per-token quantization of ``x`` (of ``RMSNorm(x) *
+    gamma`` when ``gamma`` is given) + int8 product (FP8 E4M3 when ``w`` is float8_e4m3fn), then
+    the epilogues of :func:`w8a8_linear` (``glu``, ``residual``).
+
+    Up to :data:`W8A8_GEMV_MAX_M` rows (decode) the GEMV quantizes the rows itself, one launch
+    instead of two; the tuner also times the two-launch form (:data:`QUANT_THEN_GEMM`), which
+    larger M always takes. Codes without the norm are the same in both forms; with it the
+    row's 1 / rms may differ in its last bit (its sum of squares is added in another order).
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], w.shape[0]
+    n_out = n // 2 if glu else n
+    gemvs = [dict(c, QUANT=True) for c in W8A8_GEMV_CONFIGS if k % c["BLOCK_K"] == 0]
+    if config is None and (m > W8A8_GEMV_MAX_M or m == 0 or not gemvs):
+        config = QUANT_THEN_GEMM
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(m, n_out)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+    y = torch.empty((m, n_out), dtype=torch.float16, device=x.device)
+    if config is None:
+        fp8 = w.dtype == torch.float8_e4m3fn
+        key = ("fp8q" if fp8 else "w8a8q", m_bucket(m), n, k,
+               *(["norm"] if gamma is not None else []), *(["glu"] if glu else []),
+               *(["res"] if residual is not None else []))
+
+        def make_fns():
+            sets = [w] + [w.clone() for _ in range(rotation_copies(w.numel(), x.device) - 1)]
+            out = torch.empty_like(y)
+            return lambda c: [lambda w_=w_: _launch_w8a8_fp(c, x2, w_, sw, bias, out, r2, glu,
+                                                            gamma, eps) for w_ in sets]
+        config = TUNER.pick(key, x.device, [*gemvs, QUANT_THEN_GEMM], gemvs[0], make_fns)
+    y = _launch_w8a8_fp(config, x2, w, sw, bias, y, r2, glu, gamma, eps)
+    return y.reshape(*lead, n_out)
 
 
 
@@ -678,5 +737,6 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos, sin, cache: 
     return q
 
 
-__all__ = ["wq_linear", "linear_epilogue", "pdl_supported", "dequantize", "quant_rows", "w8a8_linear", "w8a8_linear_fp", "TUNER",
+__all__ = ["wq_linear", "linear_epilogue", "pdl_supported", "dequantize", "quant_rows",
+           "w8a8_linear", "w8a8_linear_fp", "TUNER",
            "Tuner", "m_bucket", "rms_norm_fused", "rope_and_cache"]

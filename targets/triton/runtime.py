@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 # lbcc:strip-begin
-from .ops import (linear_epilogue, quant_rows, rms_norm_fused, rope_and_cache, w8a8_linear,
+from .ops import (linear_epilogue, rms_norm_fused, rope_and_cache, w8a8_linear_fp,
                   wq_linear)
 # lbcc:strip-end
 
@@ -52,12 +52,9 @@ class Linear:
         FP8 decode) apply these epilogues inside the kernel."""
         if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return linear_epilogue(self._torch(x, gamma, eps), residual, glu)
-        if self.kind in ("w8a8", "fp8"):
-            lead = x.shape[:-1]
-            # RMSNorm fused into the quantization
-            q, sa = quant_rows(x, gamma, eps, fp8=self.kind == "fp8")
-            y = w8a8_linear(q, sa, self.weight, self.wscale, residual=residual, glu=glu)
-            return y.reshape(*lead, y.shape[-1])
+        if self.kind in ("w8a8", "fp8"):  # RMSNorm fused into the quantization
+            return w8a8_linear_fp(x, self.weight, self.wscale, gamma=gamma, eps=eps,
+                                  residual=residual, glu=glu)
         if gamma is not None:
             x = rms_norm_fused(x, gamma, eps)
         if self.kind == "wq":
