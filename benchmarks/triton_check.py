@@ -115,7 +115,9 @@ def check_w8a8(dev: str, shapes=((320, 512), (96, 576)), ms=(1, 3, 16, 130)) -> 
     the torch epilogue. Returns the number of failures."""
     fails = 0
     gemvs = [dict(ops.W8A8_GEMV_CONFIGS[0], BLOCK_N=bn, BLOCK_K=bk, PREFETCH=pf)
-             for bn, bk, pf in ((16, 64, True), (8, 64, False), (32, 32, True))]
+             for bn, bk, pf in ((16, 64, True), (8, 64, False), (32, 32, True),
+                                # steps past K (masked): 576 in one step of 1024 or three of 256
+                                (4, 1024, True), (16, 256, False))]
     tiles = [dict(ops.DEFAULT_W8A8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
              for bm, bn, bk, nw in ((16, 64, 64, 4), (64, 64, 32, 4), (128, 128, 64, 8))]
     for fp8 in (False, True):

@@ -354,6 +354,11 @@ def test_w8a8_gemv(fp8):
     np.testing.assert_array_equal(no_pf.numpy(), y.numpy())  # prefetch changes no sum
     y1 = ops.w8a8_linear(q[:1], sa[:1], w, torch.from_numpy(sw), bias)  # the default at M = 1
     np.testing.assert_array_equal(y1.numpy(), y[:1].numpy())
+    # steps that run past K (masked: 192 = 128 + 64 of 128, and one step of 256)
+    for bk in (128, 256):
+        long = ops.w8a8_linear(q, sa, w, torch.from_numpy(sw), bias,
+                               config=dict(gemv, BLOCK_K=bk))
+        assert rel_err(long.numpy(), ref) < FLOAT_TOL
     # epilogues inside the GEMV (w = [G; U]: silu(g) * u, then + residual) against the tile
     # kernel followed by the torch epilogue
     res = torch.from_numpy(rng.standard_normal((m, n // 2)).astype(np.float16))
@@ -378,7 +383,7 @@ def test_w8a8_gemv_quantizes_its_input(fp8):
     import ml_dtypes
 
     rng = np.random.default_rng(20)
-    m, n, k = 3, 48, 256
+    m, n, k = 3, 48, 320
     x = torch.from_numpy((rng.standard_normal((m, k)) * 3).astype(np.float16))
     x[1, 7] = 40.0  # an outlier sets row 1's scale
     wf = rng.standard_normal((n, k)).astype(np.float32)
@@ -392,10 +397,12 @@ def test_w8a8_gemv_quantizes_its_input(fp8):
                              .astype(np.int8))
     bias = torch.from_numpy(rng.standard_normal(n).astype(np.float16))
     gamma = torch.from_numpy((1 + 0.2 * rng.standard_normal(k)).astype(np.float16))
-    gemv = dict(ops.W8A8_GEMV_CONFIGS[0], BLOCK_N=16, BLOCK_K=64)
-    fused = dict(gemv, QUANT=True)
     res = torch.from_numpy(rng.standard_normal((m, n // 2)).astype(np.float16))
-    for glu, r in ((False, None), (True, None), (False, torch.cat([res, res], 1)), (True, res)):
+    cases = [(64, False, None), (64, True, None), (64, False, torch.cat([res, res], 1)),
+             (64, True, res), (512, True, res), (512, False, None)]  # 512: one masked step
+    for bk, glu, r in cases:
+        gemv = dict(ops.W8A8_GEMV_CONFIGS[0], BLOCK_N=16, BLOCK_K=bk)
+        fused = dict(gemv, QUANT=True)
         q, sa = ops.quant_rows(x, fp8=fp8)
         want = ops.w8a8_linear(q, sa, w, sw, bias, config=gemv, residual=r, glu=glu)
         got = ops.w8a8_linear_fp(x, w, sw, bias, residual=r, glu=glu, config=fused)
@@ -408,9 +415,9 @@ def test_w8a8_gemv_quantizes_its_input(fp8):
         two = ops.w8a8_linear_fp(x, w, sw, bias, gamma, 1e-5, residual=r, glu=glu,
                                  config=ops.QUANT_THEN_GEMM)
         assert rel_err(two.numpy(), want.numpy()) < FLOAT_TOL
-    # the default at M = 1 (no tuning on the CPU): the first quantizing GEMV whose BLOCK_K
-    # divides K; at M = 5 the quantization kernel and the tile kernel
-    first = next(dict(c, QUANT=True) for c in ops.W8A8_GEMV_CONFIGS if k % c["BLOCK_K"] == 0)
+    # the default at M = 1 (no tuning on the CPU): the first quantizing GEMV; at M = 5 the
+    # quantization kernel and the tile kernel
+    first = dict(ops.W8A8_GEMV_CONFIGS[0], QUANT=True)
     np.testing.assert_array_equal(ops.w8a8_linear_fp(x[:1], w, sw, bias).numpy(),
                                   ops.w8a8_linear_fp(x[:1], w, sw, bias, config=first).numpy())
     x5 = torch.cat([x, x[:2]])

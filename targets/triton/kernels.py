@@ -750,22 +750,47 @@ def _w8a8_prod(w, a, FP8: tl.constexpr):
 
 
 @triton.jit
+def _ld_act(ptr, k0, offs_k, K, EVEN_K: tl.constexpr):
+    """``ptr[k0 + offs_k]`` (1-D over k), zeros past K unless BLOCK_K divides K (EVEN_K)."""
+    if EVEN_K:
+        v = tl.load(ptr + k0 + offs_k)
+    else:
+        v = tl.load(ptr + k0 + offs_k, mask=k0 + offs_k < K, other=0)
+    return v
+
+
+@triton.jit
+def _ld_codes(rows, k0, offs_k, K, EVEN_K: tl.constexpr, FP8: tl.constexpr):
+    """A ``[BLOCK_N, BLOCK_K]`` block of code bytes at ``rows + k0`` (zeros past K unless
+    EVEN_K), streamed past the caches; E4M3 bytes arrive as uint8 (the interpreter cannot mask
+    float8 loads) and are reinterpreted here."""
+    if EVEN_K:
+        v = tl.load(rows + k0, eviction_policy="evict_first")
+    else:
+        v = tl.load(rows + k0, mask=(k0 + offs_k < K)[None, :], other=0,
+                    eviction_policy="evict_first")
+    if FP8:
+        v = v.to(tl.float8e4nv, bitcast=True)
+    return v
+
+
+@triton.jit
 def _row_scale_stats(x_row, gamma_ptr, K, eps, offs_k, HAS_NORM: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """``(r, m)`` of one float16 row x: ``r = 1 / sqrt(mean(x^2) + eps)`` (1 without the norm)
-    and ``m = max |x r gamma|`` (1 for an all-zero row), K in BLOCK_K steps (BLOCK_K divides K)."""
+    and ``m = max |x r gamma|`` (1 for an all-zero row), K in BLOCK_K steps."""
     r = 1.0
     if HAS_NORM:
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + offs_k).to(tl.float32)
+            x = _ld_act(x_row, k0, offs_k, K, EVEN_K).to(tl.float32)
             ss += x * x
         r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_row + k0 + offs_k).to(tl.float32)
+        x = _ld_act(x_row, k0, offs_k, K, EVEN_K).to(tl.float32)
         if HAS_NORM:
-            x = x * r * tl.load(gamma_ptr + k0 + offs_k).to(tl.float32)
+            x = x * r * _ld_act(gamma_ptr, k0, offs_k, K, EVEN_K).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
     m = tl.max(amax, axis=0)
     return r, tl.where(m > 0, m, 1.0)
@@ -777,14 +802,16 @@ def _w8a8_gemv_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, res_ptr, y_ptr, ga
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr,
                       HAS_RES: tl.constexpr = False, GLU: tl.constexpr = False,
                       PREFETCH: tl.constexpr = True, QUANT: tl.constexpr = False,
-                      HAS_NORM: tl.constexpr = False):
+                      HAS_NORM: tl.constexpr = False, EVEN_K: tl.constexpr = True):
     """Decode (a few rows): ``y[m, n] = s_a[m] s_w[n] sum_k a[m, k] w[n, k] (+ bias[n])``, one
-    program per row m and BLOCK_N outputs, K in BLOCK_K steps (BLOCK_K divides K: no masked
-    loads). int8 products summed in int32 (exact); E4M3 products summed in float32 (no
-    reduced-precision tensor-core accumulator). Epilogues as the weight-only GEMV's: GLU (the
-    weight is [G; U], 2N rows: ``y = silu(g) * u`` from rows n and N + n), then ``+ res[m, n]``.
-    PREFETCH: the next step's weights are loaded before this step's products (two steps of
-    loads in flight; the last step re-reads its own block instead of reading past the row).
+    program per row m and BLOCK_N outputs, K in BLOCK_K steps (EVEN_K: BLOCK_K divides K, no
+    masks; otherwise the steps past K load zeros, so one step can cover a whole short row such
+    as K = 576). Codes arrive as bytes (int8, or E4M3 as uint8). int8 products summed in int32
+    (exact); E4M3 products summed in float32 (no reduced-precision tensor-core accumulator).
+    Epilogues as the weight-only GEMV's: GLU (the weight is [G; U], 2N rows: ``y = silu(g) * u``
+    from rows n and N + n), then ``+ res[m, n]``. PREFETCH: the next step's weights are loaded
+    before this step's products (two steps of loads in flight; with EVEN_K the last step re-reads
+    its own block instead of reading past the row, otherwise that load is masked off).
 
     QUANT: ``a`` is the float16 activation row, quantized here (no separate launch): each
     program reads the row once for its per-token scale (:func:`_row_scale_stats`, with the
@@ -799,34 +826,39 @@ def _w8a8_gemv_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, res_ptr, y_ptr, ga
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32 if FP8 else tl.int32)
     w_rows = w_ptr + rn[:, None] * K + offs_k[None, :]
     if PREFETCH:
-        nxt = tl.load(w_rows, eviction_policy="evict_first")
+        nxt = _ld_codes(w_rows, 0, offs_k, K, EVEN_K, FP8)
         if GLU:
-            nxt_u = tl.load(w_rows + N * K, eviction_policy="evict_first")
+            nxt_u = _ld_codes(w_rows + N * K, 0, offs_k, K, EVEN_K, FP8)
     a_row = a_ptr + pid_m * stride_am
     if QUANT:
-        r, mx = _row_scale_stats(a_row, gamma_ptr, K, eps, offs_k, HAS_NORM, BLOCK_K)
+        r, mx = _row_scale_stats(a_row, gamma_ptr, K, eps, offs_k, HAS_NORM, BLOCK_K, EVEN_K)
         sa = tl.math.div_rn(mx, 448.0 if FP8 else 127.0)
     else:
         sa = tl.load(sa_ptr + pid_m)
     for k0 in range(0, K, BLOCK_K):
         if QUANT:
-            x = tl.load(a_row + k0 + offs_k).to(tl.float32)
+            x = _ld_act(a_row, k0, offs_k, K, EVEN_K).to(tl.float32)
             if HAS_NORM:
-                x = x * r * tl.load(gamma_ptr + k0 + offs_k).to(tl.float32)
+                x = x * r * _ld_act(gamma_ptr, k0, offs_k, K, EVEN_K).to(tl.float32)
             a = _quant_code(x, mx, FP8)
         else:
-            a = tl.load(a_row + k0 + offs_k)
+            a = _ld_act(a_row, k0, offs_k, K, EVEN_K)
+            if FP8:
+                a = a.to(tl.float8e4nv, bitcast=True)
         if PREFETCH:
             w = nxt
-            k1 = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
-            nxt = tl.load(w_rows + k1, eviction_policy="evict_first")
+            if EVEN_K:
+                k1 = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
+            else:
+                k1 = k0 + BLOCK_K
+            nxt = _ld_codes(w_rows, k1, offs_k, K, EVEN_K, FP8)
             if GLU:
                 w_u = nxt_u
-                nxt_u = tl.load(w_rows + N * K + k1, eviction_policy="evict_first")
+                nxt_u = _ld_codes(w_rows + N * K, k1, offs_k, K, EVEN_K, FP8)
         else:
-            w = tl.load(w_rows + k0, eviction_policy="evict_first")
+            w = _ld_codes(w_rows, k0, offs_k, K, EVEN_K, FP8)
             if GLU:
-                w_u = tl.load(w_rows + N * K + k0, eviction_policy="evict_first")
+                w_u = _ld_codes(w_rows + N * K, k0, offs_k, K, EVEN_K, FP8)
         acc += _w8a8_prod(w, a, FP8)
         if GLU:
             acc_u += _w8a8_prod(w_u, a, FP8)

@@ -164,12 +164,14 @@ FP8_CONFIGS = W8A8_CONFIGS + [
 #: error at K = 4096..14336 instead of 2.4e-4 (H200)
 FP8_FAST_ACCUM = os.environ.get("LBCC_TRITON_FP8_FAST_ACCUM", "0") == "1"
 
-#: W8A8 / FP8 decode (M <= W8A8_GEMV_MAX_M): CUDA-core GEMV tiles, BLOCK_K dividing K
+#: W8A8 / FP8 decode (M <= W8A8_GEMV_MAX_M): CUDA-core GEMV tiles; a step may run past K
+#: (masked), so that short rows (K = 576: SmolLM2) take one or two steps, all loads in flight
 W8A8_GEMV_CONFIGS = [{"kind": "w8a8-gemv", "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw,
                       "num_stages": 1, "PREFETCH": pf}
                      for bn, bk, nw in ((16, 512, 4), (32, 256, 4), (8, 1024, 4), (8, 512, 2),
                                         (64, 128, 4), (32, 512, 8), (16, 256, 2), (4, 1024, 4),
-                                        (16, 128, 2), (8, 256, 1), (4, 512, 1), (8, 64, 1))
+                                        (16, 128, 2), (8, 256, 1), (4, 512, 1), (8, 64, 1),
+                                        (4, 1024, 2), (2, 1024, 1), (16, 1024, 8))
                      for pf in (True, False)]
 W8A8_GEMV_MAX_M = 4
 
@@ -544,6 +546,17 @@ def quant_rows(x: torch.Tensor, gamma: torch.Tensor | None = None, eps: float = 
     return q, s
 
 
+def _code_bytes(t: torch.Tensor) -> torch.Tensor:
+    """E4M3 codes as their bytes (uint8) for the GEMV, which masks its loads; int8 unchanged."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _gemv_fits(cfg: dict, k: int) -> bool:
+    """A W8A8 / FP8 GEMV step no longer than K rounded up to a power of two (a step may run
+    past K: those lanes load zeros)."""
+    return cfg["BLOCK_K"] <= triton.next_power_of_2(k)
+
+
 def _launch_w8a8(cfg, q, sa, w, sw, bias, y, out_int32, residual=None, glu=False):
     """One W8A8 / FP8 product into ``y`` (``[M, N]``, ``[M, N / 2]`` with ``glu``); the GEMV
     applies the epilogues in the kernel, the tile kernel in torch after it."""
@@ -558,13 +571,14 @@ def _launch_w8a8(cfg, q, sa, w, sw, bias, y, out_int32, residual=None, glu=False
         return y
     if cfg["kind"] == "w8a8-gemv":
         n_out = n // 2 if glu else n
+        fp8 = q.dtype == torch.float8_e4m3fn
         K._w8a8_gemv_kernel[(m, triton.cdiv(n_out, cfg["BLOCK_N"]))](
-            q, sa, w, sw, bias if bias is not None else sw,
+            _code_bytes(q), sa, _code_bytes(w), sw, bias if bias is not None else sw,
             residual if residual is not None else y, y, sw, n_out, k, q.stride(0),
             residual.stride(0) if residual is not None else 0, y.stride(0), 0.0,
             HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            FP8=q.dtype == torch.float8_e4m3fn, HAS_RES=residual is not None, GLU=glu,
-            PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
+            FP8=fp8, HAS_RES=residual is not None, GLU=glu, PREFETCH=cfg.get("PREFETCH", False),
+            EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
         return y
     t = y if not glu else torch.empty((m, n), dtype=y.dtype, device=y.device)
@@ -618,7 +632,7 @@ def w8a8_linear(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Te
         if m > W8A8_GEMV_MAX_M and scaled_mm_supported(q.device, n, q.shape[1]):
             configs = configs + [scaled_mm_config(fast)]
     if m <= W8A8_GEMV_MAX_M and not out_int32:
-        gemv = [c for c in W8A8_GEMV_CONFIGS if q.shape[1] % c["BLOCK_K"] == 0]
+        gemv = [c for c in W8A8_GEMV_CONFIGS if _gemv_fits(c, q.shape[1])]
         configs, default = gemv + configs, (gemv[0] if gemv else default)
     if config is None:
         key = (kind, m_bucket(m), n, q.shape[1], *(["glu"] if glu else []),
@@ -648,12 +662,13 @@ def _launch_w8a8_fp(cfg, x, w, sw, bias, y, residual, glu, gamma, eps):
     m, k = x.shape
     n_out = y.shape[1]
     K._w8a8_gemv_kernel[(m, triton.cdiv(n_out, cfg["BLOCK_N"]))](
-        x, sw, w, sw, bias if bias is not None else sw, residual if residual is not None else y,
-        y, gamma if gamma is not None else sw, n_out, k, x.stride(0),
-        residual.stride(0) if residual is not None else 0, y.stride(0), eps,
+        x, sw, _code_bytes(w), sw, bias if bias is not None else sw,
+        residual if residual is not None else y, y, gamma if gamma is not None else sw, n_out, k,
+        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), eps,
         HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FP8=fp8,
         HAS_RES=residual is not None, GLU=glu, PREFETCH=cfg.get("PREFETCH", False), QUANT=True,
-        HAS_NORM=gamma is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_NORM=gamma is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return y
 
 
@@ -676,7 +691,7 @@ def w8a8_linear_fp(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
         x2 = x2.contiguous()
     m, n = x2.shape[0], w.shape[0]
     n_out = n // 2 if glu else n
-    gemvs = [dict(c, QUANT=True) for c in W8A8_GEMV_CONFIGS if k % c["BLOCK_K"] == 0]
+    gemvs = [dict(c, QUANT=True) for c in W8A8_GEMV_CONFIGS if _gemv_fits(c, k)]
     if config is None and (m > W8A8_GEMV_MAX_M or m == 0 or not gemvs):
         config = QUANT_THEN_GEMM
     r2 = None
