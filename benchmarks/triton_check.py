@@ -1,6 +1,6 @@
 """GPU correctness sweep of the ``triton`` target's kernels (run on demand).
 
-    python benchmarks/triton_check.py [--only-w8a8]
+    python benchmarks/triton_check.py [--only-w8a8 | --only-norm]
 
 Every kernel form (GEMV with and without split-K, tiled with and without SWAP and split-K, the
 natural-order tiled kernel with and without float16-pair dequantization, the dequantize kernel
@@ -35,6 +35,10 @@ def main() -> int:
     if "--only-w8a8" in sys.argv[1:]:
         fails = check_w8a8(dev)
         print(f"triton_check (W8A8 / FP8 only): {fails} failures")
+        return 1 if fails else 0
+    if "--only-norm" in sys.argv[1:]:
+        fails = check_norm_gemv(dev)
+        print(f"triton_check (normalizing GEMVs only): {fails} failures")
         return 1 if fails else 0
     fails = 0
     cases = [(4, 128, True, 512, 1024), (4, 128, False, 256, 1024), (4, 32, False, 384, 1000),
@@ -102,9 +106,53 @@ def main() -> int:
                 if not ok or m == 1:
                     print(f"  {bits}b g{group} {'sym' if sym else 'asym'} {n}x{k} M={m} {cfg}: "
                           f"{err:.1e} {'ok' if ok else 'FAIL'} {msg}", flush=True)
+    fails += check_norm_gemv(dev)
     fails += check_w8a8(dev)
     print(f"triton_check: {fails} failures")
     return 1 if fails else 0
+
+
+def check_norm_gemv(dev: str) -> int:
+    """W4A16 / W8A16 GEMVs that compute ``RMSNorm(x) * gamma`` themselves, against the norm
+    kernel followed by the same GEMV (< 2e-3; r may differ in its last bit), every GEMV form
+    (split-K, prefetch, float16 pairs, chunk-major, PDL), residual and GLU epilogues, K whole
+    chunks or not. Returns the number of failures."""
+    fails = 0
+    cfgs = [ops._gemv(8, 1, 1, 4), ops._gemv(16, 4, 2, 4), ops._gemv(8, 1, 1, 2, pf=2),
+            ops._gemv(8, 8, 1, 2, h2=True), ops._gemv(16, 8, 1, 2, pf=2, h2=True, km=True),
+            ops._gemv(8, 4, 1, 2, km=True), dict(ops._gemv(8, 1, 1, 4), PDL=True),
+            dict(ops._gemv(8, 4, 1, 1, pf=2, h2=True, km=True), PDL=True), ops.NORM_THEN_WQ]
+    for bits, group, sym, n, k in ((4, 128, True, 512, 1024), (4, 32, False, 384, 1000),
+                                   (8, 64, False, 320, 512)):
+        w = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
+        codes, s, z = quantize_gpu(w, bits, group, sym)
+        qw = pack_gpu(codes, bits)
+        gamma = 1 + 0.2 * torch.randn(k, device=dev, dtype=torch.float16)
+        for m in (1, 3):
+            x = torch.randn(m, k, device=dev, dtype=torch.float16) * 2
+            xn = ops.rms_norm_fused(x, gamma, 1e-5)
+            res = torch.randn(m, n, device=dev, dtype=torch.float16)
+            for cfg in cfgs:
+                if not ops._fits(cfg, qw.shape[1], bits, group):
+                    continue
+                errs = []
+                for glu, r in ((False, None), (False, res), (True, None)):
+                    plain = ops.DEFAULT_GEMV if cfg is ops.NORM_THEN_WQ else cfg
+                    try:
+                        want = ops.wq_linear(xn, qw, s, z, bits, group, config=plain,
+                                             residual=r, glu=glu).double()
+                        got = ops.wq_linear(x, qw, s, z, bits, group, config=cfg, residual=r,
+                                            glu=glu, gamma=gamma, eps=1e-5).double()
+                        errs.append(((got - want).norm() / want.norm()).item())
+                    except Exception as e:  # noqa: BLE001
+                        errs.append(float("nan"))
+                        print(f"  {type(e).__name__}: {str(e)[:300]}", flush=True)
+                ok = all(e < 2e-3 for e in errs)
+                fails += not ok
+                print(f"  norm {bits}b g{group} {n}x{k} M={m} {cfg}: "
+                      f"{', '.join(f'{e:.1e}' for e in errs)} {'ok' if ok else 'FAIL'}",
+                      flush=True)
+    return fails
 
 
 def check_w8a8(dev: str, shapes=((320, 512), (96, 576)), ms=(1, 3, 16, 130)) -> int:

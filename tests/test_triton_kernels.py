@@ -193,6 +193,44 @@ def test_wq_gemv_epilogues(symmetric):
                       residual=torch.from_numpy(res))
 
 
+@pytest.mark.parametrize("k", [384, 200])
+def test_wq_gemv_normalizes_its_input(k):
+    """The GEMV computing ``RMSNorm(x) * gamma`` itself: the same result as the norm kernel
+    followed by the same GEMV (x * r * gamma rounded to float16 in both; r may differ in its
+    last bit), for the float32 and float16-pair forms, chunk-major tiles, split-K, prefetch,
+    the residual and GLU epilogues, K whole chunks or not; the two-launch candidate and the
+    tiled kernels (norm kernel first) too; M > 16 takes the norm kernel."""
+    rng = np.random.default_rng(40)
+    n, group = 40, 128 if k % 128 == 0 else 32
+    codes, s, z, (qw, st, zt) = packed(rng, n, k, 4, group, False)
+    x = torch.from_numpy((rng.standard_normal((2, k)) * 2).astype(np.float16))
+    gamma = torch.from_numpy((1 + 0.3 * rng.standard_normal(k)).astype(np.float16))
+    res = torch.from_numpy(rng.standard_normal((2, n)).astype(np.float16))
+    xn = ops.rms_norm_fused(x, gamma, 1e-5)
+    cfgs = [ops._gemv(8, 1, 1, 4), ops._gemv(4, 1, 3, 4), ops._gemv(8, 1, 1, 2, pf=2),
+            ops._gemv(8, 1, 3, 4, km=True), ops.NORM_THEN_WQ, ops._nat(16, 16, 1, 4, 2),
+            ops._mm(16, 64, 1, 4, 3)]
+    if group % 128 == 0:
+        cfgs += [ops._gemv(4, 1, 1, 4, pf=2, h2=True),
+                 ops._gemv(8, 1, 1, 4, pf=2, h2=True, km=True)]
+    variants = ((False, None), (False, res), (True, None))
+    for i, cfg in enumerate(cfgs):  # every epilogue for the first, one each for the others
+        for glu, r in variants if i == 0 else variants[i % 3: i % 3 + 1]:
+            plain = dict(ops.DEFAULT_GEMV) if cfg is ops.NORM_THEN_WQ else cfg
+            want = ops.wq_linear(xn, qw, st, zt, 4, group, config=plain, residual=r, glu=glu)
+            got = ops.wq_linear(x, qw, st, zt, 4, group, config=cfg, residual=r, glu=glu,
+                                gamma=gamma, eps=1e-5)
+            assert got.shape == want.shape
+            assert rel_err(got.numpy(), want.numpy()) < FLOAT_TOL, (cfg, glu)
+    # no config: the default GEMV at M = 1 (normalizing), the norm kernel at M = 20
+    y = ops.wq_linear(x[:1], qw, st, zt, 4, group, gamma=gamma, eps=1e-5)
+    assert rel_err(y.numpy(), ops.wq_linear(xn[:1], qw, st, zt, 4, group).numpy()) < FLOAT_TOL
+    x20 = x.repeat(10, 1)
+    np.testing.assert_array_equal(
+        ops.wq_linear(x20, qw, st, zt, 4, group, gamma=gamma, eps=1e-5).numpy(),
+        ops.wq_linear(ops.rms_norm_fused(x20, gamma, 1e-5), qw, st, zt, 4, group).numpy())
+
+
 def test_wq_linear_default_configs_3d_input():
     """The dispatch without an explicit config (M=1 GEMV, small M, large M) and a [B, T, K] input."""
     rng = np.random.default_rng(3)

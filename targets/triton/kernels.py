@@ -208,6 +208,27 @@ def _load_x(x_row, kk, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _row_rms_inv(x_row, K, eps, BLOCK: tl.constexpr):
+    """``1 / sqrt(mean(x^2) + eps)`` of one row, float32 inside, K in masked steps of BLOCK."""
+    offs = tl.arange(0, BLOCK)
+    ss = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        ss += x * x
+    return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+
+
+@triton.jit
+def _load_xn(x_row, g_ptr, kk, K, r, EVEN_K: tl.constexpr, HAS_NORM: tl.constexpr):
+    """:func:`_load_x`; with HAS_NORM the RMSNorm's output ``x * r * gamma`` rounded to x's
+    type, as :func:`_rmsnorm_kernel` stores it."""
+    x = _load_x(x_row, kk, K, EVEN_K)
+    if HAS_NORM:
+        x = (x.to(tl.float32) * r * _load_x(g_ptr, kk, K, EVEN_K).to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
 def _split_k_range(steps, pid_k, SPLIT_K: tl.constexpr):
     """The K steps ``[st0, st1)`` of split ``pid_k`` of SPLIT_K: ``ceil(steps / SPLIT_K)`` each,
     the last split the rest (possibly none)."""
@@ -237,15 +258,15 @@ def _row_group(base, rn, g, G, KMAJOR: tl.constexpr):
 
 
 @triton.jit
-def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
-                    M, N, K, KW, G, stride_xm, stride_rm, stride_ym, magic0,
+def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr, g_ptr,
+                    M, N, K, KW, G, stride_xm, stride_rm, stride_ym, magic0, eps,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
                     HALF2: tl.constexpr = False, ASM: tl.constexpr = False,
                     PDL: tl.constexpr = False, HAS_RES: tl.constexpr = False,
                     GLU: tl.constexpr = False, ACC: tl.constexpr = 1,
-                    KMAJOR: tl.constexpr = False):
+                    KMAJOR: tl.constexpr = False, HAS_NORM: tl.constexpr = False):
     # One program: BLOCK_N rows x (its share of) K, CHUNKS chunks of 16 words a step; the word
     # tile is [BLOCK_N, CHUNKS, 16] (rows of 64 * CHUNKS contiguous bytes, 16-byte loads), or
     # [CHUNKS, BLOCK_N, 16] with KMAJOR (Triton then spreads threads over the chunks, and a
@@ -263,6 +284,10 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
     # Epilogues: + bias[n]; + res[m, n] (HAS_RES: the residual stream); GLU: the weight is
     # [gate; up] (2N rows) and y[m, n] = silu(g) * u with g, u rows n and N + n (held by the
     # same program, interleaved: tile row r is weight row n0 + r // 2 + (r % 2) * N).
+    # HAS_NORM: the input is RMSNorm(x) * gamma, computed here (no separate launch): each
+    # program first reads the row for its 1 / rms, then rounds x * r * gamma to float16 as it
+    # loads the activations (what the norm kernel would have stored; r may differ in its last
+    # bit, the squares being added in another order).
     E: tl.constexpr = 32 // BITS
     C: tl.constexpr = 16 * E
     PG: tl.constexpr = GROUP // 16 if GROUP // 16 < E else E  # planes per scale
@@ -300,6 +325,9 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
                            eviction_policy="evict_first")
     if PDL:
         tl.extra.cuda.gdc_wait()
+    r = 1.0
+    if HAS_NORM:
+        r = _row_rms_inv(x_row, K, eps, 256)
     for st in range(st0, st1):
         if PREFETCH >= 2:
             words = nxt
@@ -316,14 +344,14 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
         c = st * CHUNKS + offs_c                               # chunk indices [CHUNKS]
         kb = c[:, None] * C + offs_i[None, :]                  # k of plane 0 [CHUNKS, 16]
         if HALF2:  # 4-bit, a group of whole chunks: float16 pairs (:func:`_dot_h2_acc`)
-            xs0 = _load_x(x_row, kb, K, EVEN_K)
-            xs1 = _load_x(x_row, kb + 16, K, EVEN_K)
-            xs2 = _load_x(x_row, kb + 32, K, EVEN_K)
-            xs3 = _load_x(x_row, kb + 48, K, EVEN_K)
-            xs4 = _load_x(x_row, kb + 64, K, EVEN_K)
-            xs5 = _load_x(x_row, kb + 80, K, EVEN_K)
-            xs6 = _load_x(x_row, kb + 96, K, EVEN_K)
-            xs7 = _load_x(x_row, kb + 112, K, EVEN_K)
+            xs0 = _load_xn(x_row, g_ptr, kb, K, r, EVEN_K, HAS_NORM)
+            xs1 = _load_xn(x_row, g_ptr, kb + 16, K, r, EVEN_K, HAS_NORM)
+            xs2 = _load_xn(x_row, g_ptr, kb + 32, K, r, EVEN_K, HAS_NORM)
+            xs3 = _load_xn(x_row, g_ptr, kb + 48, K, r, EVEN_K, HAS_NORM)
+            xs4 = _load_xn(x_row, g_ptr, kb + 64, K, r, EVEN_K, HAS_NORM)
+            xs5 = _load_xn(x_row, g_ptr, kb + 80, K, r, EVEN_K, HAS_NORM)
+            xs6 = _load_xn(x_row, g_ptr, kb + 96, K, r, EVEN_K, HAS_NORM)
+            xs7 = _load_xn(x_row, g_ptr, kb + 112, K, r, EVEN_K, HAS_NORM)
             xp0 = _bcast_rows(_pack_h2(xs0, xs4, ASM), KMAJOR)
             xp1 = _bcast_rows(_pack_h2(xs1, xs5, ASM), KMAJOR)
             xp2 = _bcast_rows(_pack_h2(xs2, xs6, ASM), KMAJOR)
@@ -348,11 +376,7 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
                 else:
                     z = (1 << (BITS - 1)) * 1.0
                 part = tl.zeros(w_off.shape, dtype=tl.float32)
-            kk = kb + j * 16
-            if EVEN_K:
-                xj = tl.load(x_row + kk).to(tl.float32)
-            else:
-                xj = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+            xj = _load_xn(x_row, g_ptr, kb + j * 16, K, r, EVEN_K, HAS_NORM).to(tl.float32)
             f = _plane_f32(words, words_hi, j, BITS, magic0)
             part += (f - (z + _plane_base(j, BITS))) * _bcast_rows(xj, KMAJOR)
             if j % PG == PG - 1:

@@ -205,7 +205,8 @@ DEFAULT_W8A8 = W8A8_CONFIGS[1]
 # 3: natural-order tiles (kind nat) and tiled dequantization (dequant+cublas fields); 4: GEMVs
 # with programmatic dependent launch (PDL) and two steps of prefetch (PREFETCH=2); 5: chunk-major
 # float16-pair GEMVs (KMAJOR, ACC); 6: FP8 tables that may hold cuBLASLt (kind scaled-mm), and
-# the W8A8 / FP8 decode GEMVs that quantize their input (keys w8a8q / fp8q).
+# the W8A8 / FP8 decode GEMVs that quantize their input (keys w8a8q / fp8q; W4A16 keys ending
+# in "norm": GEMVs that normalize their input, new keys).
 TUNE_VERSION = 6
 
 
@@ -341,11 +342,22 @@ TUNER = Tuner()
 # weight-only linear (W4A16 / W8A16)
 
 
+#: the RMSNorm kernel, then :func:`wq_linear` (tuned on its own): a tuning candidate beside
+#: the GEMVs that normalize their input
+NORM_THEN_WQ = {"kind": "norm+wq"}
+
+
 def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, bits, group, residual=None,
-               glu: bool = False):
+               glu: bool = False, gamma=None, eps: float = 0.0):
     """``x @ W^T (+ bias)`` by the kernel of ``cfg``, then the epilogue: ``+ residual``, or with
     ``glu`` (W = [G; U]) ``silu(x G^T) * (x U^T)``. GEMVs apply the epilogue inside the kernel;
-    the other kinds in torch afterwards."""
+    the other kinds in torch afterwards. ``gamma``: x is first ``RMSNorm(x) * gamma``, inside
+    the GEMV, or by the norm kernel for the other kinds."""
+    if gamma is not None and cfg["kind"] == "norm+wq":
+        return wq_linear(rms_norm_fused(x, gamma, eps), qw, scales, zeros, bits, group, bias,
+                         residual=residual, glu=glu)
+    if gamma is not None and cfg["kind"] != "gemv":
+        x, gamma = rms_norm_fused(x, gamma, eps), None
     m, k = x.shape
     n, kw = qw.shape
     g = scales.shape[1]
@@ -361,9 +373,11 @@ def _launch_wq(cfg: dict, x, qw, scales, zeros, bias, bits, group, residual=None
         pdl = cfg.get("PDL", False) and pdl_supported(x.device)
         grid = (m, triton.cdiv(n_out, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         K._wq_gemv_kernel[grid](x, qw, scales, zp, bp,
-                                residual if residual is not None else x, y, m, n_out, k, kw, g,
+                                residual if residual is not None else x, y,
+                                gamma if gamma is not None else scales, m, n_out, k, kw, g,
                                 x.stride(0), residual.stride(0) if residual is not None else 0,
-                                y.stride(0), 150 << 23, BITS=bits, GROUP=group,
+                                y.stride(0), 150 << 23, eps, HAS_NORM=gamma is not None,
+                                BITS=bits, GROUP=group,
                                 HAS_ZERO=has_zero, HAS_BIAS=has_bias, BLOCK_N=cfg["BLOCK_N"],
                                 CHUNKS=cfg["CHUNKS"], SPLIT_K=cfg["SPLIT_K"], EVEN_K=even_k,
                                 PREFETCH=int(cfg.get("PREFETCH", False)),
@@ -431,11 +445,15 @@ GLU_GEMV_MAX_M = 4
 def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
               zeros: torch.Tensor | None, bits: int, group: int,
               bias: torch.Tensor | None = None, config: dict | None = None,
-              residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
+              residual: torch.Tensor | None = None, glu: bool = False,
+              gamma: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` for packed ``W`` (see :mod:`packing`); x float16 ``[..., K]``.
 
     ``residual`` (shape of y): returns ``residual + y``. ``glu``: W is ``[G; U]`` (2N rows) and
     the result ``silu(x G^T) * (x U^T)`` ``[..., N]``; not together with ``residual``.
+    ``gamma``: the input is ``RMSNorm(x) * gamma`` (float16, as :func:`rms_norm_fused` gives
+    it); up to 16 rows the GEMVs compute it themselves (one launch instead of two) and the
+    tuner also times the two-launch form (:data:`NORM_THEN_WQ`); larger M runs the norm kernel.
     """
     if glu and residual is not None:
         raise ValueError("wq_linear: glu and residual are not fused together")
@@ -452,6 +470,8 @@ def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
             r2 = r2.contiguous()
     if m == 0:
         return torch.empty((*lead, n_out), dtype=x.dtype, device=x.device)
+    if gamma is not None and m > 16:  # (no GEMV at this M)
+        x2, gamma = rms_norm_fused(x2, gamma, eps), None
     if config is None:
         pdl = pdl_supported(x.device)
         if glu and m <= GLU_GEMV_MAX_M:
@@ -465,9 +485,11 @@ def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
         if pdl and m <= 2:  # (at larger M the tiled kernels win: no need to time both forms)
             cands = cands + [dict(c, PDL=True) for c in cands if c["kind"] == "gemv"]
         cands = [c for c in cands if _fits(c, kw, bits, group)]
+        if gamma is not None:
+            cands = cands + [NORM_THEN_WQ]
         fused_glu = glu and m <= GLU_GEMV_MAX_M
         key = ("wq-glu" if fused_glu else "wq", m_bucket(m), n, k, bits, group,
-               zeros is not None)
+               zeros is not None, *(["norm"] if gamma is not None else []))
 
         def make_fns():
             r = rotation_copies(qw.numel() * 4 + scales.numel() * 2, x.device)
@@ -475,14 +497,16 @@ def wq_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
                 (qw.clone(), scales.clone(), None if zeros is None else zeros.clone())
                 for _ in range(r - 1)]
             return lambda c: [lambda q=q, s=s, z=z: _launch_wq(c, x2, q, s, z, bias, bits, group,
-                                                               glu=fused_glu)
+                                                               glu=fused_glu, gamma=gamma,
+                                                               eps=eps)
                               for q, s, z in sets]
         config = TUNER.pick(key, x.device, cands, default, make_fns)
-    if glu and (config["kind"] != "gemv" or config["SPLIT_K"] > 1):
-        y = linear_epilogue(_launch_wq(config, x2, qw, scales, zeros, bias, bits, group),
-                            None, True)
+    kind = config["kind"]
+    if glu and kind != "norm+wq" and (kind != "gemv" or config["SPLIT_K"] > 1):
+        y = linear_epilogue(_launch_wq(config, x2, qw, scales, zeros, bias, bits, group,
+                                       gamma=gamma, eps=eps), None, True)
     else:
-        y = _launch_wq(config, x2, qw, scales, zeros, bias, bits, group, r2, glu)
+        y = _launch_wq(config, x2, qw, scales, zeros, bias, bits, group, r2, glu, gamma, eps)
     return y.reshape(*lead, n_out)
 
 

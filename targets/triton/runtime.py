@@ -55,11 +55,11 @@ class Linear:
         if self.kind in ("w8a8", "fp8"):  # RMSNorm fused into the quantization
             return w8a8_linear_fp(x, self.weight, self.wscale, gamma=gamma, eps=eps,
                                   residual=residual, glu=glu)
+        if self.kind == "wq":  # RMSNorm inside the decode GEMV
+            return wq_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group,
+                             residual=residual, glu=glu, gamma=gamma, eps=eps)
         if gamma is not None:
             x = rms_norm_fused(x, gamma, eps)
-        if self.kind == "wq":
-            return wq_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group,
-                             residual=residual, glu=glu)
         return linear_epilogue(F.linear(x, self.weight), residual, glu)
 
 
