@@ -570,6 +570,25 @@ def quant_rows(x: torch.Tensor, gamma: torch.Tensor | None = None, eps: float = 
     return q, s
 
 
+def _launch_w8a8_gemv(cfg, a, sa, w, sw, bias, y, residual, glu, quant=False, gamma=None,
+                      eps=0.0):
+    """The decode GEMV (:func:`kernels._w8a8_gemv_kernel`) into ``y``: ``a`` the codes (as
+    bytes) with their scales ``sa``, or with ``quant`` the float16 rows it quantizes itself
+    (``RMSNorm(a) * gamma`` when ``gamma`` is given)."""
+    m, k = a.shape
+    n_out = y.shape[1]
+    K._w8a8_gemv_kernel[(m, triton.cdiv(n_out, cfg["BLOCK_N"]))](
+        a, sa, _code_bytes(w), sw, bias if bias is not None else sw,
+        residual if residual is not None else y, y, gamma if gamma is not None else sw, n_out, k,
+        a.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), eps,
+        HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        FP8=w.dtype == torch.float8_e4m3fn, HAS_RES=residual is not None, GLU=glu,
+        PREFETCH=cfg.get("PREFETCH", False), QUANT=quant, HAS_NORM=gamma is not None,
+        EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return y
+
+
 def _code_bytes(t: torch.Tensor) -> torch.Tensor:
     """E4M3 codes as their bytes (uint8) for the GEMV, which masks its loads; int8 unchanged."""
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
@@ -594,17 +613,7 @@ def _launch_w8a8(cfg, q, sa, w, sw, bias, y, out_int32, residual=None, glu=False
         y.copy_(linear_epilogue(t, residual, glu))
         return y
     if cfg["kind"] == "w8a8-gemv":
-        n_out = n // 2 if glu else n
-        fp8 = q.dtype == torch.float8_e4m3fn
-        K._w8a8_gemv_kernel[(m, triton.cdiv(n_out, cfg["BLOCK_N"]))](
-            _code_bytes(q), sa, _code_bytes(w), sw, bias if bias is not None else sw,
-            residual if residual is not None else y, y, sw, n_out, k, q.stride(0),
-            residual.stride(0) if residual is not None else 0, y.stride(0), 0.0,
-            HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            FP8=fp8, HAS_RES=residual is not None, GLU=glu, PREFETCH=cfg.get("PREFETCH", False),
-            EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
-        return y
+        return _launch_w8a8_gemv(cfg, _code_bytes(q), sa, w, sw, bias, y, residual, glu)
     t = y if not glu else torch.empty((m, n), dtype=y.dtype, device=y.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     K._w8a8_matmul_kernel[grid](q, sa, w, sw, bias if bias is not None else sw, t, m, n, k,
@@ -683,17 +692,7 @@ def _launch_w8a8_fp(cfg, x, w, sw, bias, y, residual, glu, gamma, eps):
     if cfg["kind"] == "quant+w8a8":
         q, sa = quant_rows(x, gamma, eps, fp8=fp8)
         return w8a8_linear(q, sa, w, sw, bias, residual=residual, glu=glu)
-    m, k = x.shape
-    n_out = y.shape[1]
-    K._w8a8_gemv_kernel[(m, triton.cdiv(n_out, cfg["BLOCK_N"]))](
-        x, sw, _code_bytes(w), sw, bias if bias is not None else sw,
-        residual if residual is not None else y, y, gamma if gamma is not None else sw, n_out, k,
-        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), eps,
-        HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FP8=fp8,
-        HAS_RES=residual is not None, GLU=glu, PREFETCH=cfg.get("PREFETCH", False), QUANT=True,
-        HAS_NORM=gamma is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    return y
+    return _launch_w8a8_gemv(cfg, x, sw, w, sw, bias, y, residual, glu, True, gamma, eps)
 
 
 def w8a8_linear_fp(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
