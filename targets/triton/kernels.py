@@ -774,16 +774,6 @@ def _w8a8_prod(w, a, FP8: tl.constexpr):
 
 
 @triton.jit
-def _ld_act(ptr, k0, offs_k, K, EVEN_K: tl.constexpr):
-    """``ptr[k0 + offs_k]`` (1-D over k), zeros past K unless BLOCK_K divides K (EVEN_K)."""
-    if EVEN_K:
-        v = tl.load(ptr + k0 + offs_k)
-    else:
-        v = tl.load(ptr + k0 + offs_k, mask=k0 + offs_k < K, other=0)
-    return v
-
-
-@triton.jit
 def _ld_codes(rows, k0, offs_k, K, EVEN_K: tl.constexpr, FP8: tl.constexpr):
     """A ``[BLOCK_N, BLOCK_K]`` block of code bytes at ``rows + k0`` (zeros past K unless
     EVEN_K), streamed past the caches; E4M3 bytes arrive as uint8 (the interpreter cannot mask
@@ -805,16 +795,12 @@ def _row_scale_stats(x_row, gamma_ptr, K, eps, offs_k, HAS_NORM: tl.constexpr,
     and ``m = max |x r gamma|`` (1 for an all-zero row), K in BLOCK_K steps."""
     r = 1.0
     if HAS_NORM:
-        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = _ld_act(x_row, k0, offs_k, K, EVEN_K).to(tl.float32)
-            ss += x * x
-        r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+        r = _row_rms_inv(x_row, K, eps, BLOCK_K)
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = _ld_act(x_row, k0, offs_k, K, EVEN_K).to(tl.float32)
+        x = _load_x(x_row, k0 + offs_k, K, EVEN_K).to(tl.float32)
         if HAS_NORM:
-            x = x * r * _ld_act(gamma_ptr, k0, offs_k, K, EVEN_K).to(tl.float32)
+            x = x * r * _load_x(gamma_ptr, k0 + offs_k, K, EVEN_K).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
     m = tl.max(amax, axis=0)
     return r, tl.where(m > 0, m, 1.0)
@@ -861,12 +847,12 @@ def _w8a8_gemv_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, res_ptr, y_ptr, ga
         sa = tl.load(sa_ptr + pid_m)
     for k0 in range(0, K, BLOCK_K):
         if QUANT:
-            x = _ld_act(a_row, k0, offs_k, K, EVEN_K).to(tl.float32)
+            x = _load_x(a_row, k0 + offs_k, K, EVEN_K).to(tl.float32)
             if HAS_NORM:
-                x = x * r * _ld_act(gamma_ptr, k0, offs_k, K, EVEN_K).to(tl.float32)
+                x = x * r * _load_x(gamma_ptr, k0 + offs_k, K, EVEN_K).to(tl.float32)
             a = _quant_code(x, mx, FP8)
         else:
-            a = _ld_act(a_row, k0, offs_k, K, EVEN_K)
+            a = _load_x(a_row, k0 + offs_k, K, EVEN_K)
             if FP8:
                 a = a.to(tl.float8e4nv, bitcast=True)
         if PREFETCH:

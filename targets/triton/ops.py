@@ -192,7 +192,12 @@ def scaled_mm_supported(device: torch.device, n: int, k: int) -> bool:
     if n % 16 or k % 16:
         return False
     i = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(i) >= (8, 9)
+    if i not in _FP8_MM:
+        _FP8_MM[i] = torch.cuda.get_device_capability(i) >= (8, 9)
+    return _FP8_MM[i]
+
+
+_FP8_MM: dict = {}
 
 DEFAULT_GEMV = _gemv(8, 1, 1, 4)
 DEFAULT_SMALL_MM = _mm(16, 64, 1, 4, 3)
@@ -685,13 +690,14 @@ def w8a8_linear(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Te
 QUANT_THEN_GEMM = {"kind": "quant+w8a8"}
 
 
-def _launch_w8a8_fp(cfg, x, w, sw, bias, y, residual, glu, gamma, eps):
+def _launch_w8a8_fp(cfg, x, w, sw, bias, residual, glu, gamma, eps):
     """One float16-in W8A8 / FP8 product of ``x [M, K]``: the GEMV that quantizes its input
-    (kind w8a8-gemv with QUANT) into ``y``, or ``QUANT_THEN_GEMM`` (a new tensor)."""
-    fp8 = w.dtype == torch.float8_e4m3fn
+    (kind w8a8-gemv with QUANT), or ``QUANT_THEN_GEMM``."""
     if cfg["kind"] == "quant+w8a8":
-        q, sa = quant_rows(x, gamma, eps, fp8=fp8)
+        q, sa = quant_rows(x, gamma, eps, fp8=w.dtype == torch.float8_e4m3fn)
         return w8a8_linear(q, sa, w, sw, bias, residual=residual, glu=glu)
+    y = torch.empty((x.shape[0], w.shape[0] // 2 if glu else w.shape[0]), dtype=torch.float16,
+                    device=x.device)
     return _launch_w8a8_gemv(cfg, x, sw, w, sw, bias, y, residual, glu, True, gamma, eps)
 
 
@@ -714,15 +720,16 @@ def w8a8_linear_fp(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
         x2 = x2.contiguous()
     m, n = x2.shape[0], w.shape[0]
     n_out = n // 2 if glu else n
-    gemvs = [dict(c, QUANT=True) for c in W8A8_GEMV_CONFIGS if _gemv_fits(c, k)]
-    if config is None and (m > W8A8_GEMV_MAX_M or m == 0 or not gemvs):
-        config = QUANT_THEN_GEMM
     r2 = None
     if residual is not None:
         r2 = residual.reshape(m, n_out)
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
-    y = torch.empty((m, n_out), dtype=torch.float16, device=x.device)
+    if config is None:
+        gemvs = ([dict(c, QUANT=True) for c in W8A8_GEMV_CONFIGS if _gemv_fits(c, k)]
+                 if 0 < m <= W8A8_GEMV_MAX_M else [])
+        if not gemvs:
+            config = QUANT_THEN_GEMM
     if config is None:
         fp8 = w.dtype == torch.float8_e4m3fn
         key = ("fp8q" if fp8 else "w8a8q", m_bucket(m), n, k,
@@ -731,11 +738,10 @@ def w8a8_linear_fp(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
 
         def make_fns():
             sets = [w] + [w.clone() for _ in range(rotation_copies(w.numel(), x.device) - 1)]
-            out = torch.empty_like(y)
-            return lambda c: [lambda w_=w_: _launch_w8a8_fp(c, x2, w_, sw, bias, out, r2, glu,
-                                                            gamma, eps) for w_ in sets]
+            return lambda c: [lambda w_=w_: _launch_w8a8_fp(c, x2, w_, sw, bias, r2, glu, gamma,
+                                                            eps) for w_ in sets]
         config = TUNER.pick(key, x.device, [*gemvs, QUANT_THEN_GEMM], gemvs[0], make_fns)
-    y = _launch_w8a8_fp(config, x2, w, sw, bias, y, r2, glu, gamma, eps)
+    y = _launch_w8a8_fp(config, x2, w, sw, bias, r2, glu, gamma, eps)
     return y.reshape(*lead, n_out)
 
 
