@@ -172,6 +172,7 @@ def run_fp8(m16: dict, t16: dict, f16, prompt, long_prompt, steps: int, res: dic
 def run_model(name: str, cfg: dict, steps: int, do_compile: bool,
               fp8: bool | str = False) -> dict:
     t0 = time.time()
+    tuned_before = set(ops.TUNER.seconds)
     m4, t4, m16, t16 = build(cfg)
     w4 = runtime.Model(m4, t4, torch.device(DEV))
     f16 = runtime.Model(m16, t16, torch.device(DEV))
@@ -214,6 +215,10 @@ def run_model(name: str, cfg: dict, steps: int, do_compile: bool,
                 res["compile_s"] = round(time.time() - t, 1)
             except Exception as e:  # noqa: BLE001
                 res["fp16_compile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    tuned = [v for k, v in ops.TUNER.seconds.items() if k not in tuned_before]
+    res["tuning"] = {"keys": len(tuned), "compile_s": round(sum(v["compile"] for v in tuned), 1),
+                     "time_s": round(sum(v["time"] for v in tuned), 1),
+                     "threads": ops.COMPILE_THREADS}
     log(json.dumps(res))
     del w4, f16, t4, t16
     torch.cuda.empty_cache()

@@ -495,6 +495,32 @@ def test_fp8_scaled_mm_candidate():
     assert not ops.scaled_mm_supported(torch.device("cpu"), n, k)
 
 
+def test_tuner_precompiles_candidates_in_threads():
+    """Before a key's candidates are timed, each runs once from a pool of threads (Triton
+    compiles them in parallel); a wrapping kind (whose first call tunes another op) is left to
+    the serial timing loop, and a candidate that fails is left for that loop to record."""
+    import threading
+
+    ran, main = [], threading.get_ident()
+
+    def fns_for(cfg):
+        def call():
+            if cfg.get("fail"):
+                raise RuntimeError("out of shared memory")
+            ran.append((cfg["i"], threading.get_ident()))
+        return [call, call]
+
+    cands = [{"kind": "gemv", "i": i} for i in range(6)] + [
+        {"kind": "nat", "i": 6, "fail": True}, dict(ops.NORM_THEN_WQ, i=7),
+        dict(ops.QUANT_THEN_GEMM, i=8)]
+    ops.precompile(fns_for, cands, threads=3)
+    assert sorted(i for i, _ in ran) == list(range(6))
+    assert all(t != main for _, t in ran)
+    ran.clear()
+    ops.precompile(fns_for, cands, threads=1)  # one thread: nothing ahead of the timing loop
+    assert ran == []
+
+
 def test_quant_rows_single_pass_matches_blocked():
     """The whole-row path (BLOCK_K >= K) and the blocked path give the same codes and scales."""
     rng = np.random.default_rng(15)
