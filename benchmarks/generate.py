@@ -13,6 +13,8 @@ Models (all from the same HF weights, ``.cache/smollm2/hf``):
                    layout): one 4-bit table for GatherBlockQuantized and MatMulNBits
   lbcc-w4a16-e4-gptq  preset "w4a16-e4-gptq": the same layout with GPTQ rounding (same
                    calibration text)
+  lbcc-w4a16-e4-gptq-g64  preset "w4a16-e4-gptq-g64": the same in groups of 64 (a tenth
+                   fewer bytes a step); -kv8 with the int8 KV cache
   lbcc-w4a16-e4-kv8  lbcc-w4a16-e4 with --kv-cache-dtype int8: GroupQueryAttention keeps the
                    cache in int8 (per-channel scales calibrated on the compiled graph)
   (every lbcc 4-bit graph has each MLP's gate and up MatMulNBits packed into one: pack-nbits)
@@ -31,9 +33,9 @@ Measured, models interleaved round-robin, ``--threads`` intra-op threads:
 - perplexity: first ``--eval-tokens`` tokens of WikiText-2 test, 512-token windows, no BOS, each
   window one prefill of the cache graph;
 - greedy identity: lbcc-fp32 tokens vs transformers' ``generate`` (greedy) for 64 tokens;
-- decode in paired blocks: genai-int4 (its runtime), lbcc-w4a16-e4, lbcc-fp32, lbcc-w4a16-e4-kv8
-  and lbcc-w4a16-e4-gptq interleaved in 24 blocks of 16 decode steps (order rotated each block,
-  a 50 ms pause before each model's turn so that the previous model's spinning threads are
+- decode in paired blocks: genai-int4 (its runtime), lbcc-w4a16-e4, lbcc-fp32, lbcc-w4a16-e4-kv8,
+  lbcc-w4a16-e4-gptq and the two g64 models interleaved in 24 blocks of 16 decode steps (order
+  rotated each block, a 50 ms pause before each model's turn so that the previous model's spinning threads are
   parked), speed as the median of per-block ratios (load that changes between rounds cancels
   out);
 - work per decode step: process CPU time a step with 1 intra-op thread (no spinning, no waiting
@@ -66,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from lbcc.evaluate import SETTLE_S
+from run_sample import machine_info  # (this folder is on sys.path when a script here runs)
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / ".cache" / "smollm2"
@@ -95,6 +98,8 @@ def build(out: Path, hf_dir: Path) -> dict[str, Path]:
              "lbcc-w4a16": out / "w4a16-kv.onnx", "lbcc-w4a16-e4": out / "w4a16-e4-kv.onnx",
              "lbcc-w4a16-e4-kv8": out / "w4a16-e4-kv8.onnx",
              "lbcc-w4a16-e4-gptq": out / "w4a16-e4-gptq-kv.onnx",
+             "lbcc-w4a16-e4-gptq-g64": out / "w4a16-e4-gptq-g64-kv.onnx",
+             "lbcc-w4a16-e4-gptq-g64-kv8": out / "w4a16-e4-gptq-g64-kv8.onnx",
              "nocache-fp32": SAMPLE / "model.onnx",
              "nocache-w8a8": out / "w8a8-nocache.onnx",
              "nocache-w4a16": out / "w4a16-nocache.onnx",
@@ -111,6 +116,8 @@ def build(out: Path, hf_dir: Path) -> dict[str, Path]:
         save_model(run.model, paths["lbcc-fp32"], external_data=True)
     jobs = [("lbcc-w4a16-e4", raw, "w4a16-e4"), ("lbcc-w4a16-e4-kv8", raw, "w4a16-e4", "int8"),
             ("lbcc-w4a16-e4-gptq", raw, "w4a16-e4-gptq"),
+            ("lbcc-w4a16-e4-gptq-g64", raw, "w4a16-e4-gptq-g64"),
+            ("lbcc-w4a16-e4-gptq-g64-kv8", raw, "w4a16-e4-gptq-g64", "int8"),
             ("lbcc-w4a16", raw, "w4a16"),
             ("nocache-w4a16", SAMPLE / "model.onnx", "w4a16"),
             ("nocache-w4a16-e4", SAMPLE / "model.onnx", "w4a16-e4"), ("lbcc-w8a8", raw, "w8a8"),
@@ -386,7 +393,7 @@ def main() -> None:
     log("decode speed")
     runners: dict[str, Any] = {}
     for name in ("lbcc-fp32", "lbcc-w8a8", "lbcc-w4a16", "lbcc-w4a16-e4", "lbcc-w4a16-e4-kv8",
-                 "lbcc-w4a16-e4-gptq"):
+                 "lbcc-w4a16-e4-gptq", "lbcc-w4a16-e4-gptq-g64", "lbcc-w4a16-e4-gptq-g64-kv8"):
         runners[name] = ("lbcc", Generator(paths[name], hf_dir, threads=args.threads))
     for prec in ("int4", "fp32"):
         d = paths[f"genai-{prec}"].parent
@@ -409,11 +416,12 @@ def main() -> None:
             log(f"  round {rnd}: {name}: prefill {pre * 1e3:.1f} ms, {tps:.1f} tok/s")
     log("decode, paired blocks")
     paired_names = ("genai-int4", "lbcc-w4a16-e4", "lbcc-fp32", "lbcc-w4a16-e4-kv8",
-                    "lbcc-w4a16-e4-gptq")
+                    "lbcc-w4a16-e4-gptq", "lbcc-w4a16-e4-gptq-g64", "lbcc-w4a16-e4-gptq-g64-kv8")
     paired = paired_blocks(steppers_for(runners, paired_names, prompt, 24 * 16), 24, 16)
     log(json.dumps(paired))
     log("work per decode step (1 thread, CPU time)")
-    cpu_names = ("lbcc-fp32", "lbcc-w4a16", "lbcc-w4a16-e4", "genai-int4")
+    cpu_names = ("lbcc-fp32", "lbcc-w4a16", "lbcc-w4a16-e4", "lbcc-w4a16-e4-gptq-g64",
+                 "genai-int4")
     cpu_ms = cpu_per_step({n: paths[n] for n in cpu_names}, hf_dir, prompt, 96)
     log(json.dumps(cpu_ms))
     log("profile of the decode step")
@@ -433,6 +441,7 @@ def main() -> None:
         "nocache_step_ms": nocache, "size_mb": {n: size_mb(p) for n, p in paths.items()},
         "profile": profile, "cpu_ms_per_step_1thread": cpu_ms, "paired_blocks": paired,
         "load_average": {"start": load_start, "end": load_average()},
+        "machine": machine_info(),
         "fusions": json.loads((args.out / "fp32-kv.fusions.json").read_text())
         if (args.out / "fp32-kv.fusions.json").exists() else None,
         "seconds": time.time() - start,
@@ -452,17 +461,18 @@ def write_md(args: argparse.Namespace, res: dict[str, Any]) -> None:
 
     dec = res["decode"]
     base = dec["lbcc-fp32"]
+    cpu = res.get("machine") or machine_info()
     lines = [
         "# Generation benchmark (KV cache)", "",
         f"Sample: SmolLM2-135M (`.cache/smollm2/hf`). Prompt {args.prompt} tokens of WikiText-2 "
         f"test, {args.new} new tokens, greedy, {args.threads} threads, {args.rounds} rounds "
         "interleaved (median). Decode tokens/s excludes the prefill step.", "",
         f"Command: `python benchmarks/generate.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {platform.machine()}, {platform.processor() or platform.platform()}, "
-        f"{os.cpu_count()} cores, shared with another engineer's jobs during the run (load "
-        f"average at the start {res['load_average']['start']}, at the end "
-        f"{res['load_average']['end']}): absolute figures are depressed and noisy, compare "
-        "ratios within this table only.  ",
+        f"Machine: {cpu['cpu']} ({'with' if cpu['vnni'] else 'without'} VNNI), "
+        f"{cpu['logical_cpus']} cores, {platform.platform()}; load average before the run "
+        f"{res['load_average']['start']}, at its end {res['load_average']['end']} (its own "
+        "threads included). The machine is shared and noisy: compare ratios within this table "
+        "(and the paired blocks below), not absolute figures across runs.  ",
         f"Versions: onnxruntime {v('onnxruntime')}, onnxruntime-genai {v('onnxruntime-genai')}, "
         f"torch {v('torch')}, transformers {v('transformers')}, onnxscript {v('onnxscript')}.  ",
         f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.", "",
@@ -488,8 +498,11 @@ def write_md(args: argparse.Namespace, res: dict[str, Any]) -> None:
     lines += ["", "## Against the issue's targets", "",
               "lbcc-w4a16-e4 is the preset `w4a16-e4` (4-bit symmetric groups of 32 for every "
               "weight, the tied embedding / lm_head included: the issue's size target); "
-              "lbcc-w4a16 is the preset `w4a16` (asymmetric groups of 128, 8-bit embedding).", ""]
-    for name in ("lbcc-w4a16-e4", "lbcc-w4a16"):
+              "lbcc-w4a16 is the preset `w4a16` (asymmetric groups of 128, 8-bit embedding); "
+              "lbcc-w4a16-e4-gptq-g64 is the preset `w4a16-e4-gptq-g64` (the same in groups of "
+              "64, GPTQ rounding), -kv8 with the int8 KV cache.", ""]
+    for name in ("lbcc-w4a16-e4", "lbcc-w4a16", "lbcc-w4a16-e4-gptq-g64",
+                 "lbcc-w4a16-e4-gptq-g64-kv8"):
         w4 = dec[name]["tokens_per_s"]
         lines += [
             f"- {name} decode vs onnxruntime-genai int4 (its runtime): {w4 / g4:.2f}x tokens/s "
@@ -518,6 +531,14 @@ def write_md(args: argparse.Namespace, res: dict[str, Any]) -> None:
         "and "
         f"{res['paired_blocks']['lbcc-w4a16-e4-gptq']['speed_vs_first']:.3f}x genai-int4 (its "
         "runtime) in paired blocks.",
+        "- groups of 64 (GPTQ) against genai-int4 (its runtime), paired blocks: "
+        f"lbcc-w4a16-e4-gptq-g64 "
+        f"{res['paired_blocks']['lbcc-w4a16-e4-gptq-g64']['speed_vs_first']:.3f}x, with the "
+        "int8 KV cache "
+        f"{res['paired_blocks']['lbcc-w4a16-e4-gptq-g64-kv8']['speed_vs_first']:.3f}x "
+        "(target >= 1.1x); step / lbcc-fp32 step "
+        f"{pfp32 / res['paired_blocks']['lbcc-w4a16-e4-gptq-g64-kv8']['speed_vs_first']:.3f} "
+        "with the int8 cache (target <= 0.25).",
         f"- lbcc-fp32 greedy tokens identical to transformers for 64 tokens: "
         f"{sum(res['greedy_identical_64'].values())}/{len(res['greedy_identical_64'])} prompts.",
         "", f"Decode in paired blocks ({args.threads} threads, 24 blocks of 16 steps, the models "

@@ -207,6 +207,7 @@ def test_calibration_text_without_tokenizer(models_dir, out_dir, calib_text):
     ("auto", "static activation ranges, GPTQ's Hessians and SmoothQuant's scales",
      "w8a8-dynamic"),
     ("w4a16-e4-gptq", "GPTQ's Hessians", "w4a16 or w4a16-e4"),
+    ("w4a16-e4-gptq-g64", "GPTQ's Hessians", "w4a16 or w4a16-e4"),
     ("w4a16-awq", "AWQ's scales", "w4a16 or w4a16-e4"),
     ("w4a16-mixed", "measured layer sensitivities", "w4a16 or w4a16-e4"),
 ])

@@ -216,3 +216,36 @@ def test_w4a16_e4_gptq_keeps_the_decode_layout_and_rounds_the_tied_table():
     out_g = np.concatenate([M.run_ort(gptq.model, {"input_ids": i})[0] for i in ids])
     out_r = np.concatenate([M.run_ort(rtn.model, {"input_ids": i})[0] for i in ids])
     assert M.rel_err(ref, out_g) < 0.8 * M.rel_err(ref, out_r)  # measured 0.032 vs 0.049
+
+
+def test_w4a16_e4_gptq_g64_is_the_decode_layout_in_groups_of_64():
+    """w4a16-e4-gptq-g64: w4a16-e4-gptq's graph with every block (the MatMulNBits and the tied
+    table's GatherBlockQuantized) 64 wide, so half the scales; GPTQ-rounded like its parent, with
+    at most twice its logit error (one group of 64 against two of 32 a row here)."""
+    import lbcc
+    from lbcc.calibration import RandomFeed
+
+    import models as M
+
+    model = M.tied_lm_model(dim=128)
+    feed = RandomFeed(256, seq_len=16, n=8, seed=3)
+    g64 = lbcc.compile(model, preset="w4a16-e4-gptq-g64", calibration=feed, progress=False)
+    g32 = lbcc.compile(model, preset="w4a16-e4-gptq", calibration=feed, progress=False)
+    assert M.op_counts(g64.model) == M.op_counts(g32.model)
+    blocked = [n for n in g64.model.graph
+               if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert {n.op_type for n in blocked} == {"MatMulNBits", "GatherBlockQuantized"}
+    assert {n.attributes.get_int("block_size") for n in blocked} == {64}
+    assert all(len(n.inputs) == 3 for n in blocked if n.op_type == "MatMulNBits")
+    rows = [r for r in g64.report.layers if r["status"] == "quantized" and r["node"] != "embed"]
+    assert rows and {r["weight"]["method"] for r in rows} == {"gptq"}
+    for n in blocked:  # MatMulNBits (A, B, scales): N x K/64 scales (K = 128 here)
+        if n.op_type == "MatMulNBits":
+            scales = n.inputs[2].const_value
+            assert scales is not None and scales.size == n.attributes.get_int("N") * 128 // 64
+    rng = np.random.default_rng(11)
+    ids = [rng.integers(0, 256, (1, 16), dtype=np.int64) for _ in range(4)]
+    ref = np.concatenate([M.run_ort(model, {"input_ids": i})[0] for i in ids])
+    err64 = M.rel_err(ref, np.concatenate([M.run_ort(g64.model, {"input_ids": i})[0] for i in ids]))
+    err32 = M.rel_err(ref, np.concatenate([M.run_ort(g32.model, {"input_ids": i})[0] for i in ids]))
+    assert err64 < 2 * err32
