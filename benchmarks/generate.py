@@ -35,8 +35,8 @@ Measured, models interleaved round-robin, ``--threads`` intra-op threads:
 - greedy identity: lbcc-fp32 tokens vs transformers' ``generate`` (greedy) for 64 tokens;
 - decode in paired blocks: genai-int4 (its runtime), lbcc-w4a16-e4, lbcc-fp32, lbcc-w4a16-e4-kv8,
   lbcc-w4a16-e4-gptq and the two g64 models interleaved in 24 blocks of 16 decode steps (order
-  rotated each block, a 50 ms pause before each model's turn so that the previous model's spinning threads are
-  parked), speed as the median of per-block ratios (load that changes between rounds cancels
+  rotated each block, a 50 ms pause before each model's turn so that the previous model's
+  spinning threads are parked), speed as the median of per-block ratios (load that changes between rounds cancels
   out);
 - work per decode step: process CPU time a step with 1 intra-op thread (no spinning, no waiting
   for a descheduled worker thread), models interleaved in blocks of 16 steps: the figure the
@@ -461,14 +461,16 @@ def write_md(args: argparse.Namespace, res: dict[str, Any]) -> None:
 
     dec = res["decode"]
     base = dec["lbcc-fp32"]
-    cpu = res.get("machine") or machine_info()
+    # (results.json from before the CPU was recorded: say so rather than describe this machine)
+    cpu = res.get("machine") or {"cpu": "CPU not recorded", "vnni": None, "logical_cpus": "?"}
+    vnni = {True: "with VNNI", False: "without VNNI"}.get(cpu["vnni"], "VNNI not recorded")
     lines = [
         "# Generation benchmark (KV cache)", "",
         f"Sample: SmolLM2-135M (`.cache/smollm2/hf`). Prompt {args.prompt} tokens of WikiText-2 "
         f"test, {args.new} new tokens, greedy, {args.threads} threads, {args.rounds} rounds "
         "interleaved (median). Decode tokens/s excludes the prefill step.", "",
         f"Command: `python benchmarks/generate.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {cpu['cpu']} ({'with' if cpu['vnni'] else 'without'} VNNI), "
+        f"Machine: {cpu['cpu']} ({vnni}), "
         f"{cpu['logical_cpus']} cores, {platform.platform()}; load average before the run "
         f"{res['load_average']['start']}, at its end {res['load_average']['end']} (its own "
         "threads included). The machine is shared and noisy: compare ratios within this table "
