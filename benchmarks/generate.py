@@ -56,7 +56,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -471,7 +470,8 @@ def write_md(args: argparse.Namespace, res: dict[str, Any]) -> None:
         "interleaved (median). Decode tokens/s excludes the prefill step.", "",
         f"Command: `python benchmarks/generate.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {cpu['cpu']} ({vnni}), "
-        f"{cpu['logical_cpus']} cores, {platform.platform()}; load average before the run "
+        f"{cpu['logical_cpus']} cores, {cpu.get('platform', 'platform not recorded')}; "
+        "load average before the run "
         f"{res['load_average']['start']}, at its end {res['load_average']['end']} (its own "
         "threads included). The machine is shared and noisy: compare ratios within this table "
         "(and the paired blocks below), not absolute figures across runs.  ",
