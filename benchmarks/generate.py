@@ -36,8 +36,8 @@ Measured, models interleaved round-robin, ``--threads`` intra-op threads:
 - decode in paired blocks: genai-int4 (its runtime), lbcc-w4a16-e4, lbcc-fp32, lbcc-w4a16-e4-kv8,
   lbcc-w4a16-e4-gptq and the two g64 models interleaved in 24 blocks of 16 decode steps (order
   rotated each block, a 50 ms pause before each model's turn so that the previous model's
-  spinning threads are parked), speed as the median of per-block ratios (load that changes between rounds cancels
-  out);
+  spinning threads are parked), speed as the median of per-block ratios (load that changes
+  between rounds cancels out);
 - work per decode step: process CPU time a step with 1 intra-op thread (no spinning, no waiting
   for a descheduled worker thread), models interleaved in blocks of 16 steps: the figure the
   machine's load disturbs least;
